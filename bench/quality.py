@@ -199,7 +199,7 @@ def render(results: dict, curves: Path) -> str:
         "trains with the hub's trainer (VLM recipe: AdamW eps 1e-6, no weight decay, linear decay, clip 1.0; lr "
         "per method below), stops early on held-out loss, and is decoded **greedily** from its best checkpoint "
         "by `hub eval`'s code.", "",
-        f"Machine: {', '.join(sorted({r['machine'] for r in rows.values()}))}. Train time is wall time, "
+        f"Machine: {'; '.join(sorted({r['machine'] for r in rows.values()}))}. Train time is wall time, "
         "held-out evaluations and checkpoints included; it grows several-fold when other jobs share the CPU.", "",
         "**Backbone caveat.** Unless a row says otherwise the backbone is `gpt2-standin` (6 layers, d = 256, "
         "7.0 M parameters, trained on ~8 M tokens of a 10 M-token books-and-news corpus, no in-context copying: "
@@ -260,7 +260,8 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.set_xlabel("optimizer step (batch 32)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("E2E: held-out loss during training")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
