@@ -102,9 +102,9 @@ def make_trainer(backbone: Backbone, task: Task, config: TrainConfig, run_dir: P
     return TRAINERS[config.method](backbone, task, config, run_dir, on_eval)
 
 
-def describe_trainable(trainer: Trainer, backbone_params: int) -> str:
+def describe_trainable(trainer: Trainer) -> str:
     """The trainable count; for LoRA also the VLM adapter's at the same bottleneck, which it is matched to."""
-    count = sum(p.numel() for p in trainer.params)
+    count, backbone_params = trainer.trainable_count, trainer.backbone.num_parameters
     line = f"trainable {count:,} parameters = {100 * count / backbone_params:.2f}% of {backbone_params:,}"
     if isinstance(trainer, LoraTrainer):
         config, rows, b = trainer.model.config, trainer.rows.numel(), trainer.config.bottleneck
@@ -138,7 +138,7 @@ def write_meta(folder: Path, trainer: Trainer, metrics: dict, **extra) -> None:
         "special_tokens": list(task.special_tokens),
         "eos_token": task.eos,
         "first_token_id": trainer.backbone.vocab_size,
-        "trainable_params": sum(p.numel() for p in trainer.params),
+        "trainable_params": trainer.trainable_count,
         "metrics": metrics,
         "backbone": trainer.backbone.fingerprint,
         "training": asdict(trainer.config),

@@ -90,10 +90,9 @@ def train(
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
     prepare_run_dir(out, config)
-    backbone_params = backbone.num_parameters
     trainer = make_trainer(backbone, task, config, out)
     typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone {backbone.source} "
-               f"on {backbone.device}; {method.value}: {describe_trainable(trainer, backbone_params)}")
+               f"on {backbone.device}; {method.value}: {describe_trainable(trainer)}")
     trainer.train(train_examples, eval_examples)
     if method == Method.adapter:
         typer.echo(f"run saved in {out}; publish it with: hub publish {out}")

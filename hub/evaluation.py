@@ -214,10 +214,11 @@ class EvalResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list, repr=False)
+    sources: list[Any] = field(default_factory=list, repr=False)  # the inputs the outputs answer, in order
 
     def record(self) -> dict:
         """What goes into metrics.json and the store metadata (the outputs are in outputs.txt)."""
-        return {k: v for k, v in asdict(self).items() if k != "outputs"}
+        return {k: v for k, v in asdict(self).items() if k not in ("outputs", "sources")}
 
     def markdown(self) -> str:
         lines = [f"**{self.label}** ({self.task_type}) on `{self.split}`: {self.num_sources} unique inputs, "
@@ -240,7 +241,7 @@ def evaluate(task_model: TaskModel, data: str, split: str, decoding: Decoding, l
     seconds = time.time() - started
     scores, notes = score(task, outputs, references)
     return EvalResult(task_model.label, task.type_name, split, task.metric, scores, decoding.describe(),
-                      len(sources), round(seconds, 1), notes, outputs)
+                      len(sources), round(seconds, 1), notes, outputs, sources)
 
 
 def write_result(result: EvalResult, out_dir: Path) -> None:

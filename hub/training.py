@@ -135,6 +135,10 @@ class Trainer:
         self.log = TrainLog()
         self.step = 0
 
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
     def _attach(self) -> torch.nn.Parameter:
         """Make the model trainable the method's way; return the task's trainable rows."""
         cfg = self.config

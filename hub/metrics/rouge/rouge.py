@@ -34,7 +34,8 @@ class Rouge(evaluate.Metric):
     """ROUGE via rouge-score; see the module docstring."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://github.com/google-research/google-research/tree/master/rouge")
+        return metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION,
+                           "https://github.com/google-research/google-research/tree/master/rouge")
 
     def _compute(
         self, predictions: list[str], references: list[str] | list[list[str]]
