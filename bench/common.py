@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from hub.adapter import vlm_adapter_config
-from hub.store import LoadedAdapter
+from hub.adapters.vlm import vlm_adapter_config
+from hub.store.catalog import LoadedAdapter
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"

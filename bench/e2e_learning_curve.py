@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from hub.backbone import load_backbone
-from hub.engine import Engine, SamplingParams
-from hub.store import AdapterStore
-from hub.training import TrainConfig, Trainer, prepare_run_dir
+from hub.model.backbone import load_backbone
+from hub.serving.engine import Engine, SamplingParams
+from hub.store.catalog import AdapterStore
+from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
 from tasks import make_task
 from tasks.e2e import parse_mr
 

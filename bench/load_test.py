@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import machine, percentile
-from hub.store import AdapterStore
+from hub.store.catalog import AdapterStore
 
 INPUTS = [
     "name[The Eagle], eatType[coffee shop], food[French]",

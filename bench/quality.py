@@ -1,10 +1,10 @@
 """Quality: the VLM adapter vs full fine-tuning vs LoRA of matched size on E2E, plus adapters for other tasks.
 
-Every row trains with the hub's `Trainer` (`hub.baselines.make_trainer`) on the backbone given (default the
+Every row trains with the hub's `Trainer` (`hub.training.baselines.make_trainer`) on the backbone given (default the
 stand-in), evaluates its held-out loss `--evals-per-epoch` times an epoch, stops early after `--patience`
 evaluations without a new best, and decodes the test split greedily from its best checkpoint with
 `hub.evaluation` (the code behind `hub eval`). E2E trains on devset.csv minus a held-out part and is scored on
-testset_w_refs.csv, one output per unique MR (630), with the official metric suite (`hub.metrics` `e2e`).
+testset_w_refs.csv, one output per unique MR (630), with the official metric suite (`hub.evaluation.metrics` `e2e`).
 
 Rows are kept in a JSON file (`--results`); each run adds or replaces the rows it ran, then the markdown
 (`--doc`) and the learning-curve PNG beside it are regenerated from every row in the file, so the benchmark
@@ -31,10 +31,10 @@ import torch
 
 from bench.common import SHARED, machine
 from bench.e2e_learning_curve import slot_recall
-from hub.backbone import load_backbone
-from hub.baselines import default_lr, load_baseline, make_trainer
-from hub.evaluation import Decoding, TaskModel, evaluate, from_run, write_result
-from hub.training import TrainConfig, prepare_run_dir
+from hub.model.backbone import load_backbone
+from hub.training.baselines import default_lr, load_baseline, make_trainer
+from hub.evaluation.decode import Decoding, TaskModel, evaluate, from_run, write_result
+from hub.training.trainer import TrainConfig, prepare_run_dir
 from tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,8 @@ def render(results: dict, curves: Path) -> str:
         "(spec §10), which also use other decoders (beam search).", "",
         "## E2E (train: devset.csv minus a held-out part; test: testset_w_refs.csv, one output per unique MR)", "",
         "BLEU, METEOR, ROUGE-L ×100; NIST and CIDEr as the official `measure_scores.py` prints them "
-        "(`hub.metrics` `e2e`). Trainable parameters include the task's 11 token rows; the share is of the "
-        "backbone's parameters. Full fine-tuning uses VGLM's full-FT lr (spec §4); LoRA (`hub.baselines`) is PEFT "
+        "(`hub.evaluation.metrics` `e2e`). Trainable parameters include the task's 11 token rows; the share is of the "
+        "backbone's parameters. Full fine-tuning uses VGLM's full-FT lr (spec §4); LoRA (`hub.training.baselines`) is PEFT "
         "LoRA on `c_attn` with the rank whose size is nearest the adapter's, α = 32, at the adapter's lr. "
         "*Names its restaurant*: share of outputs containing their MR's `name` value; *slot values mentioned*: "
         "share of the MR's name, near, food, area and eatType values found in the output (case-insensitive).", "",

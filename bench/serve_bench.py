@@ -28,8 +28,8 @@ from adapters.composition import BatchSplit
 from transformers import GPT2LMHeadModel
 
 from bench.common import add_to_adapters_model, machine, percentile, random_adapter, random_gpt2_small
-from hub.backbone import load_backbone
-from hub.engine import Engine, SamplingParams
+from hub.model.backbone import load_backbone
+from hub.serving.engine import Engine, SamplingParams
 from tasks import make_task
 
 PROMPT_TOKENS, NEW_TOKENS, BOTTLENECK = 32, 16, 100

@@ -74,7 +74,7 @@ class Task(ABC):
     special_tokens: ClassVar[tuple[str, ...]]  # the first is BOS, the second EOS
     defaults: ClassVar[TaskDefaults]
     description: ClassVar[str]
-    metric: ClassVar[str]  # the `hub.metrics` module that scores it (references: `Example.target`)
+    metric: ClassVar[str]  # the `hub.evaluation.metrics` module that scores it (references: `Example.target`)
 
     def __init__(self, **config: Any):
         if config:

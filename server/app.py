@@ -21,13 +21,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from hub.backbone import Backbone
-from hub.engine import Engine, ResidentAdapter, SamplingParams, Sequence
+from hub.model.backbone import Backbone
+from hub.serving.engine import Engine, ResidentAdapter, SamplingParams, Sequence
 from hub.errors import CapacityError, HubError, NotFoundError
-from hub.scheduler import QueueFullError, Scheduler
-from hub.store import AdapterStore
-from hub.sync import StoreSync
-from server.metrics import ServerMetrics
+from hub.serving.scheduler import QueueFullError, Scheduler
+from hub.store.catalog import AdapterStore
+from hub.serving.sync import StoreSync
+from server.prometheus import ServerMetrics
 from tasks import make_task
 
 log = logging.getLogger("hub.server")

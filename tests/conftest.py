@@ -75,7 +75,7 @@ def trained_run(tiny_base, e2e_dir, tmp_path_factory) -> Path:
     """A short e2e training run on the tiny backbone, through the CLI."""
     from typer.testing import CliRunner
 
-    from hub.cli import app
+    from cli.main import app
 
     run_dir = tmp_path_factory.mktemp("runs") / "e2e"
     result = CliRunner().invoke(app, ["train", "e2e", "--base", str(tiny_base), "--data", str(e2e_dir),

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hub.adapter import AdapterBank, AdapterWeights, adapter_parameter_count, stack_layers, vlm_adapter, vlm_adapter_config
-from hub.backbone import Backbone, load_backbone
-from hub.engine import Engine, SamplingParams
-from hub.store import LoadedAdapter, adapter_layers
+from hub.adapters.vlm import AdapterBank, AdapterWeights, adapter_parameter_count, stack_layers, vlm_adapter, vlm_adapter_config
+from hub.model.backbone import Backbone, load_backbone
+from hub.serving.engine import Engine, SamplingParams
+from hub.store.catalog import LoadedAdapter, adapter_layers
 from tasks import make_task
 
 
@@ -188,7 +188,7 @@ def test_bank_padding_is_exact():
 
 def test_parameter_share_for_gpt2_small_at_bottleneck_100():
     """GPT2Config() (124 M): a bottleneck-100 adapter plus 4 task rows is about 1.5 % of the backbone."""
-    from hub.training import parameter_report
+    from hub.training.trainer import parameter_report
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())

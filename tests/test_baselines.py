@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from hub.adapter import adapter_parameter_count
-from hub.backbone import load_backbone
-from hub.baselines import lora_rank, make_trainer
-from hub.cli import app
+from hub.adapters.vlm import adapter_parameter_count
+from hub.model.backbone import load_backbone
+from hub.training.baselines import lora_rank, make_trainer
+from cli.main import app
 from hub.errors import HubError
-from hub.training import TrainConfig, prepare_run_dir
+from hub.training.trainer import TrainConfig, prepare_run_dir
 from tasks import make_task
 
 C_ATTN = "transformer.h.0.attn.c_attn.weight"
@@ -35,7 +35,7 @@ def train(method: str, base: Path, data: Path, out: Path, steps: int = 4) -> str
 @pytest.fixture(autouse=True)
 def no_java(monkeypatch):
     """Scores without METEOR's 8 s start-up (BLEU and NIST only); test_evaluation covers the Java path."""
-    monkeypatch.setattr("hub.evaluation.shutil.which", lambda name: None)
+    monkeypatch.setattr("hub.evaluation.decode.shutil.which", lambda name: None)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from hub.backbone import load_backbone
-from hub.engine import Engine, SamplingParams
+from hub.model.backbone import load_backbone
+from hub.serving.engine import Engine, SamplingParams
 from hub.errors import HubError, NotFoundError
-from hub.scheduler import QueueFullError, Scheduler
+from hub.serving.scheduler import QueueFullError, Scheduler
 from tasks import make_task
 from tests.test_adapter import adapters_model, loaded
 

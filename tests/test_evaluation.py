@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hub.backbone import load_backbone
-from hub.cli import app
-from hub.engine import Engine, SamplingParams
-from hub.evaluation import Decoding, TaskTokenMask, engine_task_model, generate_ids, unique_sources
-from hub.store import AdapterStore, LoadedAdapter
+from hub.model.backbone import load_backbone
+from cli.main import app
+from hub.serving.engine import Engine, SamplingParams
+from hub.evaluation.decode import Decoding, TaskTokenMask, engine_task_model, generate_ids, unique_sources
+from hub.store.catalog import AdapterStore, LoadedAdapter
 from hub.task import Example
 from tasks import make_task
 
@@ -82,7 +82,7 @@ def test_task_tokens_are_masked_but_the_eos_after_the_first_token():
 
 
 def test_eval_cli_writes_reports_and_records_metrics(store, e2e_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("hub.evaluation.shutil.which", lambda name: None)  # as on a machine without Java
+    monkeypatch.setattr("hub.evaluation.decode.shutil.which", lambda name: None)  # as on a machine without Java
     out = tmp_path / "ev"
     result = CliRunner().invoke(app, ["eval", "e2e", "--store", str(store.root), "--data", str(e2e_dir),
                                       "--device", "cpu", "--limit", "3", "--max-new-tokens", "6", "--out", str(out)])

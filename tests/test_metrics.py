@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import HubError
-from hub.metrics import available_metrics, group_by_mr, load_metric
+from hub.evaluation.metrics import available_metrics, group_by_mr, load_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_java = pytest.mark.skipif(
@@ -35,7 +35,7 @@ def test_unknown_metric_lists_the_available_ones():
 
 
 def test_every_metric_loads_offline():
-    code = "from hub.metrics import available_metrics as a, load_metric as l; [l(n) for n in a()]"
+    code = "from hub.evaluation.metrics import available_metrics as a, load_metric as l; [l(n) for n in a()]"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
 

@@ -25,11 +25,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from hub.cli import app as cli_app
+from cli.main import app as cli_app
 
 REPO = Path(__file__).resolve().parents[1]
 HUB = ([sys.executable, "-m", "hub"] if importlib.util.find_spec("hub.__main__")
-       else [sys.executable, "-c", "from hub.cli import main; main()"])
+       else [sys.executable, "-c", "from cli.main import main; main()"])
 ADMIN_TOKEN = "secret"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 READY_TIMEOUT = 60.0

@@ -6,7 +6,7 @@ from collections import Counter
 
 import evaluate
 
-from hub.metrics.references import metric_info, reference_lists
+from hub.evaluation.metrics.references import metric_info, reference_lists
 
 _DESCRIPTION = """\
 CoQA answer metrics, percentages as the official script reports them. Answers are normalised

@@ -24,7 +24,7 @@ BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env
 
 
 class Method(str, Enum):
-    """What `hub train` trains: the VLM adapter, or a baseline of `hub.baselines` to compare it with."""
+    """What `hub train` trains: the VLM adapter, or a baseline of `hub.training.baselines` to compare it with."""
 
     adapter = "adapter"
     full = "full"
@@ -32,7 +32,7 @@ class Method(str, Enum):
 
 
 def _store(path: str):
-    from hub.store import AdapterStore
+    from hub.store.catalog import AdapterStore
 
     return AdapterStore(path)
 
@@ -68,10 +68,10 @@ def train(
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with)."""
     import torch
 
-    from hub.backbone import load_backbone
-    from hub.baselines import default_lr, describe_trainable, make_trainer
-    from hub.store import validate_name
-    from hub.training import TrainConfig, prepare_run_dir
+    from hub.model.backbone import load_backbone
+    from hub.training.baselines import default_lr, describe_trainable, make_trainer
+    from hub.store.catalog import validate_name
+    from hub.training.trainer import TrainConfig, prepare_run_dir
     from tasks import make_task
 
     options = {k: v for k, v in {"input_field": input_field, "target_field": target_field,
@@ -109,10 +109,10 @@ def publish(
     store: str = StoreOption,
 ) -> None:
     """Publish a trained adapter into the store (atomic; versions are kept)."""
-    from hub.store import export_dir
+    from hub.store.catalog import export_dir
 
     export = export_dir(run_dir)
-    if (export / "task_meta.json").is_file():  # hub.baselines.BASELINE_META, not imported: it loads slowly
+    if (export / "task_meta.json").is_file():  # hub.training.baselines.BASELINE_META, not imported: it loads slowly
         raise HubError(f"{run_dir} is a --method full or lora baseline (a separate model), not an adapter: the "
                        f"store holds adapters only. Evaluate it with: hub eval --model {run_dir} --data ...")
     stored = _store(store).publish(export, name=name, version=version)
@@ -161,7 +161,7 @@ def rm(ref: str = typer.Argument(..., help="NAME (all versions) or NAME@VERSION"
 
 def _backbone_for(store, refs: list[str], base: str | None, device: str):
     """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on."""
-    from hub.backbone import load_backbone, resolve_base
+    from hub.model.backbone import load_backbone, resolve_base
 
     trained_on = store.show(refs[0]).meta["backbone"] if refs and not base else None
     return load_backbone(resolve_base(base, trained_on), device)
@@ -182,7 +182,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate with one task adapter (KV cache; stops at the task's end token)."""
-    from hub.engine import Engine, SamplingParams
+    from hub.serving.engine import Engine, SamplingParams
     from tasks import make_task
 
     adapter_store = _store(store)
@@ -247,12 +247,12 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="default: runs/eval-NAME-SPLIT"),
 ) -> None:
     """Decode a split with one model and score it with the task's metric (outputs.txt, metrics.json/.md)."""
-    from hub import evaluation
+    from hub.evaluation import decode as evaluation
 
     if [ref, run, model].count(None) != 2:
         raise HubError("give exactly one of: an adapter NAME[@VERSION], --run RUN_DIR or --model RUN_DIR")
     if model is not None:
-        from hub.baselines import load_baseline
+        from hub.training.baselines import load_baseline
 
         task_model = load_baseline(model, base, device)
     elif run is not None:

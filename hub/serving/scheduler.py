@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hub.engine import DecodeBatch, Engine, Sequence
+from hub.serving.engine import DecodeBatch, Engine, Sequence
 from hub.errors import CapacityError
 
-log = logging.getLogger("hub.scheduler")
+log = logging.getLogger("hub.serving.scheduler")
 
 
 class QueueFullError(CapacityError):

@@ -3,10 +3,10 @@
 What is evaluated is a `TaskModel`: an HF causal LM plus the codec that lays out the task's inputs. A store
 adapter or a run's `best/` export is put on the serving `Engine` and decoded on the engine's own model with the
 adapter's slot active for the whole batch (its `[1, L, ...]` rows broadcast over rows and beams), so greedy
-output equals `Engine.run`. Full fine-tuning and LoRA runs (`hub.baselines`) are decoded by the same code.
+output equals `Engine.run`. Full fine-tuning and LoRA runs (`hub.training.baselines`) are decoded by the same code.
 
 One output is generated per unique source, in first-occurrence order, scored against all of that source's
-references (E2E: several references per MR, `hub.metrics.group_by_mr`).
+references (E2E: several references per MR, `hub.evaluation.metrics.group_by_mr`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from hub.backbone import Backbone, load_backbone, resolve_base
-from hub.engine import Engine, left_pad
+from hub.model.backbone import Backbone, load_backbone, resolve_base
+from hub.serving.engine import Engine, left_pad
 from hub.errors import BackboneMismatchError
-from hub.metrics import group_by_mr, load_metric
-from hub.store import TASK_TOKENS, AdapterStore, LoadedAdapter, export_dir, fingerprint_mismatch, read_export
+from hub.evaluation.metrics import group_by_mr, load_metric
+from hub.store.catalog import TASK_TOKENS, AdapterStore, LoadedAdapter, export_dir, fingerprint_mismatch, read_export
 from hub.task import Example, Task, TaskCodec
-from hub.task_tokens import ExtendedLMHead, mask_task_logits
+from hub.model.task_tokens import ExtendedLMHead, mask_task_logits
 from tasks import make_task
 
 @dataclass(frozen=True)

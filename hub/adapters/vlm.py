@@ -70,7 +70,7 @@ def vlm_adapter(h: torch.Tensor, w: AdapterWeights, eps: float) -> torch.Tensor:
 
 
 def stack_layers(layers: list[dict[str, torch.Tensor]]) -> AdapterWeights:
-    """Per-layer tensors in `nn.Linear` layout (as `hub.store.adapter_layers` returns) -> [L, ...] weights."""
+    """Per-layer tensors in `nn.Linear` layout (as `hub.store.catalog.adapter_layers` returns) -> [L, ...] weights."""
     stack = lambda key, transpose=False: torch.stack([l[key].t() if transpose else l[key] for l in layers])  # noqa: E731
     return AdapterWeights(
         ln_weight=stack("ln_weight"),

@@ -26,14 +26,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from hub.adapter import adapter_parameter_count
-from hub.backbone import Backbone, default_dtype, load_backbone, resolve_base, resolve_device
+from hub.adapters.vlm import adapter_parameter_count
+from hub.model.backbone import Backbone, default_dtype, load_backbone, resolve_base, resolve_device
 from hub.errors import HubError
-from hub.evaluation import TaskModel, check_backbone
-from hub.store import TASK_TOKENS, export_dir
+from hub.evaluation.decode import TaskModel, check_backbone
+from hub.store.catalog import TASK_TOKENS, export_dir
 from hub.task import Task, TaskCodec
-from hub.task_tokens import install_task_rows
-from hub.training import TrainConfig, Trainer, attach_task_rows, staging
+from hub.model.task_tokens import install_task_rows
+from hub.training.trainer import TrainConfig, Trainer, attach_task_rows, staging
 from tasks import make_task
 
 BASELINE_META = "task_meta.json"

@@ -3,7 +3,7 @@
 BLEU and NIST follow the challenge's mteval-v13a script (see `mteval.py`); METEOR, ROUGE-L and
 CIDEr follow its MS-COCO caption evaluation, on PTB-tokenised text (see `coco.py`). Like the
 official script, it expects one output per unique MR with all references of that MR grouped:
-`hub.metrics.group_by_mr` builds that grouping from (MR, reference) pairs.
+`hub.evaluation.metrics.group_by_mr` builds that grouping from (MR, reference) pairs.
 """
 
 import shutil
@@ -11,7 +11,7 @@ import shutil
 import evaluate
 
 from hub.errors import HubError
-from hub.metrics.references import PREDICTIONS_AND_REFERENCES, metric_info
+from hub.evaluation.metrics.references import PREDICTIONS_AND_REFERENCES, metric_info
 
 from .coco import meteor, ptb_tokenize, rouge_l_and_cider
 from .mteval import corpus_bleu_nist

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hub.adapter import AdapterBank, AdapterWeights, FusedAdapterHooks, stack_layers
-from hub.backbone import Backbone
+from hub.adapters.vlm import AdapterBank, AdapterWeights, FusedAdapterHooks, stack_layers
+from hub.model.backbone import Backbone
 from hub.errors import CapacityError, HubError, NotFoundError
-from hub.store import LoadedAdapter, adapter_layers
+from hub.store.catalog import LoadedAdapter, adapter_layers
 from hub.task import Task, TaskCodec
-from hub.task_tokens import install_task_rows, mask_task_logits
+from hub.model.task_tokens import install_task_rows, mask_task_logits
 
 
 @dataclass(frozen=True)

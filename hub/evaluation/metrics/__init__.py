@@ -1,6 +1,6 @@
 """Evaluation metrics as `evaluate` modules kept in this repository.
 
-Each metric lives in ``hub/metrics/<name>/<name>.py`` and is loaded by local path, so loading
+Each metric lives in ``hub/evaluation/metrics/<name>/<name>.py`` and is loaded by local path, so loading
 never touches the Hugging Face Hub and works offline.
 """
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hub.engine import Engine
+from hub.serving.engine import Engine
 from hub.errors import HubError
-from hub.store import AdapterStore
+from hub.store.catalog import AdapterStore
 
-log = logging.getLogger("hub.sync")
+log = logging.getLogger("hub.serving.sync")
 
 
 @dataclass

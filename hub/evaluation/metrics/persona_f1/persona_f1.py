@@ -7,7 +7,7 @@ from collections import Counter
 import evaluate
 import sacrebleu
 
-from hub.metrics.references import metric_info, reference_lists, reference_streams
+from hub.evaluation.metrics.references import metric_info, reference_lists, reference_streams
 
 _DESCRIPTION = """\
 Unigram F1 as ParlAI computes it for PersonaChat: both sides lowercased, every punctuation

@@ -3,7 +3,7 @@
 import evaluate
 from rouge_score import rouge_scorer
 
-from hub.metrics.references import metric_info, reference_lists
+from hub.evaluation.metrics.references import metric_info, reference_lists
 
 _DESCRIPTION = """\
 Mean per-example ROUGE F-measure (fractions in [0, 1]) from the `rouge-score` package with the

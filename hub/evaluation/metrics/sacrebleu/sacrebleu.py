@@ -3,7 +3,7 @@
 import evaluate
 import sacrebleu
 
-from hub.metrics.references import metric_info, reference_lists, reference_streams
+from hub.evaluation.metrics.references import metric_info, reference_lists, reference_streams
 
 _DESCRIPTION = """\
 Corpus-level BLEU (0-100) from sacreBLEU, with its signature string recording the settings.

@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from hub.adapter import adapter_parameter_count, vlm_adapter_config
-from hub.backbone import Backbone
+from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
+from hub.model.backbone import Backbone
 from hub.errors import HubError
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
-from hub.store import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
-from hub.task_tokens import install_task_rows, new_task_rows
+from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+from hub.model.task_tokens import install_task_rows, new_task_rows
 
 @dataclass
 class TrainConfig:
@@ -45,7 +45,7 @@ class TrainConfig:
     eval_every: int | None = None
     seed: int = 0
     base: str = ""
-    method: str = "adapter"  # or a baseline of `hub.baselines`: "full", "lora"
+    method: str = "adapter"  # or a baseline of `hub.training.baselines`: "full", "lora"
     patience: int | None = None  # stop after this many held-out evaluations without a new best
 
     def resumes(self, other: "TrainConfig") -> bool:
@@ -266,7 +266,7 @@ class Trainer:
         print(f"resuming {self.run_dir} from step {self.step}")
 
     def export(self, out_dir: Path, metrics: dict) -> None:
-        """Write the adapter in the store's input format (`hub.store.EXPORT_FILES`), atomically replacing `out_dir`."""
+        """Write the adapter in the store's input format (`hub.store.catalog.EXPORT_FILES`), atomically replacing `out_dir`."""
         with staging(out_dir) as tmp:
             self._write_export(tmp, metrics)
 

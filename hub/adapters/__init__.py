@@ -1,0 +1,1 @@
+"""Adapter kinds: each module holds one kind's formula, bundle format and parameter count."""

@@ -1,0 +1,1 @@
+"""Evaluation: decoding a test split and scoring it with the metric modules in `metrics/`."""

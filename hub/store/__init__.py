@@ -1,0 +1,1 @@
+"""The adapter store: versioned, checksummed bundles on disk and their metadata."""
