@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -64,9 +65,21 @@ def train(
     target_lang: Optional[str] = typer.Option(None, "--target-lang", help="translate: target language code"),
     method: Method = typer.Option(Method.adapter, "--method", help="adapter: the VLM adapter; full: full "
                                   "fine-tuning baseline; lora: LoRA baseline, size matched to the adapter's"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (torchrun; one "
+                              "GPU each, else gloo on the CPU); --batch-size is per process"),
 ) -> None:
-    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with)."""
+    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
+
+    Data-parallel with `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
     import torch
+
+    from hub.training import distributed
+
+    if nproc > 1 and distributed.launched_world_size() == 1:
+        raise typer.Exit(subprocess.call(distributed.relaunch_command(nproc, sys.argv[1:])))
+    if note := distributed.single_process_accelerate_note():
+        typer.echo(note, err=True)
+    distributed.init_process_group(device)
 
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, describe_trainable, make_trainer
@@ -89,11 +102,16 @@ def train(
     eval_examples = task.load_examples(data, "validation")
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
-    prepare_run_dir(out, config)
+    process = distributed.DataParallel.current(backbone.device)
+    process.on_main(lambda: prepare_run_dir(out, config))
     trainer = make_trainer(backbone, task, config, out)
-    typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone {backbone.source} "
-               f"on {backbone.device}; {method.value}: {describe_trainable(trainer)}")
+    if process.is_main:
+        typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone "
+                   f"{backbone.source} on {backbone.device} ({process.world_size} process(es)); {method.value}: "
+                   f"{describe_trainable(trainer)}")
     trainer.train(train_examples, eval_examples)
+    if not process.is_main:
+        return
     if method == Method.adapter:
         typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
     else:
