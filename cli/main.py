@@ -230,8 +230,25 @@ def serve(
     max_resident: Optional[int] = typer.Option(None, "--max-resident", help="adapters on the device (LRU)"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds"),
     watch_interval: float = typer.Option(0.5, "--watch-interval", help="store polling period, 0 = off"),
+    ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
+                             "task routed to a replica that holds it (docs/DEPLOY.md)"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="--ray: engine replicas"),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: the cluster to join, auto or "
+                                          "ray://HOST:10001 (default: start a local one)"),
+    max_tasks_per_replica: int = typer.Option(8, "--max-tasks-per-replica", min=1,
+                                              help="--ray: tasks one replica keeps loaded (LRU)"),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", min=0.0, help="--ray: GPUs per engine replica"),
 ) -> None:
     """Serve every published adapter over HTTP, fusing requests of different tasks in one batch."""
+    if ray:
+        from server.ray_serve import RayServeOptions, serve_on_ray
+
+        options = RayServeOptions(store=store, base=base, device=device, replicas=replicas,
+                                  max_tasks_per_replica=max_tasks_per_replica, replica_gpus=replica_gpus,
+                                  service=ServiceSettings(max_batch=max_batch, max_queue=max_queue,
+                                                          request_timeout=request_timeout,
+                                                          watch_interval=watch_interval))
+        return serve_on_ray(options, address, host, port)
     import uvicorn
 
     from server.app import ServerSettings, create_app
