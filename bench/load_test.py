@@ -70,11 +70,12 @@ async def load(url: str, clients: int, seconds: float, tasks: list[str]) -> dict
     return stats
 
 
-def start_server(store: Path, base: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(store: Path, base: str, port: int, log: Path, extra: list[str] = (),
+                 ready_timeout_s: float = 120) -> subprocess.Popen:
     command = [sys.executable, "-m", "hub", "serve", "--store", str(store), "--base", base, "--device", "cpu",
-               "--port", str(port), "--max-batch", "32"]
+               "--port", str(port), "--max-batch", "32", *extra]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(240):
+    for _ in range(int(ready_timeout_s * 2)):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return server
