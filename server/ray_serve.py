@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -61,6 +62,8 @@ class RayServeOptions:
     store: str
     base: str | None = None
     device: str = "cpu"
+    dtype: str = "auto"  # or a torch dtype name: float32, bfloat16, float16
+    threads: int | None = None  # torch threads per replica (default: Ray's OMP_NUM_THREADS, its CPUs)
     replicas: int = 2
     max_tasks_per_replica: int = 8
     replica_cpus: float = 1.0
@@ -93,7 +96,10 @@ class EngineReplica:
         store = AdapterStore(options.store)
         names = [s.latest.ref for s in store.list()]
         trained_on = store.show(names[0]).meta["backbone"] if names and not options.base else None
-        backbone = load_backbone(resolve_base(options.base, trained_on), options.device)
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+        backbone = load_backbone(resolve_base(options.base, trained_on), options.device, dtype=dtype)
         settings = replace(options.service, max_resident=options.max_tasks_per_replica, watch_interval=0)
         self.watch_interval = options.service.watch_interval
         self.service = HubService(backbone, store, make_task, settings)
