@@ -88,14 +88,20 @@ def start_server(store: Path, base: str, port: int, log: Path, extra: list[str] 
     raise SystemExit("server did not become ready")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_arguments(doc: str, clients: int, seconds: float) -> argparse.ArgumentParser:
+    """The options of a load benchmark: backbone, trained run, closed-loop clients, duration, output folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--run", type=Path, required=True, help="a trained e2e run (its best/ is published)")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=clients)
+    parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    return parser
+
+
+def main() -> None:
+    parser = load_arguments(__doc__, clients=64, seconds=60)
+    parser.add_argument("--tasks", type=int, default=8)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hub-load-"))

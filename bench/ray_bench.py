@@ -7,7 +7,6 @@ store (moto's server on 127.0.0.1, through s3fs; cold local cache) vs the local 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,11 +18,9 @@ import time
 from pathlib import Path
 
 from bench.common import machine, percentile
-from bench.load_test import free_port, load, start_server
+from bench.load_test import free_port, load, load_arguments, start_server
 from hub.model.backbone import load_backbone
-from hub.store.backends import open_store
 from hub.store.catalog import AdapterStore
-from tests.s3_server import S3Server
 
 TASKS = 6
 
@@ -60,6 +57,9 @@ def load_times(store, refs: list[str], fingerprint: dict, cache: Path | None) ->
 
 
 def adapter_load(local: AdapterStore, base: str, repeats: int, work: Path) -> dict:
+    from hub.store.backends import open_store
+    from tests.s3_server import S3Server
+
     refs = [f"task{i % TASKS}" for i in range(repeats)]
     fingerprint = load_backbone(base, "cpu").fingerprint
     cache = work / "cache"
@@ -76,13 +76,8 @@ def adapter_load(local: AdapterStore, base: str, repeats: int, work: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True)
-    parser.add_argument("--run", type=Path, required=True, help="a trained e2e run (its best/ is published)")
-    parser.add_argument("--clients", type=int, default=24)
-    parser.add_argument("--seconds", type=float, default=40)
-    parser.add_argument("--loads", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser = load_arguments(__doc__, clients=24, seconds=40)
+    parser.add_argument("--loads", type=int, default=30, help="adapter loads timed per store")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hub-ray-bench-"))

@@ -284,8 +284,7 @@ class RemoteService:
         if self.on_finished:
             self.on_finished(sequence)
 
-    async def complete(self, handle: RemoteHandle, disconnected: Callable[[], Awaitable[bool]]) -> str:
-        return "".join([piece async for piece in self.stream(handle, disconnected)])
+    complete = HubService.complete  # the whole text of `stream`
 
     @staticmethod
     def cancel(handle: RemoteHandle) -> None:
