@@ -14,6 +14,7 @@ from hub.adapters.vlm import AdapterBank, AdapterWeights, adapter_parameter_coun
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import LoadedAdapter, adapter_layers
+from hub.store.format import AdapterMeta
 from tasks import make_task
 
 
@@ -39,7 +40,7 @@ def adapter_state(model, name: str = "t") -> dict[str, torch.Tensor]:
 def loaded(model, name: str, task_type: str = "e2e", seed: int = 0) -> LoadedAdapter:
     k = len(make_task(task_type).special_tokens)
     rows = torch.randn(k, model.config.n_embd, generator=torch.Generator().manual_seed(seed)) * 0.5
-    meta = {"task_type": task_type, "task_config": {}, "bottleneck": 0, "trainable_pct": 0.0}
+    meta = AdapterMeta.unpublished(name, task_type, make_task(task_type).special_tokens, bottleneck=0)
     tensors = {k.replace(".adapters.t.", f".adapters.{name}."): v for k, v in adapter_state(model, "t").items()}
     return LoadedAdapter(name, "1", meta, None, tensors, rows)
 

@@ -9,6 +9,7 @@ Each resident adapter owns a slot in the `AdapterBank` and a block of rows in th
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -23,8 +24,18 @@ from hub.adapters.vlm import AdapterBank, AdapterWeights, FusedAdapterHooks, sta
 from hub.model.backbone import Backbone
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.store.catalog import LoadedAdapter, adapter_layers
+from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 from hub.model.task_tokens import install_task_rows, mask_task_logits
+
+
+MAX_TEMPERATURE = 5.0
+SEED_LIMIT = 2**63  # torch generators take seeds below 2^64; JSON clients commonly handle signed 64-bit
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,10 +50,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise HubError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise HubError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        """Refuse any value that could make sampling raise inside a shared decode step."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise HubError("max_new_tokens must be a whole number of at least 1")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (self.temperature, self.top_p)):
+            raise HubError("temperature and top_p must be finite numbers")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE or not 0 < self.top_p <= 1 or not _is_int(self.top_k) \
+                or self.top_k < 0:
+            raise HubError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g}, 0 < top_p <= 1 and a whole top_k >= 0")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise HubError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise HubError(f"stop takes at most {MAX_STOP_STRINGS} strings, each 1 to {MAX_STOP_CHARS} characters")
 
 
 @dataclass
@@ -52,7 +71,7 @@ class ResidentAdapter:
     name: str
     version: str
     task: Task
-    meta: dict
+    meta: AdapterMeta
     weights: AdapterWeights  # [L, ...] on the CPU, the copy that comes back after eviction
     rows: torch.Tensor  # [k, d] on the CPU
     slot: int | None = None
@@ -87,6 +106,7 @@ class Sequence:
     on_update: Callable[["Sequence"], None] | None = None
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    input_tokens_dropped: int = 0  # cut from a too-long input by a task that truncates (`Task.truncates_input`)
 
     @property
     def finished(self) -> bool:
@@ -153,7 +173,7 @@ class Engine:
         if weights.ln_weight.shape[-1] != config.n_embd:
             raise HubError(f"adapter {loaded.name}@{loaded.version} has d={weights.ln_weight.shape[-1]}, "
                            f"the backbone d={config.n_embd}")
-        task = self.make_task(meta["task_type"], meta.get("task_config", {}))
+        task = self.make_task(meta.task_type, dict(meta.task_config))
         adapter = ResidentAdapter(loaded.name, loaded.version, task, meta, weights, loaded.token_rows.float())
         with self.lock:
             previous = self.adapters.pop(loaded.name, None)
@@ -241,9 +261,11 @@ class Engine:
         with self.lock:
             adapter = self.resolve(task_name)
             source = adapter.task.parse_input(source)
-            ids, types = adapter.codec.encode_prompt(source, reserve=params.max_new_tokens)
+            ids, types, dropped = adapter.codec.encode_request(source, params.max_new_tokens,
+                                                               refuse_cuts=not adapter.task.truncates_input)
             adapter.in_use += 1
-        return Sequence(adapter, ids, types, params, adapter.codec.eos_id, generator=_generator(params))
+        return Sequence(adapter, ids, types, params, adapter.codec.eos_id, generator=_generator(params),
+                        input_tokens_dropped=dropped)
 
     @torch.inference_mode()
     def run(self, sequences: list[Sequence]) -> list[Sequence]:
@@ -266,6 +288,12 @@ def left_pad(prompts: list[tuple[list[int], list[int]]], device: torch.device) -
     return {"input_ids": tensor([pad(ids) for ids, _ in prompts]),
             "token_type_ids": tensor([pad(types) for _, types in prompts]),
             "attention_mask": tensor([pad([1] * len(ids)) for ids, _ in prompts])}
+
+
+def _context(seq: Sequence, no_type_id: int) -> tuple[list[int], list[int]]:
+    """Ids and types to prefill: the prompt, and the tokens already generated when a sequence resumes."""
+    types = seq.prompt_types or [no_type_id] * len(seq.prompt_ids)
+    return seq.prompt_ids + seq.output_ids, types + types[-1:] * len(seq.output_ids)
 
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
@@ -292,9 +320,7 @@ class DecodeBatch:
         """Prefill new sequences (left-padded, one forward), choose their first token, merge their cache."""
         if not sequences:
             return
-        no_type = [self.engine.no_type_id]
-        inputs = left_pad([(s.prompt_ids, s.prompt_types or no_type * len(s.prompt_ids)) for s in sequences],
-                          self.device)
+        inputs = left_pad([_context(s, self.engine.no_type_id) for s in sequences], self.device)
         types = inputs["token_type_ids"] if any(s.prompt_types for s in sequences) else None
         cache = DynamicCache()
         logits = self._forward(sequences, inputs["input_ids"], types, inputs["attention_mask"], cache, _gather=True)
@@ -417,7 +443,8 @@ class DecodeBatch:
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Temperature, top-k and nucleus (top-p) sampling for one row, reproducible with its own generator."""
-    logits = logits.float().cpu() / params.temperature
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / params.temperature  # the best token at 0: any temperature > 0 stays finite
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

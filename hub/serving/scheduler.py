@@ -15,6 +15,7 @@ import torch
 
 from hub.serving.engine import DecodeBatch, Engine, Sequence
 from hub.errors import CapacityError
+from hub.serving.isolation import isolate_failed_step
 
 log = logging.getLogger("hub.serving.scheduler")
 
@@ -96,10 +97,20 @@ class Scheduler:
                     self.batch.join(joining)
                     self.batch.step()
                 self.steps += 1
-            except Exception:  # a failed step must not stop the server: fail its sequences, keep serving
-                log.exception("decode step failed; failing %d sequences", len(self.batch.sequences) + len(joining))
-                self._fail(self.batch.sequences + joining)
-                self.batch = DecodeBatch(self.engine)
+            except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
+                log.exception("decode step failed; isolating the failing sequences")
+                self._isolate(self.batch.sequences + joining)
+
+    def _isolate(self, sequences: list[Sequence]) -> None:
+        """Fail the sequences that make a step fail on their own (`hub.serving.isolation`); resume the others."""
+        outcome = isolate_failed_step(self.engine, sequences)
+        self._fail(outcome.failing)
+        for sequence in outcome.finished:
+            if sequence.adapter is not None:
+                self.engine.release(sequence.adapter)
+        self.batch = DecodeBatch(self.engine)
+        with self.wakeup:
+            self.waiting.extendleft(reversed(outcome.survivors))
 
     def _fail(self, sequences: list[Sequence]) -> None:
         for sequence in {s.id: s for s in sequences}.values():
