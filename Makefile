@@ -1,11 +1,12 @@
-# Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite).
+# Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
+# `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
 DEMO_STEPS ?= 300
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test faults bench clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+faults: venv
+	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults
 
 clean:
 	rm -rf $(VENV) .demo runs

@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Multi-task adapter hub for one shared, frozen GPT-2.")
 
 DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
-StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
+StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store: a folder, or an fsspec URL such as "
+                           "s3://bucket/prefix (env HUB_STORE)")
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
 BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
 ThreadsOption = typer.Option(None, "--threads", min=1,
@@ -46,10 +47,10 @@ class Method(str, Enum):
     lora = "lora"
 
 
-def _store(path: str):
-    from hub.store.catalog import AdapterStore
+def _store(location: str):
+    from hub.store.backends import open_store
 
-    return AdapterStore(path)
+    return open_store(location)
 
 
 def _set_threads(threads: int | None) -> str:
@@ -176,19 +177,28 @@ def publish(
 @app.command("list")
 def list_adapters(store: str = StoreOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """List published adapters and their versions."""
-    rows = [
-        {"name": s.name, "versions": [v.version for v in s.versions], "latest": s.latest.version,
-         "task_type": s.latest.meta["task_type"], "bottleneck": s.latest.meta["bottleneck"],
-         "trainable_pct": round(s.latest.meta["trainable_pct"], 3)}
-        for s in _store(store).list()
-    ]
+    rows = [_list_row(s) for s in _store(store).list()]
     if as_json:
         return _print_json(rows)
     if not rows:
         typer.echo(f"no adapters in {store}")
     for r in rows:
-        typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
-                   f"versions {', '.join(r['versions'])}")
+        if r["versions"]:
+            typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
+                       f"versions {', '.join(r['versions'])}")
+        for skipped in r["skipped"]:
+            typer.echo(f"{r['name']:<24} skipped {skipped['version'] or '(all)'}: {skipped['reason']}")
+
+
+def _list_row(summary) -> dict:
+    """One `hub list` row: the newest usable version's metadata, and every skipped version with its reason."""
+    skipped = [{"version": k.version, "reason": k.reason} for k in summary.skipped]
+    row = {"name": summary.name, "versions": [v.version for v in summary.versions], "skipped": skipped}
+    if summary.versions:
+        meta = summary.latest.meta
+        row.update(latest=summary.latest.version, task_type=meta.task_type, bottleneck=meta.bottleneck,
+                   trainable_pct=round(meta.trainable_pct, 3))
+    return row
 
 
 @app.command()
@@ -196,14 +206,14 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
          as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one adapter version's metadata."""
     stored = _store(store).show(ref)
-    if as_json:
-        return _print_json(stored.meta)
     meta = stored.meta
-    typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
-               f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
-               f"({meta['trainable_pct']:.2f}% of the backbone)\n"
-               f"  special tokens {' '.join(meta['special_tokens'])}\n"
-               f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
+    if as_json:
+        return _print_json(meta.to_dict())
+    typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
+               f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
+               f"({meta.trainable_pct:.2f}% of the backbone)\n"
+               f"  special tokens {' '.join(meta.special_tokens)}\n"
+               f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
 
 
 @app.command()
@@ -213,12 +223,37 @@ def rm(ref: str = typer.Argument(..., help="NAME (all versions) or NAME@VERSION"
         typer.echo(f"removed {removed}")
 
 
-def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
-    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on."""
-    from hub.model.backbone import load_backbone, resolve_base
+store_app = typer.Typer(no_args_is_help=True, help="Store maintenance.")
+app.add_typer(store_app, name="store")
 
-    trained_on = store.show(refs[0]).meta["backbone"] if refs and not base else None
-    return load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
+
+@store_app.command("gc")
+def store_gc(store: str = StoreOption,
+             older_than: float = typer.Option(3600.0, "--older-than", help="seconds; younger leftovers may be a "
+                                              "publish in progress")) -> None:
+    """Remove staging and trash folders left by killed publishes and removals."""
+    removed = _store(store).gc(older_than)
+    for path in removed:
+        typer.echo(f"removed {path}")
+    typer.echo(f"{len(removed)} leftovers removed from {store}")
+
+
+def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
+    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on, which must then
+    match that adapter's recorded fingerprint (hub.json names the path; the weights must be the same)."""
+    from hub.errors import BackboneMismatchError
+    from hub.model.backbone import load_backbone, resolve_base
+    from hub.store.catalog import fingerprint_mismatch
+
+    base = base or os.environ.get("HUB_BASE")
+    stored = store.show(refs[0]) if refs and not base else None
+    trained_on = dict(stored.meta.backbone) if stored else None
+    backbone = load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
+    problem = trained_on and fingerprint_mismatch(trained_on, backbone.fingerprint)
+    if problem:
+        raise BackboneMismatchError(f"the backbone named in {stored.ref}'s hub.json is not the one it was trained "
+                                    f"on: the adapter {problem}. Pass the right one with --base")
+    return backbone
 
 
 @app.command()
@@ -277,6 +312,7 @@ def serve(
                                       help="prompt tokens per row and step; longer prompts prefill in chunks"),
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger request bodies get 413"),
     ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
                              "task routed to a replica that holds it (docs/DEPLOY.md)"),
     replicas: int = typer.Option(2, "--replicas", min=1, help="--ray: engine replicas"),
@@ -300,7 +336,7 @@ def serve(
 
         options = RayServeOptions(store=store, base=base, device=device, dtype=dtype.value, threads=threads,
                                   replicas=replicas, max_tasks_per_replica=max_tasks_per_replica,
-                                  replica_gpus=replica_gpus, service=settings)
+                                  replica_gpus=replica_gpus, service=settings, max_body_bytes=max_body_bytes)
         return serve_on_ray(options, address, host, port)
     threads_used = _set_threads(threads)
     adapter_store = _store(store)
@@ -310,7 +346,8 @@ def serve(
                f"on {backbone.device}, adapters float32", err=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(backbone, adapter_store, settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,
+                log_level="info")
 
 
 @app.command("eval")

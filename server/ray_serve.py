@@ -40,12 +40,14 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.model.backbone import load_backbone, resolve_base
-from hub.serving.engine import Engine, adapter_info
+from hub.serving.engine import Engine
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import SchedulerStats
 from hub.serving.service import HubService, ServiceSettings
-from hub.store.catalog import AdapterStore, AdapterSummary
+from hub.store.backends import Store, open_store
+from hub.store.catalog import AdapterSummary
 from hub.task import Task
+from server.edge import DEFAULT_MAX_BODY_BYTES
 from server.prometheus import ServerMetrics
 from tasks import make_task
 
@@ -69,6 +71,7 @@ class RayServeOptions:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def replica_capacity(self) -> int:
@@ -92,10 +95,10 @@ class ResidentTask:
 
 @serve.deployment
 class EngineReplica:
-    def __init__(self, options: RayServeOptions):
-        store = AdapterStore(options.store)
-        names = [s.latest.ref for s in store.list()]
-        trained_on = store.show(names[0]).meta["backbone"] if names and not options.base else None
+    async def __init__(self, options: RayServeOptions):
+        store = open_store(options.store)
+        names = [s.latest.ref for s in store.list() if s.versions]
+        trained_on = dict(store.show(names[0]).meta.backbone) if names and not options.base else None
         if options.threads:
             torch.set_num_threads(options.threads)
         dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
@@ -103,7 +106,7 @@ class EngineReplica:
         settings = replace(options.service, max_resident=options.max_tasks_per_replica, watch_interval=0)
         self.watch_interval = options.service.watch_interval
         self.service = HubService(backbone, store, make_task, settings)
-        self.service.start(preload=False)
+        await self.service.start(preload=False)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.load_task = serve.multiplexed(max_num_models_per_replica=options.max_tasks_per_replica)(self._loader())
         self.checked_at: dict[str, float] = {}
@@ -193,9 +196,9 @@ class RemoteService:
     """`HubService`'s interface for the routes, over the engine deployment. Tasks come from the store: a listing
     re-read at most every `watch_interval`, and at once for a name not seen yet."""
 
-    def __init__(self, engine: DeploymentHandle, store: AdapterStore, options: RayServeOptions):
+    def __init__(self, engine: DeploymentHandle, store: Store, options: RayServeOptions):
         self.engine, self.store, self.options = engine, store, options
-        self.on_finished: Callable[[RemoteSequence], None] | None = None
+        self.on_finished: Callable[[RemoteSequence, str], None] | None = None
         self.replicas: dict[str, dict] = {}  # replica -> its stats as last reported, "served" per task
         self.summaries: dict[str, AdapterSummary] = {}
         self.listed_at = -math.inf
@@ -203,8 +206,8 @@ class RemoteService:
         self.ready = False
 
     # -- lifecycle: the replicas own the engines ---------------------------------------------------------------
-    def start(self) -> None:
-        self._summaries(force=True)
+    async def start(self) -> None:
+        await asyncio.to_thread(self._summaries, True)
         self.ready = True
 
     def stop(self) -> None:
@@ -226,21 +229,21 @@ class RemoteService:
         summary = self._summaries().get(task) or self._summaries(force=True).get(task)
         if summary is None:
             raise NotFoundError(f"unknown task {task!r}; available: {', '.join(self.task_names()) or 'none'}")
-        info = adapter_info(summary.latest.meta)
-        return PublishedTask(summary, make_task(info.task_type, info.task_config))
+        meta = summary.latest.meta
+        return PublishedTask(summary, make_task(meta.task_type, dict(meta.task_config)))
 
     def task_names(self) -> list[str]:
         return sorted(self._summaries())
 
-    def list_tasks(self) -> list[dict]:
-        rows = []
-        for name, summary in sorted(self._summaries().items()):
-            info = adapter_info(summary.latest.meta)
-            rows.append({"name": name, "version": summary.latest.version,
-                         "versions": [v.version for v in summary.versions], "task_type": info.task_type,
-                         "bottleneck": info.bottleneck, "trainable_pct": info.trainable_pct,
-                         "replicas": sorted(r for r, seen in self.replicas.items() if name in seen["served"])})
-        return rows
+    async def list_tasks(self) -> dict:
+        """Published tasks (newest usable version) with the replicas that have served them, and skipped versions."""
+        listing = await asyncio.to_thread(self.store.list)
+        tasks = [{"name": s.name, "version": s.latest.version, "versions": [v.version for v in s.versions],
+                  "task_type": s.latest.meta.task_type, "bottleneck": s.latest.meta.bottleneck,
+                  "trainable_pct": s.latest.meta.trainable_pct,
+                  "replicas": sorted(r for r, seen in self.replicas.items() if s.name in seen["served"])}
+                 for s in listing if s.versions]
+        return {"tasks": tasks, "skipped": [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]}
 
     def params(self, task: str, **fields) -> SamplingParams:
         return sampling_params(self.resolve(task).task.defaults.max_new_tokens, **fields)
@@ -274,15 +277,15 @@ class RemoteService:
                 else:
                     sequence.output_ids, sequence.finish_reason = event["output_ids"], event["finish_reason"]
                     self._record(sequence, event)
-        finally:
+        finally:  # every request is counted once, as in HubService.stream
             self.cancel(handle)
+            if self.on_finished:
+                self.on_finished(sequence, sequence.finish_reason or "cancelled")
 
     def _record(self, sequence: RemoteSequence, event: dict) -> None:
         seen = self.replicas.setdefault(sequence.replica, {"served": collections.Counter()})
         seen.update(stats=SchedulerStats(**event["stats"]), resident=event["resident"])
         seen["served"][sequence.adapter.name] += 1
-        if self.on_finished:
-            self.on_finished(sequence)
 
     complete = HubService.complete  # the whole text of `stream`
 
@@ -300,7 +303,7 @@ class RemoteService:
     def resident_count(self) -> int:
         return sum(seen["resident"] for seen in self.replicas.values())
 
-    def reload(self):
+    async def reload(self):
         raise HubError("with --ray each replica loads tasks from the store when it first serves them, and checks "
                        "for new versions every --watch-interval: there is nothing to reload")
 
@@ -377,14 +380,15 @@ def replica_header_middleware(app):
 @serve.ingress()
 class Ingress:
     def __init__(self, engine: DeploymentHandle, options: RayServeOptions):
-        self.service = RemoteService(engine, AdapterStore(options.store), options)
+        self.service = RemoteService(engine, open_store(options.store), options)
+        self.max_body_bytes = options.max_body_bytes
 
     def __serve_build_asgi_app__(self):
         from server.app import build_app
 
         metrics = ServerMetrics()
         metrics.registry.register(ReplicaMetrics(self.service))
-        return replica_header_middleware(build_app(self.service, metrics))
+        return replica_header_middleware(build_app(self.service, self.max_body_bytes, metrics))
 
 
 # -- application and launcher ------------------------------------------------------------------------------------

@@ -193,8 +193,8 @@ def from_run(run_dir: Path, base: str | None, device: str) -> TaskModel:
     """A run's adapter export, evaluated before it is published."""
     path = export_dir(run_dir)
     export = read_export(path)
-    backbone = load_backbone(resolve_base(base, export.meta["backbone"]), device)
-    check_backbone(f"run export '{path}'", export.meta["backbone"], backbone)
+    backbone = load_backbone(resolve_base(base, dict(export.meta.backbone)), device)
+    check_backbone(f"run export '{path}'", dict(export.meta.backbone), backbone)
     rows = load_file(path / TASK_TOKENS)["rows"]
     loaded = LoadedAdapter(export.trained_name, "run", export.meta, path, export.adapter_tensors, rows)
     return engine_task_model(backbone, loaded, str(run_dir), store_ref=None)
