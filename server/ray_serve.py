@@ -141,7 +141,8 @@ class EngineReplica:
         await self._resident(task)
         handle = await self.service.submit(task, source, params, prompt_text)
         sequence = handle.sequence
-        yield {"replica": self.replica, "version": sequence.adapter.version, "prompt_ids": sequence.prompt_ids}
+        yield {"replica": self.replica, "version": sequence.adapter.version, "prompt_ids": sequence.prompt_ids,
+               "input_tokens_dropped": sequence.input_tokens_dropped}
         async for piece in self.service.stream(handle, _never):
             yield {"text": piece}
         yield {"finish_reason": sequence.finish_reason, "output_ids": sequence.output_ids,
@@ -159,8 +160,11 @@ async def _never() -> bool:
 # -- ingress -----------------------------------------------------------------------------------------------------
 @dataclass
 class TaskRef:
+    """The adapter a remote sequence used, as the routes read it (`ResidentAdapter`'s name, version and task)."""
+
     name: str
     version: str
+    task: Task
 
 
 @dataclass
@@ -171,6 +175,7 @@ class RemoteSequence:
     params: SamplingParams
     prompt_ids: list[int]
     replica: str
+    input_tokens_dropped: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -254,11 +259,12 @@ class RemoteService:
         """Send the request to the replica Ray picks for `task`; its first event says it was accepted."""
         if task is None:
             raise HubError("name a task: the plain base model is not served with --ray")
-        self.resolve(task)
+        published = self.resolve(task)
         call = self.engine.options(multiplexed_model_id=task, stream=True)
         events = call.generate.remote(source, params, prompt_text)
         first = await _next_event(events)
-        sequence = RemoteSequence(TaskRef(task, first["version"]), params, first["prompt_ids"], first["replica"])
+        sequence = RemoteSequence(TaskRef(task, first["version"], published.task), params, first["prompt_ids"],
+                                  first["replica"], first["input_tokens_dropped"])
         holder = _replica_of_request.get()
         if holder is not None:
             holder["replica"] = sequence.replica

@@ -1,7 +1,7 @@
-"""`hub serve --ray` as a user runs it: a local Ray cluster on 127.0.0.1 with two engine replicas and six tasks,
-spoken to over HTTP; interleaved and streaming requests, per-task routing, mixed batches inside a replica, a task
-published while serving, error codes, and a clean shutdown. One server process for the module (Ray's start-up
-dominates: ~30-60 s on 2 cores)."""
+"""`hub serve --ray` as a user runs it: a local Ray cluster with two engine replicas and six tasks in an
+S3-compatible store (moto on 127.0.0.1), spoken to over HTTP on 127.0.0.1; interleaved and streaming requests,
+per-task routing, mixed batches inside a replica, a task published while serving, error codes, and a clean
+shutdown. One server process for the module (Ray's start-up dominates: ~60-80 s on 2 shared cores)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ import httpx
 import pytest
 
 from hub.errors import CapacityError, NotFoundError
-from hub.store.catalog import AdapterStore
+from hub.store.backends import open_store
+from tests.s3_server import S3Server, free_port
 
 TASKS = [f"task{i}" for i in range(6)]
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
@@ -29,31 +29,35 @@ START_TIMEOUT_S = 150
 MODEL_IDS_PUSH_S = 1.0  # replicas tell Ray's routers which tasks they hold in the background
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+STORE_URL = "s3://adapters/ray"
 
 
 @pytest.fixture(scope="module")
-def store(trained_run, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ray") / "store"
-    adapters = AdapterStore(root)
+def s3():
+    with S3Server() as server:
+        server.create_bucket("adapters")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store(s3, trained_run, tmp_path_factory):
+    adapters = open_store(STORE_URL, cache_dir=tmp_path_factory.mktemp("cache"), **s3.storage_options)
     for name in TASKS:
         adapters.publish(trained_run / "best", name=name)
-    return root
+    return adapters
 
 
 @pytest.fixture(scope="module")
-def server(store, tiny_base, trained_run, tmp_path_factory):
+def server(s3, store, tiny_base, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("ray-log") / "server.log"
     command = [sys.executable, "-m", "hub", "serve", "--ray", "--replicas", "2", "--max-tasks-per-replica", "4",
-               "--store", str(store), "--base", str(tiny_base), "--device", "cpu", "--port", str(port),
+               "--store", STORE_URL, "--base", str(tiny_base), "--device", "cpu", "--port", str(port),
                "--watch-interval", "0.2", "--max-batch", "16"]
+    env = {**os.environ, **s3.environment, "OMP_NUM_THREADS": "1",
+           "HUB_CACHE": str(tmp_path_factory.mktemp("replica-cache"))}
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -135,7 +139,7 @@ def test_metrics_show_mixed_batches_inside_a_replica(server):
 
 def test_a_task_published_while_serving_becomes_servable(server, store, trained_run):
     url, _ = server
-    AdapterStore(store).publish(trained_run / "best", name="task6")
+    store.publish(trained_run / "best", name="task6")
     response = httpx.post(f"{url}/v1/generate", json={"task": "task6", "input": MR, "max_new_tokens": 3},
                           timeout=120)
     assert response.status_code == 200, response.text
