@@ -56,7 +56,7 @@ def load_times(store, refs: list[str], fingerprint: dict, cache: Path | None) ->
     return times
 
 
-def adapter_load(local: AdapterStore, base: str, repeats: int, work: Path) -> dict:
+def adapter_load(local: AdapterStore, run: Path, base: str, repeats: int, work: Path) -> dict:
     from hub.store.backends import open_store
     from tests.s3_server import S3Server
 
@@ -67,7 +67,7 @@ def adapter_load(local: AdapterStore, base: str, repeats: int, work: Path) -> di
         s3.create_bucket("adapters")
         remote = open_store("s3://adapters/hub", cache_dir=cache, **s3.storage_options)
         for i in range(TASKS):
-            remote.publish(local.show(f"task{i}").path, name=f"task{i}")
+            remote.publish(run / "best", name=f"task{i}")
         rows = {"local folder": load_times(local, refs, fingerprint, None),
                 "S3 (moto on 127.0.0.1), cold cache": load_times(remote, refs, fingerprint, cache),
                 "S3, warm local cache": load_times(remote, refs, fingerprint, None)}
@@ -87,7 +87,7 @@ def main() -> None:
     result = {"machine": machine(), "cpus": os.cpu_count(), "tasks": TASKS,
               "serving": [serve_with_replicas(work / "store", args.base, r, args.clients, args.seconds, work)
                           for r in (1, 2)],
-              "adapter_load": adapter_load(local, args.base, args.loads, work)}
+              "adapter_load": adapter_load(local, args.run, args.base, args.loads, work)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ray_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -110,6 +110,7 @@ class EngineReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.load_task = serve.multiplexed(max_num_models_per_replica=options.max_tasks_per_replica)(self._loader())
         self.checked_at: dict[str, float] = {}
+        self.checks: set[asyncio.Task] = set()  # version checks running in the background
 
     def _loader(self) -> Callable[[str], Awaitable[ResidentTask]]:
         """The loader Ray multiplexes: a plain function (Ray keeps its LRU on it; a bound method takes no attributes)."""
@@ -130,10 +131,18 @@ class EngineReplica:
         self.checked_at[task] = time.monotonic()
 
     async def _resident(self, task: str) -> None:
-        """Through Ray's LRU of tasks; a resident task is checked for a newer version every `watch_interval`."""
+        """Through Ray's LRU of tasks. A resident task is checked for a newer version every `watch_interval`, in
+        the background: the request goes on with the version resident now."""
         await self.load_task(task)
         if time.monotonic() - self.checked_at.get(task, 0.0) > self.watch_interval:
-            await asyncio.to_thread(self._load_latest, task)
+            self.checked_at[task] = time.monotonic()  # one check at a time per task
+            self.checks.add(check := asyncio.create_task(asyncio.to_thread(self._load_latest, task)))
+            check.add_done_callback(self._checked)
+
+    def _checked(self, check: asyncio.Task) -> None:
+        self.checks.discard(check)
+        if not check.cancelled() and check.exception() is not None:
+            log.warning("checking for a newer version failed: %s", check.exception())
 
     async def generate(self, source: Any, params: SamplingParams, prompt_text: str | None) -> AsyncIterator[dict]:
         """Events: {replica, version, prompt_ids}, then {text} pieces, then {finish_reason, output_ids, stats}."""

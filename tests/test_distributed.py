@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import AdapterStore
-from hub.training.distributed import DataParallel, relaunch_command
+from hub.training.distributed import DataParallel, relaunch_command, single_process_accelerate_note
 from tasks import make_task
 
 # Same data, same global batch (8), no dropout: the only difference is float summation order over 2 processes.
@@ -109,3 +109,13 @@ def test_nproc_relaunches_under_torchrun_without_itself():
     command = relaunch_command(2, ["train", "e2e", "--nproc", "2", "--data", "d", "--nproc=2"])
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert command[5:] == ["-m", "hub", "train", "e2e", "--data", "d"]
+
+
+def test_a_single_process_from_accelerate_launch_on_cpu_is_said(monkeypatch):
+    """`accelerate launch --num_processes 2` without GPUs runs its simple launcher: MASTER_ADDR, no WORLD_SIZE."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert "--multi_gpu" in single_process_accelerate_note()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert single_process_accelerate_note() is None

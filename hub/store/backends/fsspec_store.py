@@ -108,8 +108,12 @@ class FsspecStore:
     # ---- reading ----------------------------------------------------------------------
     def list(self) -> list[AdapterSummary]:
         """Committed versions (those with hub.json), oldest to newest per name; unreadable ones skipped, with why."""
+        return self._summaries("*")
+
+    def _summaries(self, names: str) -> list[AdapterSummary]:
+        """Summaries of the names matching the glob `names` (one name: one short listing)."""
         by_name: dict[str, tuple[list, list]] = {}
-        for name, version, data in self._manifests():
+        for name, version, data in self._manifests(names):
             versions, skipped = by_name.setdefault(name, ([], []))
             try:
                 meta = AdapterMeta.from_dict(json.loads(data), f"{HUB_JSON} of '{name}@{version}'", stored=True)
@@ -120,10 +124,10 @@ class FsspecStore:
                                sorted(k, key=lambda s: version_key(s.version)))
                 for name, (v, k) in sorted(by_name.items())]
 
-    def _manifests(self) -> list[tuple[str, str, bytes]]:
-        """(name, version, hub.json bytes) of every committed version, fetched together."""
+    def _manifests(self, names: str) -> list[tuple[str, str, bytes]]:
+        """(name, version, hub.json bytes) of every committed version of the matching names, fetched together."""
         self.fs.invalidate_cache()
-        paths = self.fs.glob(self._path("*", "*", HUB_JSON))
+        paths = self.fs.glob(self._path(names, "*", HUB_JSON))
         contents = self.fs.cat(paths) if paths else {}
         found = []
         for path, data in contents.items():
@@ -133,8 +137,8 @@ class FsspecStore:
         return found
 
     def show(self, ref: str) -> StoredVersion:
-        name, version = parse_ref(ref)
-        summary = next((s for s in self.list() if s.name == name), None)
+        name, version = parse_ref(ref)  # a valid name has no glob characters
+        summary = next(iter(self._summaries(name)), None)
         if summary is None or not summary.versions:
             known = ", ".join(s.name for s in self.list() if s.versions) or "none"
             raise NotFoundError(f"no adapter named '{name}' in store '{self.url}' (available: {known})")
