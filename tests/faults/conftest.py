@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import Server, publish
+from tests.test_server import publish, start_server as start
 
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "RELIABILITY.md"
 
@@ -98,16 +98,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line("")
     terminalreporter.write_line(text)
     terminalreporter.write_line(f"written to {REPORT}")
-
-
-def start(tmp: Path, store: Path, base: Path, *options: str, admin_token: str | None = None) -> Server:
-    server = Server(store, base, tmp / "serve.log", *options, admin_token=admin_token)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 @pytest.fixture(scope="session")
