@@ -79,3 +79,15 @@ def write_export(folder: Path, adapter: LoadedAdapter, task, fingerprint: dict) 
             "trainable_params": params, "metrics": {}, "backbone": fingerprint}
     (folder / ADAPTER_META).write_text(json.dumps(meta))
     return folder
+
+
+def timed_run(engine, sequences: list) -> tuple[float, list[float]]:
+    """Decode the sequences together; the wall time and each request's latency (its finish time)."""
+    import time
+
+    finished: dict[int, float] = {}
+    for s in sequences:
+        s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
+    start = time.perf_counter()
+    engine.run(sequences)
+    return time.perf_counter() - start, [finished[s.id] - start for s in sequences]

@@ -14,7 +14,7 @@ best of the rounds is kept. Also measured: the bank's bytes against the adapters
 (64 concurrent `/v1/generate` to `hub serve` in its own process over 8 tasks, against `Engine.run` of the same
 requests here), and publish -> first served request through the store watcher.
 
-    python -m bench.decode_bench --out docs     # docs/decode_bench.json and .md
+    python -m bench.decode_bench --out docs     # docs/decode_bench.json and .md (the tables of BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import httpx
 import psutil
 import torch
 
-from bench.common import machine, percentile, random_adapter, random_gpt2_small, write_export
+from bench.common import machine, percentile, random_adapter, random_gpt2_small, timed_run, write_export
 from bench.load_test import free_port
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine
@@ -58,13 +58,7 @@ def prompt_sources(tokenizer, count: int) -> list[str]:
 def run_engine(engine: Engine, tasks: list[str | None], sources: list[str]) -> dict:
     params = sampling_params(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     sequences = [engine.new_sequence(t, s, params, prompt_text=s) for t, s in zip(tasks, sources)]
-    finished: dict[int, float] = {}
-    for s in sequences:
-        s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
-    start = time.perf_counter()
-    engine.run(sequences)
-    wall = time.perf_counter() - start
-    latencies = [finished[s.id] - start for s in sequences]
+    wall, latencies = timed_run(engine, sequences)
     tokens = sum(len(s.output_ids) for s in sequences)
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50),
             "p99_s": percentile(latencies, 99), "peak_rss_gb": peak_rss_gb()}
@@ -217,6 +211,44 @@ def publish_latency(folder: Path, work: Path, count: int) -> dict:
             "p99_ms": 1000 * percentile(latencies, 99), "max_ms": 1000 * max(latencies)}
 
 
+LABELS = {"single": "single task, b=100", "distinct": "64 distinct tasks, b=100",
+          "cycling": "64 distinct tasks, b cycling 10/100/300", "base": "frozen base, no adapter",
+          "single+300": "single task b=100, b=300 adapters resident too"}
+TARGETS = [("distinct", "single", 0.95), ("cycling", "single", 0.95), ("single+300", "single", 0.97),
+           ("single", "base", None), ("distinct", "base", None), ("cycling", "base", None)]
+
+
+def markdown(result: dict) -> str:
+    """The tables of docs/BENCHMARKS.md from a decode_bench.json."""
+    runs, memory = result["scenarios"], result["memory"]
+    lines = ["| scenario | generated tokens/s | p50 latency (s) | p99 latency (s) | peak RSS so far (GB) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {LABELS[k]} | {r['tokens_per_s']:.1f} | {r['p50_s']:.1f} | {r['p99_s']:.1f} | {r['peak_rss_gb']:.2f} |"
+              for k, r in runs.items()]
+    lines += ["", "| ratio | measured | target | met |", "|---|---|---|---|"]
+    for num, den, target in TARGETS:
+        ratio = runs[num]["tokens_per_s"] / runs[den]["tokens_per_s"]
+        met = "(reference)" if target is None else f"≥ {target} | {'yes' if ratio >= target else '**no**'}"
+        lines.append(f"| {num} / {den} | {ratio:.2f} | {met} |" + (" |" if target is None else ""))
+    bank, own = memory["bank_bytes"], memory["adapter_bytes"]
+    lines += ["", f"Bank: {memory['resident_adapters']} resident adapters (the b=100 set and the 10/100/300 set), "
+              f"{bank / 1e6:.0f} MB on the device against {own / 1e6:.0f} MB of their own weights "
+              f"({bank / own:.2f}×); process RSS {memory['rss_gb_all_resident']:.2f} GB with all of them resident."]
+    if "http" in result:
+        http, engine = result["http"]["http"], result["http"]["engine"]
+        lines += ["", "| 64 concurrent requests over 8 tasks | tokens/s | p50 (s) | p99 (s) |", "|---|---|---|---|",
+                  f"| `Engine.run` in the bench process | {engine['tokens_per_s']:.1f} | {engine['p50_s']:.1f} | "
+                  f"{engine['p99_s']:.1f} |",
+                  f"| `/v1/generate` to `hub serve` | {http['tokens_per_s']:.1f} | {http['p50_s']:.1f} | "
+                  f"{http['p99_s']:.1f} |",
+                  f"| HTTP / engine | {http['tokens_per_s'] / engine['tokens_per_s']:.2f} (target ≥ 0.9) | | |"]
+    publish = result["publish"]
+    lines += ["", f"Publish -> served ({publish['count']} publishes, store watched "
+              f"{'with inotify' if publish['inotify'] else 'by polling'}): p50 {publish['p50_ms']:.0f} ms, "
+              f"p99 {publish['p99_ms']:.0f} ms (target p99 ≤ 100 ms)."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     global ROWS, NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -239,7 +271,8 @@ def main() -> None:
     result["load_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_bench.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    (args.out / "decode_bench.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":
