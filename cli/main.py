@@ -254,7 +254,7 @@ def serve(
     from server.app import ServerSettings, create_app
 
     adapter_store = _store(store)
-    refs = [s.latest.ref for s in adapter_store.list()]
+    refs = [s.latest.ref for s in adapter_store.list() if s.versions]
     backbone = _backbone_for(adapter_store, refs, base, device)
     settings = ServerSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
                               request_timeout=request_timeout, watch_interval=watch_interval,
