@@ -1,4 +1,4 @@
-"""HTTP layer: FastAPI routes and their schemas over the core's engine, scheduler and store.
+"""HTTP layer: FastAPI routes and their schemas over `hub.serving.service.HubService`.
 
 Every published adapter is servable by name; requests for different tasks share one decode batch.
 """
@@ -12,10 +12,8 @@ import os
 import secrets
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,29 +21,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from hub.model.backbone import Backbone
-from hub.serving.engine import (MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT, Engine,
-                                ResidentAdapter, SamplingParams, Sequence)
 from hub.errors import CapacityError, HubError, NotFoundError, UnavailableError
-from hub.serving.scheduler import QueueFullError, Scheduler
+from hub.model.backbone import Backbone
+from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
+from hub.serving.sequence import Sequence
+from hub.serving.service import (GenerationFailedError, Handle, HubService, RequestTimeoutError,
+                                 ServiceSettings)
 from hub.store.catalog import AdapterStore
-from hub.serving.sync import StoreSync
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.prometheus import ServerMetrics
 from tasks import make_task
 
 log = logging.getLogger("hub.server")
-
-
-@dataclass
-class ServerSettings:
-    max_batch: int = 32
-    max_queue: int = 256
-    max_resident: int | None = None
-    request_timeout: float = 120.0
-    watch_interval: float = 0.5
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    store_timeout: float = 30.0  # a store call that takes longer answers 503 (a hung filesystem, a FIFO)
 
 
 # -- schemas ----------------------------------------------------------------------------------------------------
@@ -69,6 +56,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list)
+    min_tokens: int = Field(0, ge=0, description="no EOS or stop string before this many tokens (vLLM)")
+    ignore_eos: bool = Field(False, description="decode to max_new_tokens whatever EOS says (vLLM)")
     stream: bool = False
 
 
@@ -110,6 +99,8 @@ class OpenAIRequest(BaseModel):
     stop: StopString | StopList | None = None
     stream: bool = False
     seed: Seed | None = None
+    min_tokens: int = Field(0, ge=0, description="vLLM's extra parameter: no EOS or stop before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's extra parameter: decode to max_tokens")
 
     @model_validator(mode="before")
     @classmethod
@@ -139,122 +130,6 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-class StoreCalls:
-    """Store I/O on one worker thread, off the event loop, each call bounded by a timeout.
-
-    A call that hangs (a FIFO, a dead network filesystem) holds the one worker; later calls answer 503 at once
-    instead of piling up threads, and the event loop (health checks, streams) never waits."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
-        self.running: dict[Future, float] = {}  # call -> when it started
-
-    async def __call__(self, fn: Callable, *args):
-        now = time.monotonic()
-        if any(now - started > self.timeout for call, started in self.running.items() if not call.done()):
-            raise UnavailableError(f"the adapter store has not answered for over {self.timeout:g}s; retry later")
-        call = self.executor.submit(fn, *args)
-        self.running[call] = now
-        call.add_done_callback(lambda done: self.running.pop(done, None))
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(call), self.timeout)
-        except asyncio.TimeoutError:
-            raise UnavailableError(f"the adapter store did not answer within {self.timeout:g}s; retry later") from None
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-class Hub:
-    """What the routes share: engine, scheduler, store, metrics."""
-
-    def __init__(self, backbone: Backbone, store: AdapterStore, settings: ServerSettings):
-        self.settings = settings
-        self.store = store
-        self.store_calls = StoreCalls(settings.store_timeout)
-        self.engine = Engine(backbone, make_task, max_resident=settings.max_resident)
-        self.scheduler = Scheduler(self.engine, settings.max_batch, settings.max_queue)
-        self.metrics = ServerMetrics()
-        self.sync = StoreSync(store, self.engine)
-        self.ready = False
-
-    async def submit(self, task: str | None, source, params: SamplingParams, prompt_text: str | None = None):
-        """Encode, enqueue, and return the sequence and the queue of its updates."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[Sequence] = asyncio.Queue()
-        sequence = await run_in_threadpool(self.engine.new_sequence, task, source, params, prompt_text)
-        sequence.on_update = lambda s: loop.call_soon_threadsafe(updates.put_nowait, s)
-        try:
-            self.scheduler.submit(sequence)
-        except QueueFullError:
-            if sequence.adapter is not None:
-                self.engine.release(sequence.adapter)
-            raise
-        return sequence, updates
-
-    async def follow(self, request: Request, sequence: Sequence, updates: asyncio.Queue) -> AsyncIterator[str]:
-        """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out. Every
-        request ends up in hub_finished_total, cancelled and timed-out ones included."""
-        deadline = time.monotonic() + self.settings.request_timeout
-        sent, next_check, outcome = 0, 0.0, "cancelled"
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(updates.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    pass
-                now = time.monotonic()
-                if now > deadline:
-                    outcome = "timeout"
-                    raise HTTPException(504, f"request timed out after {self.settings.request_timeout:g}s")
-                if now > next_check:
-                    next_check = now + 0.25
-                    if await request.is_disconnected():
-                        return
-                done = sequence.finished  # read first: text read after it is complete when done
-                ready = _stable_text(sequence, done)
-                if len(ready) > sent:
-                    yield ready[sent:]
-                    sent = len(ready)
-                if done:
-                    if sequence.finish_reason == "error":
-                        raise HTTPException(500, "generation failed; the server log has the details")
-                    return
-        finally:
-            reason = sequence.finish_reason if sequence.finished else outcome
-            if not sequence.finished:
-                sequence.cancelled = True
-            self.metrics.observe_finished(sequence, reason)
-
-    async def sync_store(self) -> None:
-        """Bring the served adapters up to date with the store (off the event loop, bounded)."""
-        await self.store_calls(self.sync.sync)
-
-
-async def _watch_store(hub: Hub) -> None:
-    """Poll the store; newly published versions become servable without a restart."""
-    interval = hub.settings.watch_interval
-    while interval > 0:
-        await asyncio.sleep(interval)
-        try:
-            if await hub.store_calls(hub.sync.changed):
-                await hub.sync_store()
-        except Exception:  # keep watching whatever one sync met
-            log.exception("store sync failed")
-
-
-def _stable_text(sequence: Sequence, done: bool) -> str:
-    """Text safe to send: all of it once done, else without a trailing partial UTF-8 character or a
-    possible beginning of a stop string."""
-    text = sequence.text
-    if done:
-        return text
-    hold = max((len(s) - 1 for s in sequence.params.stop), default=0)
-    text = text[: len(text) - hold] if hold else text
-    return text.rstrip("\ufffd")
-
-
 def _error_responses(*codes: int) -> dict:
     """OpenAPI entries for the error statuses a route can answer; every one has an `ErrorBody`."""
     descriptions = {400: "malformed request", 401: "missing or wrong admin token", 403: "admin routes disabled",
@@ -278,34 +153,29 @@ def _issues(err: RequestValidationError) -> list[dict]:
              "type": safe(e.get("type", "value_error"))} for e in err.errors()]
 
 
-def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings | None = None) -> FastAPI:
-    hub = Hub(backbone, store, settings or ServerSettings())
+def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    hub = HubService(backbone, store, make_task, settings)
+    metrics = ServerMetrics()
+    hub.on_finished = metrics.observe_finished
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for path in await hub.store_calls(store.gc):
-            log.info("removed stale store leftover %s", path)
-        await hub.sync_store()
-        hub.scheduler.start()
-        watch = asyncio.create_task(_watch_store(hub))
-        hub.ready = True
-        log.info("serving %s", ", ".join(sorted(hub.engine.adapters)) or "no adapters yet")
+        await hub.start()
+        watch = asyncio.create_task(hub.watch_store())
         yield
-        hub.ready = False
         watch.cancel()
-        await run_in_threadpool(hub.scheduler.stop)  # drains running and waiting sequences
-        hub.store_calls.close()
+        await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
-    app.add_middleware(BodyGuard, max_body_bytes=hub.settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
         if isinstance(err, CapacityError):
             return JSONResponse({"detail": str(err)}, status_code=429, headers={"Retry-After": "1"})
-        status = 404 if isinstance(err, NotFoundError) else 503 if isinstance(err, UnavailableError) else 422
-        return JSONResponse({"detail": str(err)}, status_code=status)
+        return JSONResponse({"detail": str(err)}, status_code=_status(err))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
@@ -324,34 +194,26 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
-    async def metrics():
+    async def metrics_route():
         stats = hub.scheduler.stats()
-        return Response(hub.metrics.render(stats, hub.engine.resident_count()), media_type=hub.metrics.content_type)
+        return Response(metrics.render(stats, hub.engine.resident_count()), media_type=metrics.content_type)
 
     @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():
-        listing = await hub.store_calls(hub.store.list)
-        with hub.engine.lock:
-            resident = dict(hub.engine.adapters)
-        versions = {s.name: [v.version for v in s.versions] for s in listing}
-        usable = {v.ref for s in listing for v in s.versions}
-        skipped = [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]
-        skipped += [{"ref": ref, "reason": reason} for ref, reason in hub.sync.refused.items() if ref in usable]
-        return {"tasks": [_describe(resident[name], versions.get(name, [])) for name in sorted(resident)],
-                "skipped": skipped}
+        return await hub.list_tasks()
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
-        adapter = hub.engine.resolve(body.task)
-        params = SamplingParams(max_new_tokens=body.max_new_tokens or adapter.task.defaults.max_new_tokens,
-                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                seed=body.seed, stop=tuple(body.stop))
-        sequence, updates = await hub.submit(body.task, body.input, params)
-        hub.metrics.requests.labels(task=body.task).inc()
+        params = hub.params(body.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                            top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+        handle = await hub.submit(body.task, body.input, params)
+        metrics.requests.labels(task=body.task).inc()
         if body.stream:
-            return _sse(_generate_events(hub, request, sequence, updates), openai=False)
-        text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+            return _sse(_generate_events(hub, request, handle), openai=False)
+        text = await _complete(hub, request, handle)
+        sequence = handle.sequence
         return GenerateResponse(task=sequence.adapter.name, version=sequence.adapter.version, text=text,
                                 finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence),
                                 warnings=_warnings(sequence))
@@ -360,18 +222,17 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "adapter-hub"}
-            for name in sorted(hub.engine.adapters)]}
+            for name in hub.task_names()]}
 
     @app.post("/v1/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        return await _openai(hub, request, body, "text_completion", body.model, prompt, body.max_tokens)
+        return await _openai(hub, metrics, request, body, "text_completion", prompt, body.max_tokens)
 
     @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = hub.engine.resolve(body.model)
-        source = adapter.task.parse_chat([m.model_dump() for m in body.messages])
-        return await _openai(hub, request, body, "chat.completion", body.model, source,
+        source = hub.resolve(body.model).task.parse_chat([m.model_dump() for m in body.messages])
+        return await _openai(hub, metrics, request, body, "chat.completion", source,
                              body.max_completion_tokens or body.max_tokens)
 
     def admin(authorization: str | None = Header(None)) -> None:
@@ -384,16 +245,26 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
 
     @app.post("/v1/admin/reload", dependencies=[Depends(admin)], responses=_error_responses(*ADMIN_ERRORS))
     async def reload():
-        changes = await hub.store_calls(hub.sync.sync)
+        changes = await hub.reload()
         return {"loaded": changes.loaded, "unloaded": changes.unloaded, "refused": changes.refused}
 
     @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)],
                 responses=_error_responses(*ADMIN_ERRORS, 404))
     async def unload(name: str):
-        await run_in_threadpool(hub.sync.unload, name)
+        await run_in_threadpool(hub.unload, name)
         return {"unloaded": name}
 
     return app
+
+
+def _status(err: HubError) -> int:
+    if isinstance(err, RequestTimeoutError):
+        return 504
+    if isinstance(err, GenerationFailedError):
+        return 500
+    if isinstance(err, UnavailableError):
+        return 503
+    return 404 if isinstance(err, NotFoundError) else 422
 
 
 def _bearer_matches(authorization: str | None, token: str) -> bool:
@@ -405,11 +276,12 @@ def _bearer_matches(authorization: str | None, token: str) -> bool:
     return secrets.compare_digest(given, token.encode("utf-8"))
 
 
-def _describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
-    meta = adapter.meta
-    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
-            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct,
-            "resident": adapter.slot is not None}
+def _stream(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[str]:
+    return hub.stream(handle, request.is_disconnected)
+
+
+async def _complete(hub: HubService, request: Request, handle: Handle) -> str:
+    return await hub.complete(handle, request.is_disconnected)
 
 
 def _single(prompts: list[str]) -> str:
@@ -443,7 +315,7 @@ def _sse(events: AsyncIterator[dict], openai: bool) -> StreamingResponse:
                 yield _sse_event(event)
         except Exception as err:  # the stream has started: report, whatever it is, in the stream
             status, message = (err.status_code, err.detail) if isinstance(err, HTTPException) else \
-                (422, str(err)) if isinstance(err, HubError) else (500, "generation failed")
+                (_status(err), str(err)) if isinstance(err, HubError) else (500, "generation failed")
             if status >= 500:
                 log.error("stream ended by an error: %r", err)
             yield _sse_event({"error": {"message": message, "code": status}})
@@ -453,30 +325,32 @@ def _sse(events: AsyncIterator[dict], openai: bool) -> StreamingResponse:
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _generate_events(hub: Hub, request: Request, sequence: Sequence, updates) -> AsyncIterator[dict]:
-    async for piece in hub.follow(request, sequence, updates):
+async def _generate_events(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[dict]:
+    sequence = handle.sequence
+    async for piece in _stream(hub, request, handle):
         yield {"text": piece}
     if sequence.finished:
         yield {"finish_reason": sequence.finish_reason, "usage": _usage(sequence).model_dump(),
                "task": sequence.adapter.name, "version": sequence.adapter.version, "warnings": _warnings(sequence)}
 
 
-async def _openai(hub: Hub, request: Request, body, kind: str, model: str, source, max_tokens: int | None):
+async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, body, kind: str, source,
+                  max_tokens: int | None):
     """Shared body of /v1/completions and /v1/chat/completions."""
-    adapter = hub.engine.resolve(model)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    params = SamplingParams(max_new_tokens=max_tokens or adapter.task.defaults.max_new_tokens,
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
-    sequence, updates = await hub.submit(model, source, params)
-    hub.metrics.requests.labels(task=model).inc()
+    model = body.model
+    params = hub.params(model, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        seed=body.seed, stop=body.stop, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+    handle = await hub.submit(model, source, params)
+    sequence = handle.sequence
+    metrics.requests.labels(task=model).inc()
     head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": f"{adapter.name}"}
+            "created": int(time.time()), "model": f"{sequence.adapter.name}"}
     choice = (lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": finish}) if kind == "chat.completion" else \
              (lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     if body.stream:
-        return _sse(_openai_events(hub, request, sequence, updates, head, kind), openai=True)
-    text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+        return _sse(_openai_events(hub, request, handle, head, kind), openai=True)
+    text = await _complete(hub, request, handle)
     return {**head, "object": kind, "choices": [choice(text, _openai_finish(sequence))],
             "usage": {**_usage(sequence).model_dump(),
                       "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)},
@@ -487,7 +361,8 @@ def _openai_finish(sequence: Sequence) -> str:
     return "length" if sequence.finish_reason == "length" else "stop"
 
 
-async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates, head: dict, kind: str):
+async def _openai_events(hub: HubService, request: Request, handle: Handle, head: dict, kind: str):
+    sequence = handle.sequence
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(text: str | None, finish: str | None) -> dict:
@@ -500,7 +375,7 @@ async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates
     if kind == "chat.completion":
         yield {**head, "object": chunk_kind,
                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for piece in hub.follow(request, sequence, updates):
+    async for piece in _stream(hub, request, handle):
         yield chunk(piece, None)
     if sequence.finished:
         yield chunk(None, _openai_finish(sequence))

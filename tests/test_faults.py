@@ -14,13 +14,14 @@ from fastapi.testclient import TestClient
 
 from hub.errors import HubError
 from hub.model.backbone import load_backbone
-from hub.serving import engine as engine_module
+from hub.serving import batch as batch_module
 from hub.serving.engine import Engine, SamplingParams
 from hub.serving.isolation import bisect_failing
 from hub.serving.scheduler import Scheduler
 from hub.store.catalog import AdapterStore
 from hub.task import TaskCodec
-from server.app import ServerSettings, create_app
+from hub.serving.service import ServiceSettings
+from server.app import create_app
 from tasks import make_task
 
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
@@ -45,8 +46,9 @@ def client(backbone, store):
     import os
 
     os.environ["HUB_ADMIN_TOKEN"] = TOKEN
-    settings = ServerSettings(max_batch=16, watch_interval=0, max_body_bytes=BODY_LIMIT, request_timeout=20)
-    with TestClient(create_app(backbone, store, settings), raise_server_exceptions=False) as client:
+    settings = ServiceSettings(max_batch=16, watch_interval=0, request_timeout=20)
+    with TestClient(create_app(backbone, store, settings, max_body_bytes=BODY_LIMIT),
+                    raise_server_exceptions=False) as client:
         yield client
     os.environ.pop("HUB_ADMIN_TOKEN", None)
 
@@ -227,7 +229,7 @@ def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
     """A sequence whose sampling raises (seed 666 here) fails; the 8 decoded with it finish as they would alone."""
     engine = Engine(backbone, make_task)
     engine.add_adapter(store.load("e2e", backbone.fingerprint))
-    sample = engine_module._sample
+    sample = batch_module.sample
 
     def poisoned(logits, params, generator):
         if params.seed == 666:
@@ -236,7 +238,7 @@ def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
 
     greedy = SamplingParams(max_new_tokens=6)
     alone = engine.run([engine.new_sequence("e2e", MR, greedy)])[0].text
-    monkeypatch.setattr(engine_module, "_sample", poisoned)
+    monkeypatch.setattr(batch_module, "sample", poisoned)
     scheduler = Scheduler(engine, max_batch=16)
     done = threading.Event()
     sequences = [engine.new_sequence("e2e", MR, greedy) for _ in range(8)]

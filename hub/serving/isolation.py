@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from hub.serving.engine import DecodeBatch, Engine, Sequence
+from hub.serving.batch import DecodeBatch
+from hub.serving.engine import Engine
+from hub.serving.sequence import Sequence
 
 log = logging.getLogger("hub.serving.isolation")
 
@@ -45,8 +47,7 @@ def isolate_failed_step(engine: Engine, sequences: list[Sequence]) -> Isolation:
     def fails(group: list[Sequence]) -> bool:
         trial = [s for s in group if not s.finished]
         try:
-            with engine.lock:
-                DecodeBatch(engine).join(trial)
+            DecodeBatch(engine).join(trial)
         except Exception as err:  # any error: this group holds a failing sequence
             log.warning("decode trial of %d sequences failed: %r", len(trial), err)
             return True

@@ -18,6 +18,7 @@ from hub.errors import IntegrityError
 FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 _FINGERPRINT_INTS = ("n_layer", "n_embd", "n_head", "vocab_size")
 _STORE_FIELDS = ("version", "created_at", "files")
+_OPTIONAL_FIELDS = ("adapter_kind",)  # absent in versions written before the field existed
 
 
 def _frozen(mapping: Mapping) -> Mapping:
@@ -55,6 +56,7 @@ class AdapterMeta:
     trainable_pct: float
     metrics: Mapping[str, Any]
     backbone: Mapping[str, Any]
+    adapter_kind: str = "vlm"  # `hub.adapters.registry` name of the kind whose bundle this version holds
     version: str | None = None
     created_at: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
@@ -66,7 +68,7 @@ class AdapterMeta:
         if not isinstance(data, dict):
             raise IntegrityError(f"{where} must hold a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = [k for k in known if k not in _STORE_FIELDS or stored]
+        required = [k for k in known if (k not in _STORE_FIELDS or stored) and k not in _OPTIONAL_FIELDS]
         missing = sorted(k for k in required if k not in data)
         if missing:
             raise IntegrityError(f"{where} lacks {', '.join(missing)}")
@@ -78,7 +80,8 @@ class AdapterMeta:
             special_tokens=tuple(data["special_tokens"]), eos_token=data["eos_token"],
             bottleneck=data["bottleneck"], trainable_params=data["trainable_params"],
             trainable_pct=float(data["trainable_pct"]), metrics=_frozen(data["metrics"]),
-            backbone=_frozen(data["backbone"]), version=data.get("version"), created_at=data.get("created_at"),
+            backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", "vlm"),
+            version=data.get("version"), created_at=data.get("created_at"),
             files=_frozen(data.get("files", {})),
             extra=_frozen({k: v for k, v in data.items() if k not in known}),
         )
@@ -110,8 +113,8 @@ class AdapterMeta:
 def _field_problems(data: dict, stored: bool) -> list[str]:
     """Every type or value problem of the known fields, as short phrases naming the field."""
     problems = []
-    for key in ("name", "task_type", "eos_token"):
-        if not isinstance(data[key], str) or not data[key]:
+    for key in ("name", "task_type", "eos_token", "adapter_kind"):
+        if not isinstance(data.get(key, "-"), str) or not data.get(key, "-"):
             problems.append(f"{key} must be a non-empty string")
     for key in ("task_config", "metrics"):
         if not isinstance(data[key], dict):
