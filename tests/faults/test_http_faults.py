@@ -18,7 +18,12 @@ from tests.faults.conftest import Tally, cpu_seconds, p99, rss_mb
 from tests.test_server import MR, publish, start_server as start
 
 NORMAL = {"task": "e2e", "input": MR, "max_new_tokens": 8}
+NOISE_S = 0.05  # latency targets allow this much timer noise: the machine is shared with other jobs
 FUZZ_EXAMPLES = 150  # per route and method
+
+
+def within_twice(unloaded: list[float]) -> str:
+    return f"≤ 2× unloaded + {NOISE_S * 1000:.0f} ms noise ({(2 * p99(unloaded) + NOISE_S) * 1000:.0f} ms)"
 
 
 def timed(client: httpx.Client, tally: Tally, body: dict = NORMAL, path: str = "/v1/generate") -> float:
@@ -132,11 +137,11 @@ def test_huge_bodies_cost_only_their_own_time(server, client, tally, tmp_path):
               "for 40 requests", "baseline")
     tally.row(f"normal request p99 while another process sends 20 MB bodies ({attack.attacks} answered 413)",
               f"{p99(attack.latencies) * 1000:.0f} ms; server CPU {attack.server_cpu:.2f} s",
-              f"≤ 2× unloaded ({2 * p99(unloaded) * 1000:.0f} ms)")
+              within_twice(unloaded))
     tally.row("server RSS before / after the huge bodies", f"{rss_before:.0f} / {rss_after:.0f} MB", "within 10 %")
     assert rss_after <= 1.1 * rss_before
     assert attack.server_cpu <= 2 * unloaded_cpu + 0.5, "a refused body must cost the server next to nothing"
-    assert p99(attack.latencies) <= 2 * p99(unloaded) + 0.05
+    assert p99(attack.latencies) <= 2 * p99(unloaded) + NOISE_S
 
 
 def test_poison_requests_fail_alone(server, client, tally, tmp_path):
@@ -159,8 +164,8 @@ def test_poison_requests_fail_alone(server, client, tally, tmp_path):
     loaded = while_attacked(json.dumps(poisons[0]).encode(), server, tally, tmp_path).latencies
     tally.row("poison requests (temperature 1e-45, top_p 1e-300, top_k 10^12) amid 8 others", "8 of 8 succeed",
               "the 8 succeed")
-    tally.row("normal request p99 while poison requests run", f"{p99(loaded) * 1000:.0f} ms",
-              f"≤ 2× unloaded ({2 * p99(unloaded) * 1000:.0f} ms)")
+    tally.row("normal request p99 while poison requests run", f"{p99(loaded) * 1000:.0f} ms", within_twice(unloaded))
+    assert p99(loaded) <= 2 * p99(unloaded) + NOISE_S
 
 
 MALFORMED = [
