@@ -303,7 +303,7 @@ def serve(
 
     threads_used = _set_threads(threads)
     adapter_store = _store(store)
-    refs = [s.latest.ref for s in adapter_store.list()]
+    refs = [s.latest.ref for s in adapter_store.list() if s.versions]
     backbone = _backbone_for(adapter_store, refs, base, device, dtype)
     typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
                f"on {backbone.device}, adapters float32", err=True)
