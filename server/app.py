@@ -27,6 +27,7 @@ from hub.errors import CapacityError, HubError, NotFoundError
 from hub.serving.scheduler import QueueFullError, Scheduler
 from hub.store.catalog import AdapterStore
 from hub.serving.sync import StoreSync
+from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
 from tasks import make_task
 
@@ -195,6 +196,7 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.state.hub = hub
+    add_playground(app, store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
@@ -281,6 +283,7 @@ def _describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
     meta = adapter.meta
     return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta["task_type"],
             "bottleneck": meta["bottleneck"], "trainable_pct": meta["trainable_pct"],
+            "metrics": meta.get("metrics", {}), "training_curve": training_curve_url(adapter.name),
             "resident": adapter.slot is not None}
 
 

@@ -26,7 +26,8 @@ from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
 from hub.model.backbone import Backbone
 from hub.errors import HubError
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
-from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+from hub.plots import training_curve_png
+from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
 
 @dataclass
@@ -314,22 +315,13 @@ def staging(out_dir: Path) -> Iterator[Path]:
 
 
 def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation)."""
-    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s["step"] for s in log.steps], [s["loss"] for s in log.steps], label="train loss", alpha=0.6)
-    ax.plot([e["step"] for e in log.evals], [e["eval_loss"] for e in log.evals], "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss_curve.png", dpi=100)
-    plt.close(fig)
+    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation). The log is
+    also copied into `best/`, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
+    text = json.dumps(asdict(log), indent=1)
+    (run_dir / TRAIN_LOG).write_text(text)
+    if (run_dir / "best").is_dir():
+        (run_dir / "best" / TRAIN_LOG).write_text(text)
+    (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
