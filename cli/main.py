@@ -139,17 +139,28 @@ def list_adapters(store: str = StoreOption, as_json: bool = typer.Option(False, 
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str = StoreOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one adapter version's metadata."""
+         as_json: bool = typer.Option(False, "--json"),
+         plot: bool = typer.Option(False, "--plot", help="also write the training curve (its train_log.json) as PNG"),
+         plot_out: Optional[Path] = typer.Option(None, "--plot-out", help="PNG path (default NAME-VERSION-curve.png)"),
+         ) -> None:
+    """Show one adapter version's metadata (and, with --plot, draw its training curve)."""
     stored = _store(store).show(ref)
     if as_json:
-        return _print_json(stored.meta)
-    meta = stored.meta
-    typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
-               f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
-               f"({meta['trainable_pct']:.2f}% of the backbone)\n"
-               f"  special tokens {' '.join(meta['special_tokens'])}\n"
-               f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
+        _print_json(stored.meta)
+    else:
+        meta = stored.meta
+        typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
+                   f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
+                   f"({meta['trainable_pct']:.2f}% of the backbone)\n"
+                   f"  special tokens {' '.join(meta['special_tokens'])}\n"
+                   f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
+    if plot:
+        from hub.plots import training_curve_png, write_png
+
+        stored, log = _store(store).training_log(stored.ref)
+        path = write_png(training_curve_png(log, f"{stored.ref}: training curve"),
+                         plot_out or Path(f"{stored.name}-{stored.version}-curve.png"))
+        typer.echo(f"training curve written to {path}", err=as_json)
 
 
 @app.command()
