@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
 from hub.model.backbone import Backbone
 from hub.errors import HubError
+from hub.interop import prompt_layout, quiet_adapter_activation
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
 from hub.plots import training_curve_png
 from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
@@ -77,7 +78,8 @@ def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottlene
     torch.manual_seed(seed)
     adapters.init(model)
     model.add_adapter(name, config=vlm_adapter_config(model.config.n_embd, bottleneck))
-    model.train_adapter(name)
+    with quiet_adapter_activation():
+        model.train_adapter(name)
     return attach_task_rows(backbone, task, seed)
 
 
@@ -135,6 +137,7 @@ class Trainer:
         self.pad_id = backbone.tokenizer.eos_token_id or 0
         self.log = TrainLog()
         self.step = 0
+        self.example_source = None  # a training input, shown in the export's prompt layout
 
     @property
     def trainable_count(self) -> int:
@@ -178,6 +181,8 @@ class Trainer:
         cfg = self.config
         max_target = self.task.defaults.max_target_length
         train_set = encode_all(self.codec, train_examples, max_target, "training")
+        self.example_source = train_examples[0].source
+        self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
         eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
         steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -295,6 +300,7 @@ class Trainer:
             "metrics": metrics,
             "backbone": self.backbone.fingerprint,
             "training": asdict(self.config),
+            "layout": prompt_layout(self.task, self.example_source),
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
 
