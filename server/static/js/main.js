@@ -14,10 +14,19 @@ function showError(err) {
   box.hidden = !err;
 }
 
+const number = (value) => (Number.isInteger(value) ? String(value) : value.toFixed(3));
+const NOT_SCORES = new Set(["step", "num_sources"]);
+
+/** Recorded metrics: training's held-out loss at the top level, `hub eval` scores under their split. */
 function formatMetrics(metrics) {
-  return Object.entries(metrics || {})
-    .filter(([, value]) => typeof value === "number")
-    .map(([key, value]) => `${key} ${Number.isInteger(value) ? value : value.toFixed(3)}`).join(", ") || "–";
+  const scores = (entries) => entries
+    .filter(([key, value]) => typeof value === "number" && !NOT_SCORES.has(key))
+    .map(([key, value]) => `${key} ${number(value)}`).join(", ");
+  const parts = [scores(Object.entries(metrics || {}))];
+  for (const [split, values] of Object.entries(metrics || {})) {
+    if (values && typeof values === "object") parts.push(`${split}: ${scores(Object.entries(values))}`);
+  }
+  return parts.filter(Boolean).join(" · ") || "–";
 }
 
 function renderTaskTable(tasks) {
