@@ -12,30 +12,14 @@ from typer.testing import CliRunner
 from cli.main import app
 from hub.errors import BackboneMismatchError
 from hub.interop import load_into_adapters
-from hub.store.catalog import AdapterStore
-from tests.test_evaluation import engine_greedy
+from tests.test_evaluation import engine_greedy, store, test_mrs  # noqa: F401 (fixtures)
 
 MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def store(trained_run, tmp_path_factory) -> AdapterStore:
-    store = AdapterStore(tmp_path_factory.mktemp("interop") / "store")
-    store.publish(trained_run / "best")
-    return store
-
-
-@pytest.fixture(scope="module")
-def hub_tokens(store, tiny_base, test_mrs) -> list[list[int]]:
+def hub_tokens(store, tiny_base, test_mrs) -> list[list[int]]:  # noqa: F811
     return [s.output_ids for s in engine_greedy(tiny_base, store.load("e2e"), test_mrs, MAX_NEW)]
-
-
-@pytest.fixture(scope="module")
-def test_mrs(e2e_dir) -> list[str]:
-    from hub.evaluation.decode import unique_sources
-    from tasks import make_task
-
-    return unique_sources(make_task("e2e").load_examples(str(e2e_dir), "test"))[0]
 
 
 def test_the_version_metadata_holds_the_prompt_layout_and_token_types(store):

@@ -151,3 +151,19 @@ def test_admin_actions_need_a_token_and_show_the_servers_answer(page):
     page.click("#admin-token-form button")
     page.click("#admin-reload")
     page.wait_for_function("() => document.querySelector('#admin-result').textContent.includes('loaded')")
+
+
+def test_every_task_types_form_builds_the_input_its_task_reads(page):
+    inputs = page.evaluate("""async () => {
+        const { createForm } = await import('/static/js/forms.js');
+        const read = (type) => {
+            try { return createForm(type, document.createElement('div')).read(); }
+            catch (err) { return `error: ${err.message}`; }
+        };
+        return Object.fromEntries(['e2e', 'persona', 'coqa', 'translate', 'text2text'].map((t) => [t, read(t)]));
+    }""")
+    assert inputs["e2e"].startswith("name[The Eagle], eatType[coffee shop]")
+    assert inputs["persona"] == {"persona": ["i love to cook.", "i have two dogs."],
+                                 "history": ["hi! what do you like to do?"]}
+    assert set(inputs["coqa"]) == {"story", "history", "question"} and inputs["coqa"]["history"] == []
+    assert inputs["translate"] and inputs["text2text"] == "error: the input is empty"

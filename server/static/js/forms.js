@@ -58,14 +58,26 @@ function e2eForm(container) {
   return { read: () => required(mr(), "the meaning representation"), remember() {} };
 }
 
+/** Labelled text boxes (`rows` given) and lines, appended to the container; returned by name. */
+function fields(container, specs) {
+  const controls = {};
+  for (const { name, label, rows, value = "", placeholder = "" } of specs) {
+    const control = rows ? element("textarea", { name, rows, placeholder })
+      : element("input", { name, type: "text", placeholder });
+    control.value = value;
+    container.append(field(label, control));
+    controls[name] = control;
+  }
+  return controls;
+}
+
 /** Persona chat: persona lines, the conversation so far, and the user's next message. */
 function personaForm(container) {
-  const persona = element("textarea", { name: "persona", rows: 3 });
-  persona.value = "i love to cook.\ni have two dogs.";
-  const history = element("textarea", { name: "history", rows: 4, placeholder: "earlier turns, one per line, alternating" });
-  const message = element("input", { name: "message", type: "text", value: "hi! what do you like to do?" });
-  container.append(field("persona (one sentence a line)", persona), field("history", history),
-    field("your message", message));
+  const { persona, history, message } = fields(container, [
+    { name: "persona", label: "persona (one sentence a line)", rows: 3, value: "i love to cook.\ni have two dogs." },
+    { name: "history", label: "history", rows: 4, placeholder: "earlier turns, one per line, alternating" },
+    { name: "message", label: "your message", value: "hi! what do you like to do?" },
+  ]);
   return {
     read: () => ({ persona: lines(persona), history: [...lines(history), required(message.value, "your message")] }),
     remember(input, answer) {
@@ -77,12 +89,12 @@ function personaForm(container) {
 
 /** CoQA: a story, the questions and answers so far (`question | answer` a line), and the next question. */
 function coqaForm(container) {
-  const story = element("textarea", { name: "story", rows: 5 });
-  story.value = "Anna has a small red boat. Every Sunday she sails it across the lake to visit her grandmother.";
-  const history = element("textarea", { name: "qa-history", rows: 3, placeholder: "question | answer" });
-  const question = element("input", { name: "question", type: "text", value: "What color is the boat?" });
-  container.append(field("story", story), field("earlier questions (question | answer a line)", history),
-    field("question", question));
+  const { story, history, question } = fields(container, [
+    { name: "story", label: "story", rows: 5,
+      value: "Anna has a small red boat. Every Sunday she sails it across the lake to visit her grandmother." },
+    { name: "history", label: "earlier questions (question | answer a line)", rows: 3, placeholder: "question | answer" },
+    { name: "question", label: "question", value: "What color is the boat?" },
+  ]);
   const pairs = () => lines(history).map((line) => {
     const [q, ...a] = line.split("|");
     if (!a.length) throw new Error(`history line "${line}" needs "question | answer"`);
@@ -105,9 +117,9 @@ const TEXT_PLACEHOLDERS = {
 
 /** translate, summarize, text2text and any other text task: one text box. */
 function textForm(container, type) {
-  const text = element("textarea", { name: "text", rows: type === "summarize" ? 8 : 3 });
-  text.value = TEXT_PLACEHOLDERS[type] || "";
-  container.append(field(`${type} input`, text));
+  const { text } = fields(container, [
+    { name: "text", label: `${type} input`, rows: type === "summarize" ? 8 : 3, value: TEXT_PLACEHOLDERS[type] || "" },
+  ]);
   return { read: () => required(text.value, "the input"), remember() {} };
 }
 
