@@ -77,7 +77,7 @@ def answer(page, pane: str) -> tuple[str, str]:
     try:
         page.wait_for_function(f"""() => {{
             const stats = document.querySelector('#{pane} .stats').textContent;
-            return stats.startsWith('finish:') || stats.includes('refused');
+            return stats.startsWith('finish:') || stats.includes('refused') || stats.startsWith('stopped');
         }}""")
     except TimeoutError:
         pytest.fail(f"{pane} did not finish: text {page.inner_text(f'#{pane} .text')!r}, "

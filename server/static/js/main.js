@@ -1,7 +1,7 @@
 // The playground page: task list, per-task input forms, streamed answers (optionally two side by side),
 // the live /metrics panel and the admin actions.
 
-import { request, streamGenerate } from "./api.js";
+import { ServerError, request, streamGenerate } from "./api.js";
 import { createForm } from "./forms.js";
 import { startMetricsPanel } from "./metrics.js";
 
@@ -102,7 +102,13 @@ function samplingParameters(form) {
     max_new_tokens: number("max_new_tokens"), seed: number("seed"), stop };
 }
 
-/** Streams one answer into its pane; resolves to the full text, or null when the server refused. */
+function showFailure(pane, message, stats) {
+  pane.classList.add("failed");
+  pane.querySelector(".text").textContent = message;
+  pane.querySelector(".stats").textContent = stats;
+}
+
+/** Streams one answer into its pane; resolves to the full text, or null when the request failed. */
 async function answerInto(pane, task, input, parameters) {
   const text = pane.querySelector(".text");
   const stats = pane.querySelector(".stats");
@@ -112,6 +118,7 @@ async function answerInto(pane, task, input, parameters) {
   stats.textContent = "waiting…";
   const started = performance.now();
   let firstAt = null;
+  let finished = false;
   try {
     await streamGenerate({ task, input, ...parameters }, (event) => {
       if (event.text !== undefined) {
@@ -120,6 +127,7 @@ async function answerInto(pane, task, input, parameters) {
         stats.textContent = "streaming…";
       }
       if (event.finish_reason) {
+        finished = true;
         const seconds = (performance.now() - started) / 1000;
         const tokens = event.usage.completion_tokens;
         pane.querySelector("h3").textContent = `${event.task}@${event.version}`;
@@ -127,13 +135,18 @@ async function answerInto(pane, task, input, parameters) {
           `${(tokens / seconds).toFixed(1)} tokens/s · first token ${Math.round((firstAt ?? performance.now()) - started)} ms`;
       }
     });
-    return text.textContent;
   } catch (err) {
-    pane.classList.add("failed");
-    text.textContent = err.message;
-    stats.textContent = "the server refused the request";
+    const refused = err instanceof ServerError;
+    showFailure(pane, refused ? err.message : `the stream broke off: ${err.message}`,
+      refused ? "the server refused the request" : "stopped; the server log has the reason");
     return null;
   }
+  if (!finished) {
+    showFailure(pane, `${text.textContent}\n[the server ended the stream without finishing: timed out or failed; ` +
+      "its log has the reason]", "stopped");
+    return null;
+  }
+  return text.textContent;
 }
 
 async function generate(event) {
