@@ -254,7 +254,7 @@ async def store_events(root, interval: float) -> AsyncIterator[None]:
 def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
     meta = adapter.meta
     return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
-            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct,
+            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
             "resident": adapter.slot is not None}
 
 
