@@ -58,6 +58,7 @@ def test_publish_list_show_load_like_the_local_store(store, export, tmp_path):
     assert loaded.adapter_tensors.keys() == expected.adapter_tensors.keys()
     assert all(torch.equal(loaded.adapter_tensors[k], v) for k, v in expected.adapter_tensors.items())
     assert torch.equal(loaded.token_rows, expected.token_rows)
+    assert store.training_log("e2e@1")[1] == local.training_log("e2e@1")[1]
     assert store.remove("e2e@2") == ["e2e@2"]
     assert [v.version for v in store.list()[0].versions] == ["1"]
     with pytest.raises(NotFoundError, match="available: e2e"):

@@ -136,3 +136,19 @@ def test_cli_lists_skipped_versions_shows_errors_in_one_line_and_collects_garbag
     (store.root / ".tmp-killed").mkdir()
     gc = runner.invoke(cli_app, ["store", "gc", "--store", str(store.root), "--older-than", "0"])
     assert gc.exit_code == 0 and ".tmp-killed" in gc.output and not (store.root / ".tmp-killed").exists()
+
+
+def test_serving_without_base_checks_the_backbone_named_in_hub_json(trained_run, tiny_base, other_base, tmp_path,
+                                                                    monkeypatch):
+    """hub.json is not checksummed: a backbone path edited to another model must be refused, not served."""
+    monkeypatch.delenv("HUB_BASE", raising=False)
+    store = AdapterStore(tmp_path / "store")
+    store.publish(trained_run / "best", name="e2e")
+    edit_hub_json(store, "e2e@1", lambda d: d["backbone"].update(source=str(other_base)))
+    result = CliRunner().invoke(cli_app, ["generate", "--store", str(store.root), "--task", "e2e", "--device", "cpu",
+                                          "name[The Eagle]"])
+    assert result.exit_code != 0 and "is not the one it was trained on" in str(result.exception)
+    edit_hub_json(store, "e2e@1", lambda d: d["backbone"].update(source=str(tiny_base)))
+    result = CliRunner().invoke(cli_app, ["generate", "--store", str(store.root), "--task", "e2e", "--device", "cpu",
+                                          "--max-new-tokens", "2", "name[The Eagle]"])
+    assert result.exit_code == 0, result.output

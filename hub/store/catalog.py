@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -38,6 +39,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
+TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
@@ -333,6 +335,17 @@ def loaded_adapter(stored: StoredVersion, backbone: dict | None, adapter_tensors
     return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, rows)
 
 
+def read_training_log(stored: StoredVersion, read: Callable[[], bytes]) -> dict:
+    """A version's `train_log.json` from `read()` (a file, an object); NotFoundError when it has none."""
+    try:
+        return json.loads(read())
+    except FileNotFoundError:
+        raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
+                            f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
+    except ValueError as e:
+        raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
+
+
 def stage_payload(export: RunExport, name: str, staging: Path) -> dict[str, str]:
     """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
     if name == export.trained_name:
@@ -341,6 +354,8 @@ def stage_payload(export: RunExport, name: str, staging: Path) -> dict[str, str]
     else:
         _write_renamed_adapter(export, name, staging)
     shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+    if (export.path / TRAIN_LOG).is_file():
+        shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
     files = {}
     for filename in PAYLOAD_FILES:
         _fsync_file(staging / filename)
@@ -491,6 +506,11 @@ class AdapterStore:
                 raise IntegrityError(f"{filename} of '{ref}' is missing")
             if sha256_file(file) != meta.files[filename]:
                 raise IntegrityError(f"{filename} of '{ref}' is corrupted or modified (sha256 mismatch)")
+
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
+        """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
+        stored = self.show(ref)
+        return stored, read_training_log(stored, (stored.path / TRAIN_LOG).read_bytes)
 
     # ---- changing ---------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ the table is printed and written to docs/RELIABILITY.md."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -14,14 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import Server, publish
+from bench.common import percentile
+from tests.test_server import publish, start_server
 
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "RELIABILITY.md"
 
 
 def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(0.99 * len(ordered)) - 1))] if ordered else float("nan")
+    return percentile(values, 99)
 
 
 def rss_mb(pid: int) -> float:
@@ -30,6 +29,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -100,16 +105,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"written to {REPORT}")
 
 
-def start(tmp: Path, store: Path, base: Path, *options: str, admin_token: str | None = None) -> Server:
-    server = Server(store, base, tmp / "serve.log", *options, admin_token=admin_token)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 @pytest.fixture(scope="session")
 def fault_store(trained_run, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("fault-store") / "store"
@@ -120,7 +115,7 @@ def fault_store(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(fault_store, tiny_base, tmp_path_factory):
-    server = start(tmp_path_factory.mktemp("fault-serve"), fault_store, tiny_base, "--watch-interval", "0.2",
+    server = start_server(tmp_path_factory.mktemp("fault-serve"), fault_store, tiny_base, "--watch-interval", "0.2",
                    "--max-queue", "64", admin_token="secret")
     yield server
     server.stop()

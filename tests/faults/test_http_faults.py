@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.faults.conftest import Tally, p99, rss_mb, start
-from tests.test_server import MR, publish
+from tests.faults.conftest import Tally, cpu_seconds, p99, rss_mb
+from tests.test_server import MR, publish, start_server as start
 
 NORMAL = {"task": "e2e", "input": MR, "max_new_tokens": 8}
-FUZZ_EXAMPLES = 60  # per route and method
+NOISE_S = 0.05  # latency targets allow this much timer noise: the machine is shared with other jobs
+FUZZ_EXAMPLES = 150  # per route and method
+
+
+def within_twice(unloaded: list[float]) -> str:
+    return f"≤ 2× unloaded + {NOISE_S * 1000:.0f} ms noise ({(2 * p99(unloaded) + NOISE_S) * 1000:.0f} ms)"
 
 
 def timed(client: httpx.Client, tally: Tally, body: dict = NORMAL, path: str = "/v1/generate") -> float:
@@ -35,21 +42,45 @@ def latencies(server, tally: Tally, n: int) -> list[float]:
         return [timed(client, tally) for _ in range(n)]
 
 
-def while_running(attack, server, tally: Tally, n: int = 40) -> list[float]:
-    """Latencies of n normal requests while `attack` runs in a loop on another thread."""
-    stop = threading.Event()
+# A client of its own (another process, as an attacker would be) that sends one request body again and again.
+ATTACKER = """
+import sys, httpx
+url, path = sys.argv[1], sys.argv[2]
+body = open(path, "rb").read()
+while True:
+    with httpx.Client(base_url=url, timeout=60.0, trust_env=False) as client:
+        try:
+            status = client.post("/v1/generate", content=body, headers={"content-type": "application/json"}).status_code
+        except httpx.HTTPError:
+            status = 413  # the server answered 413 from Content-Length and closed before the body was sent
+    print(status, flush=True)
+"""
 
-    def loop():
-        while not stop.is_set():
-            attack()
 
-    worker = threading.Thread(target=loop, daemon=True)
-    worker.start()
+@dataclass
+class Attack:
+    latencies: list[float]  # of the normal requests sent meanwhile
+    attacks: int  # requests the attacker had answered
+    server_cpu: float  # seconds of CPU the server used meanwhile (normal requests included)
+
+
+def while_attacked(body: bytes, server, tally: Tally, tmp_path, n: int = 40) -> Attack:
+    """n normal requests while another process sends `body` over and over (its answers are tallied)."""
+    path = tmp_path / "attack.json"
+    path.write_bytes(body)
+    attacker = subprocess.Popen([sys.executable, "-c", ATTACKER, server.url, str(path)], stdout=subprocess.PIPE,
+                                text=True)
     try:
-        return latencies(server, tally, n)
+        assert attacker.stdout.readline()  # the first attack has been answered
+        cpu = cpu_seconds(server.process.pid)
+        measured = latencies(server, tally, n)
+        cpu = cpu_seconds(server.process.pid) - cpu
     finally:
-        stop.set()
-        worker.join(60)
+        attacker.kill()
+        statuses = [int(line) for line in attacker.communicate(timeout=30)[0].split()]
+        for status in statuses:
+            tally.count(status)
+    return Attack(measured, len(statuses), cpu)
 
 
 # -- schema fuzzing -------------------------------------------------------------------------------------------------
@@ -68,57 +99,52 @@ def test_schemathesis_fuzzes_every_route_without_a_5xx_or_a_schema_mismatch(serv
     schema = schemathesis.openapi.from_dict(spec)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        if operation.path == "/v1/admin/adapters/{name}":
-            continue  # unloading would empty the server mid-suite; its 401/403/404 paths are fuzzed without a token
 
+    def fuzzer(operation):
         @given(data=st.data())
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(data, operation=operation):
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def fuzz(data):
             case = data.draw(operation.as_strategy())
             response = case.call(base_url=server.url, timeout=60)
             tally.count(response.status_code)
             try:
                 case.validate_response(response, checks=checks)
-            except Exception as failure:  # schemathesis reports a check failure as an exception group
+            except Exception as failure:  # schemathesis reports a check failure as an exception (group)
                 failures.append(f"{operation.method.upper()} {operation.path}: {failure!s:.300}")
 
-        fuzz()
+        return fuzz
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path != "/v1/admin/adapters/{name}":  # unloading would empty the server mid-suite
+            fuzzer(operation)()
     tally.row("schemathesis, every route (task names supplied)", f"{len(failures)} failures",
               "no 5xx, status/content type/body as documented")
     assert failures == []
 
 
 # -- one request must not hurt another ------------------------------------------------------------------------------
-def test_huge_bodies_cost_only_their_own_time(server, client, tally):
+def test_huge_bodies_cost_only_their_own_time(server, client, tally, tmp_path):
     latencies(server, tally, 5)  # warm up
+    cpu = cpu_seconds(server.process.pid)
     unloaded = latencies(server, tally, 40)
+    unloaded_cpu = cpu_seconds(server.process.pid) - cpu
     rss_before = rss_mb(server.process.pid)
     huge = b'{"task": "e2e", "input": "' + b"x" * (20 << 20) + b'"}'
-
-    def send_huge():
-        with httpx.Client(base_url=server.url, timeout=60.0, trust_env=False) as attacker:
-            try:
-                status = attacker.post("/v1/generate", content=huge,
-                                       headers={"content-type": "application/json"}).status_code
-            except httpx.HTTPError:  # the server may close the connection once it has answered 413
-                status = 413
-            tally.count(status)
-            assert status == 413
-
-    loaded = while_running(send_huge, server, tally)
+    attack = while_attacked(huge, server, tally, tmp_path)
     rss_after = rss_mb(server.process.pid)
-    tally.row("normal request p99, unloaded", f"{p99(unloaded) * 1000:.0f} ms", "baseline")
-    tally.row("normal request p99 while 20 MB bodies arrive", f"{p99(loaded) * 1000:.0f} ms",
-              f"≤ 2× unloaded ({2 * p99(unloaded) * 1000:.0f} ms)")
+    tally.row("normal request p99, unloaded", f"{p99(unloaded) * 1000:.0f} ms; server CPU {unloaded_cpu:.2f} s "
+              "for 40 requests", "baseline")
+    tally.row(f"normal request p99 while another process sends 20 MB bodies ({attack.attacks} answered 413)",
+              f"{p99(attack.latencies) * 1000:.0f} ms; server CPU {attack.server_cpu:.2f} s",
+              within_twice(unloaded))
     tally.row("server RSS before / after the huge bodies", f"{rss_before:.0f} / {rss_after:.0f} MB", "within 10 %")
-    assert p99(loaded) <= 2 * p99(unloaded) + 0.05
     assert rss_after <= 1.1 * rss_before
+    assert attack.server_cpu <= 2 * unloaded_cpu + 0.5, "a refused body must cost the server next to nothing"
+    assert p99(attack.latencies) <= 2 * p99(unloaded) + NOISE_S
 
 
-def test_poison_requests_fail_alone(server, client, tally):
+def test_poison_requests_fail_alone(server, client, tally, tmp_path):
     poisons = [{**NORMAL, "temperature": 1e-45, "seed": 1}, {**NORMAL, "temperature": 5.0, "top_p": 1e-300},
                {**NORMAL, "temperature": 1.0, "top_k": 10**12, "seed": 2**63 - 1}]
 
@@ -134,13 +160,12 @@ def test_poison_requests_fail_alone(server, client, tally):
 
     outcomes = [one_round(p) for p in poisons]
     assert all(statuses == [200] * 8 and bad < 500 for statuses, bad in outcomes), outcomes
-    unloaded = latencies(server, tally, 20)
-    loaded = while_running(lambda: tally.count(client.post("/v1/generate", json=poisons[0]).status_code), server,
-                           tally, 20)
+    unloaded = latencies(server, tally, 40)
+    loaded = while_attacked(json.dumps(poisons[0]).encode(), server, tally, tmp_path).latencies
     tally.row("poison requests (temperature 1e-45, top_p 1e-300, top_k 10^12) amid 8 others", "8 of 8 succeed",
               "the 8 succeed")
-    tally.row("normal request p99 while poison requests run", f"{p99(loaded) * 1000:.0f} ms",
-              f"≤ 2× unloaded ({2 * p99(unloaded) * 1000:.0f} ms)")
+    tally.row("normal request p99 while poison requests run", f"{p99(loaded) * 1000:.0f} ms", within_twice(unloaded))
+    assert p99(loaded) <= 2 * p99(unloaded) + NOISE_S
 
 
 MALFORMED = [

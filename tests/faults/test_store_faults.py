@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 
 from hub.store.catalog import AdapterStore
-from tests.faults.conftest import start
-from tests.test_server import HUB, REPO, flip_last_byte, publish
+from tests.test_server import HUB, REPO, flip_last_byte, publish, start_server as start
 
-KILLS = 30
+KILLS, PARALLEL = 30, 3
 
 
 def hub_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -26,27 +25,46 @@ def hub_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+# A publisher whose file copies pause, so that SIGKILL lands inside the publish (staging, copying, renaming).
+SLOW_PUBLISH = """
+import shutil, sys, time
+from hub.store.catalog import AdapterStore
+copy = shutil.copyfile
+def slow_copy(src, dst, *args, **kwargs):
+    print("staging", flush=True)
+    result = copy(src, dst, *args, **kwargs)
+    time.sleep(0.1)
+    return result
+shutil.copyfile = slow_copy
+AdapterStore(sys.argv[1]).publish(sys.argv[2], name="k")
+"""
+
+
 def test_kill_9_during_publish_never_leaves_a_partial_version(trained_run, tmp_path, tally):
     store = tmp_path / "store"
     rng = random.Random(0)
     completed = 0
-    for _ in range(KILLS):
-        process = subprocess.Popen([*HUB, "publish", str(trained_run), "--store", str(store), "--name", "k"],
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-        time.sleep(rng.uniform(1.0, 4.0))
-        process.kill()
-        completed += process.wait(30) == 0
-    listing = AdapterStore(store).list() if store.exists() else []
+    for _ in range(KILLS // PARALLEL):  # concurrent publishers into one store, each killed inside its publish
+        processes = [subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, str(store), str(trained_run / "best")],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                     for _ in range(PARALLEL)]
+        for process in processes:
+            assert process.stdout.readline() == "staging\n"  # the publish has begun: kill it somewhere inside
+            time.sleep(rng.uniform(0.0, 0.4))
+            process.kill()
+        completed += sum(process.wait(30) == 0 for process in processes)
+    listing = AdapterStore(store).list()
     skipped = [k for s in listing for k in s.skipped]
-    leftovers = [p.name for p in store.glob(".tmp-*")] if store.exists() else []
-    gc = hub_cli("store", "gc", "--store", store, "--older-than", "0") if store.exists() else None
-    after = [p.name for p in store.glob(".tmp-*")] if store.exists() else []
-    tally.row(f"kill -9 during `hub publish` × {KILLS}",
-              f"{completed} completed, {len(skipped)} partial versions, {len(leftovers)} staging folders "
-              f"→ {len(after)} after `hub store gc`", "no partial version visible, staging cleaned")
-    assert skipped == [] and after == [], (skipped, after)
-    assert gc is None or gc.returncode == 0
+    leftovers = [p.name for p in store.glob(".tmp-*")]
+    gc = hub_cli("store", "gc", "--store", store, "--older-than", "0")
+    after = [p.name for p in store.glob(".tmp-*")]
+    versions = [v.version for s in listing for v in s.versions]
+    tally.row(f"kill -9 inside `publish` × {KILLS}",
+              f"{completed} completed, {len(versions)} versions, {len(skipped)} partial; {len(leftovers)} staging "
+              f"folders left → {len(after)} after `hub store gc`", "no partial version visible, staging cleaned")
+    assert skipped == [] and after == [] and gc.returncode == 0, (skipped, after)
+    assert all(AdapterStore(store).load(f"k@{v}") for v in versions)
 
 
 def break_store(store: Path) -> None:

@@ -29,9 +29,9 @@ from safetensors.torch import load as load_safetensors
 
 from hub.errors import HubError, IntegrityError, NotFoundError
 from hub.store.catalog import (
-    ADAPTER_WEIGHTS, HUB_JSON, MAX_PUBLISH_ATTEMPTS, PAYLOAD_FILES, STALE_AFTER_S, TASK_TOKENS, AdapterSummary,
-    LoadedAdapter, SkippedVersion, StoredVersion, loaded_adapter, parse_ref, read_export, stage_payload, utc_now,
-    validate_name, version_key,
+    ADAPTER_WEIGHTS, HUB_JSON, MAX_PUBLISH_ATTEMPTS, PAYLOAD_FILES, STALE_AFTER_S, TASK_TOKENS, TRAIN_LOG,
+    AdapterSummary, LoadedAdapter, SkippedVersion, StoredVersion, loaded_adapter, parse_ref, read_export,
+    read_training_log, stage_payload, utc_now, validate_name, version_key,
 )
 from hub.store.format import AdapterMeta
 
@@ -70,8 +70,9 @@ class FsspecStore:
             chosen = self._claim(name, version)
             hub = export.meta.stored_as(name, chosen, utc_now(), files)
             try:
-                for filename in PAYLOAD_FILES:
-                    self.fs.put_file(str(Path(staging) / filename), self._path(name, chosen, filename))
+                for filename in [*PAYLOAD_FILES, TRAIN_LOG]:
+                    if (Path(staging) / filename).is_file():
+                        self.fs.put_file(str(Path(staging) / filename), self._path(name, chosen, filename))
                 self.fs.pipe_file(self._path(name, chosen, HUB_JSON), _json_bytes(hub.to_dict()), mode="create")
             except Exception as err:  # any failure of the remote side (network, server, credentials)
                 self._abandon(name, chosen)
@@ -171,6 +172,12 @@ class FsspecStore:
                 self._path(stored.name, stored.version, f)), f"{filename} of '{stored.ref}'")
         return loaded_adapter(stored, backbone, load_safetensors(blobs[ADAPTER_WEIGHTS]),
                               load_safetensors(blobs[TASK_TOKENS]))
+
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
+        """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
+        stored = self.show(ref)
+        return stored, read_training_log(stored, lambda: self.fs.cat_file(
+            self._path(stored.name, stored.version, TRAIN_LOG)))
 
     # ---- changing ---------------------------------------------------------------------
     def remove(self, ref: str) -> list[str]:
