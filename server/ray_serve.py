@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import torch
@@ -419,15 +419,30 @@ def application(options: RayServeOptions):
     return ingress.bind(engine, options)
 
 
+# The numeric fields of RayServeOptions and ServiceSettings; every other argument is a string.
+NUMBER_ARGUMENTS = {"replicas": int, "max_tasks_per_replica": int, "replica_cpus": float, "replica_gpus": float,
+                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int,
+                    "request_timeout": float, "watch_interval": float, "prefill_chunk": int, "store_timeout": float}
+
+
+def options_from_args(args: dict[str, str]) -> RayServeOptions:
+    """Options from `serve run` / RayService string arguments (ServiceSettings' fields go into `service`)."""
+    service_names = {f.name for f in fields(ServiceSettings)}
+    allowed = (service_names | {f.name for f in fields(RayServeOptions)}) - {"service"}
+    unknown = sorted(args.keys() - allowed)
+    if unknown or "store" not in args:
+        raise HubError(f"app_builder takes store=URL and the options of `hub serve --ray`; unknown: {unknown}")
+    try:
+        values = {k: NUMBER_ARGUMENTS.get(k, str)(v) for k, v in args.items()}
+    except ValueError as err:
+        raise HubError(f"app_builder: {err}") from None
+    return RayServeOptions(**{k: v for k, v in values.items() if k not in service_names},
+                           service=ServiceSettings(**{k: v for k, v in values.items() if k in service_names}))
+
+
 def app_builder(args: dict[str, str]):
     """`serve run server.ray_serve:app_builder store=s3://bucket/adapters replicas=2 ...` (and RayService YAML)."""
-    service_fields = {k: type(getattr(ServiceSettings(), k))(v) for k, v in args.items()
-                      if k in ServiceSettings.__dataclass_fields__}
-    plain = {k: v for k, v in args.items() if k not in service_fields}
-    types = {"replicas": int, "max_tasks_per_replica": int, "replica_cpus": float, "replica_gpus": float}
-    options = RayServeOptions(**{k: types.get(k, str)(v) for k, v in plain.items()},
-                              service=ServiceSettings(**service_fields))
-    return application(options)
+    return application(options_from_args(args))
 
 
 def serve_on_ray(options: RayServeOptions, address: str | None, host: str, port: int) -> None:
@@ -438,7 +453,7 @@ def serve_on_ray(options: RayServeOptions, address: str | None, host: str, port:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, options.replicas * options.replica_cpus + 1),
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(options.replicas * options.replica_cpus) + 1),
                  include_dashboard=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -183,3 +183,16 @@ def test_back_pressure_is_a_429_and_replica_errors_cross_as_themselves():
     wrapped = RayTaskError("generate", "traceback", NotFoundError("unknown task 'x'"))
     with pytest.raises(NotFoundError, match="unknown task 'x'"):
         asyncio.run(_next_event(_Events(wrapped)))
+
+
+def test_app_builder_arguments_become_typed_options():
+    from hub.errors import HubError
+    from server.ray_serve import options_from_args
+
+    options = options_from_args({"store": "s3://b/p", "replicas": "3", "replica_gpus": "0.5", "max_batch": "8"})
+    assert (options.store, options.replicas, options.replica_gpus) == ("s3://b/p", 3, 0.5)
+    assert options.service.max_batch == 8 and options.service.max_queue == 256
+    with pytest.raises(HubError, match="unknown: \\['replica'\\]"):
+        options_from_args({"store": "s3://b/p", "replica": "3"})
+    with pytest.raises(HubError, match="invalid literal"):
+        options_from_args({"store": "s3://b/p", "replicas": "two"})
