@@ -176,7 +176,7 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
-    add_playground(app, store)
+    add_playground(app, hub.store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):

@@ -43,7 +43,7 @@ from hub.model.backbone import load_backbone, resolve_base
 from hub.serving.engine import Engine
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import SchedulerStats
-from hub.serving.service import HubService, ServiceSettings
+from hub.serving.service import HubService, ServiceSettings, StoreCalls
 from hub.store.backends import Store, open_store
 from hub.store.catalog import AdapterSummary
 from hub.task import Task
@@ -217,6 +217,7 @@ class RemoteService:
         self.summaries: dict[str, AdapterSummary] = {}
         self.listed_at = -math.inf
         self.lock = threading.Lock()
+        self.store_calls = StoreCalls(options.service.store_timeout)  # the playground reads training logs
         self.ready = False
 
     # -- lifecycle: the replicas own the engines ---------------------------------------------------------------
@@ -226,6 +227,7 @@ class RemoteService:
 
     def stop(self) -> None:
         self.ready = False
+        self.store_calls.close()
 
     async def watch_store(self) -> None:
         """Nothing to watch here: each replica checks its tasks' versions when it serves them."""

@@ -155,6 +155,8 @@ def test_openai_route_and_errors_keep_their_meaning(server):
     assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] in ("stop", "length")
     unknown = httpx.post(f"{url}/v1/generate", json={"task": "nope", "input": MR}, timeout=30)
     assert unknown.status_code == 404 and "task0" in unknown.json()["detail"]
+    curve = httpx.get(f"{url}/v1/tasks/task1/training-curve.png", timeout=30)  # the playground reads the store
+    assert curve.status_code == 200 and curve.headers["content-type"] == "image/png"
     bad = httpx.post(f"{url}/v1/generate", json={"task": "task0", "input": MR, "temperature": -1}, timeout=30)
     assert bad.status_code == 422
     too_few = httpx.post(f"{url}/v1/generate", json={"task": "task0", "input": MR, "max_new_tokens": 2,
