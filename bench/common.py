@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import tempfile
@@ -62,3 +63,32 @@ def machine() -> str:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def write_export(folder: Path, adapter: LoadedAdapter, task, fingerprint: dict) -> Path:
+    """A random adapter as a trainer's run export (the input of `AdapterStore.publish`)."""
+    from safetensors.torch import save_file
+
+    from hub.store.catalog import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter.adapter_tensors, str(folder / ADAPTER_WEIGHTS))
+    save_file({"rows": adapter.token_rows.contiguous()}, str(folder / TASK_TOKENS))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({"name": adapter.name, "config": {"architecture": "bottleneck"}}))
+    params = sum(t.numel() for t in adapter.adapter_tensors.values()) + adapter.token_rows.numel()
+    meta = {**adapter.meta, "name": adapter.name, "special_tokens": list(task.special_tokens), "eos_token": task.eos,
+            "trainable_params": params, "metrics": {}, "backbone": fingerprint}
+    (folder / ADAPTER_META).write_text(json.dumps(meta))
+    return folder
+
+
+def timed_run(engine, sequences: list) -> tuple[float, list[float]]:
+    """Decode the sequences together; the wall time and each request's latency (its finish time)."""
+    import time
+
+    finished: dict[int, float] = {}
+    for s in sequences:
+        s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
+    start = time.perf_counter()
+    engine.run(sequences)
+    return time.perf_counter() - start, [finished[s.id] - start for s in sequences]

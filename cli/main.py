@@ -21,6 +21,9 @@ DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
 StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
 BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
+TrainBaseOption = typer.Option("gpt2", "--base", envvar="HUB_BASE", show_default=True,
+                               help="GPT-2 to train on: a local folder (offline: ../shared/models/gpt2-standin) "
+                                    "or a Hugging Face id, downloaded when online (env HUB_BASE)")
 ThreadsOption = typer.Option(None, "--threads", min=1,
                              help="torch threads (default: OMP_NUM_THREADS if set, else the physical cores)")
 
@@ -43,6 +46,12 @@ class Method(str, Enum):
     adapter = "adapter"
     full = "full"
     lora = "lora"
+
+
+class ExportFormat(str, Enum):
+    """What `hub export` writes: `adapterhub`, a folder plain transformers + adapters load (`hub.interop`)."""
+
+    adapterhub = "adapterhub"
 
 
 def _store(path: str):
@@ -82,7 +91,7 @@ def train(
     task_type: str = typer.Argument(..., help="task type: e2e, text2text, ..."),
     data: str = typer.Option(..., "--data", help="HF dataset id, or a local file or folder"),
     name: Optional[str] = typer.Option(None, "--name", help="store name of the adapter (default: the task type)"),
-    base: Optional[str] = BaseOption,
+    base: str = TrainBaseOption,
     bottleneck: Optional[int] = typer.Option(None, help="adapter bottleneck (default: the task's VLM value)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default: the task's)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps; overrides --epochs"),
@@ -119,7 +128,7 @@ def train(
         bottleneck=bottleneck or d.bottleneck, lr=lr or default_lr(task, method.value),
         batch_size=batch_size or d.batch_size, grad_accum=grad_accum or d.grad_accum,
         max_length=max_length or d.max_length, epochs=epochs or d.epochs, max_steps=max_steps, eval_every=eval_every,
-        seed=seed, base=base or os.environ.get("HUB_BASE", "gpt2"), method=method.value,
+        seed=seed, base=base, method=method.value,
     )
     train_examples = task.load_examples(data, "train")
     eval_examples = task.load_examples(data, "validation")
@@ -184,17 +193,42 @@ def _list_row(summary) -> dict:
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str = StoreOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one adapter version's metadata."""
+         as_json: bool = typer.Option(False, "--json"),
+         plot: bool = typer.Option(False, "--plot", help="also write the training curve (its train_log.json) as PNG"),
+         plot_out: Optional[Path] = typer.Option(None, "--plot-out", help="PNG path (default NAME-VERSION-curve.png)"),
+         ) -> None:
+    """Show one adapter version's metadata (and, with --plot, draw its training curve)."""
     stored = _store(store).show(ref)
     meta = stored.meta
     if as_json:
-        return _print_json(meta.to_dict())
-    typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
-               f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
-               f"({meta.trainable_pct:.2f}% of the backbone)\n"
-               f"  special tokens {' '.join(meta.special_tokens)}\n"
-               f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
+        _print_json(meta.to_dict())
+    else:
+        typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
+                   f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
+                   f"({meta.trainable_pct:.2f}% of the backbone)\n"
+                   f"  special tokens {' '.join(meta.special_tokens)}\n"
+                   f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
+    if plot:
+        from hub.plots import training_curve_png, write_png
+
+        stored, log = _store(store).training_log(stored.ref)
+        path = write_png(training_curve_png(log, f"{stored.ref}: training curve"),
+                         plot_out or Path(f"{stored.name}-{stored.version}-curve.png"))
+        typer.echo(f"training curve written to {path}", err=as_json)
+
+
+@app.command("export")
+def export(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+           out: Path = typer.Option(..., "--out", help="folder to write (new or empty)"),
+           export_format: ExportFormat = typer.Option(ExportFormat.adapterhub, "--format"),
+           store: str = StoreOption) -> None:
+    """Export a stored version for use outside the hub: load it with hub.interop.load_into_adapters."""
+    from hub.interop import export_adapterhub
+
+    loaded = _store(store).load(ref)  # verifies the checksums first
+    path = export_adapterhub(loaded.path, out)
+    typer.echo(f"exported {loaded.ref} ({export_format.value}) to {path}; load it with:\n"
+               f"  task = hub.interop.load_into_adapters(GPT2LMHeadModel.from_pretrained(BASE), '{path}')")
 
 
 @app.command()

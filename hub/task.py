@@ -103,6 +103,11 @@ class Task(ABC):
     def prompt_segments(self, source: Any) -> list[Segment]:
         """Segments after BOS; the last one's marker opens the target."""
 
+    def fit_to_targets(self, target_lengths: list[int]) -> None:
+        """Called by the trainer with the training targets' token counts (EOS included); a task whose outputs
+        vary in length may derive its generation defaults from them (text2text does). Its `config()` then
+        records them, so serving and `hub eval` use the same defaults."""
+
     def parse_input(self, value: Any) -> Any:
         """Turn a request's `input` (text or JSON) into a source; text by default."""
         if not isinstance(value, str) or not value.strip():

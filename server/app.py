@@ -29,6 +29,7 @@ from hub.serving.service import (GenerationFailedError, Handle, HubService, Requ
                                  ServiceSettings)
 from hub.store.catalog import AdapterStore
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
+from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
 from tasks import make_task
 
@@ -170,6 +171,7 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
+    add_playground(app, store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
@@ -200,7 +202,9 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
 
     @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():
-        return await hub.list_tasks()
+        listing = await hub.list_tasks()
+        return {**listing, "tasks": [{**task, "training_curve": training_curve_url(task["name"])}
+                                     for task in listing["tasks"]]}
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})

@@ -59,7 +59,12 @@ def bleu_nist(metrics, predictions, references):
         predictions=predictions, references=references, skip_java=True
     )
     assert set(scores) == {"bleu", "nist"}
-    return scores["bleu"], scores["nist"]
+    return scores["bleu"] / 100, scores["nist"]  # BLEU as the fraction mteval-v13a prints, to check by hand
+
+
+def test_e2e_bleu_is_on_the_hubs_one_scale_0_to_100(metrics):
+    scores = metrics["e2e"].compute(predictions=["a b c d"], references=[["a b c d"]], skip_java=True)
+    assert scores["bleu"] == pytest.approx(100.0)
 
 
 def test_e2e_exact_match(metrics):
@@ -156,7 +161,7 @@ def e2e_scores(metrics):
 def test_e2e_identical_outputs(e2e_scores):
     scores = e2e_scores["identical"]
     assert set(scores) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
-    assert scores["bleu"] == pytest.approx(1.0)
+    assert scores["bleu"] == pytest.approx(100.0)  # the hub's one BLEU scale, 0-100, as sacreBLEU
     assert scores["meteor"] > 0.9
     assert scores["rouge_l"] == pytest.approx(1.0)
     # CIDEr-D: identical hyp/ref -> cosine 1 for n = 1..4 (n-grams shared by both segments get

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hub.adapters.base import NO_SLOT, KindRuntime, RowState
+from hub.adapters.base import KindRuntime, RowState
 from hub.adapters.registry import get_kind
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.model.backbone import Backbone

@@ -142,10 +142,15 @@ class HubService:
         self.store_calls.close()
 
     async def watch_store(self) -> None:
-        """Poll the store; newly published versions become servable without a restart."""
+        """Keep the engine in step with the store: newly published versions become servable without a restart.
+
+        Wakes on the store's inotify events (through `watchfiles`, where installed) and at least every
+        `watch_interval` seconds, so polling alone still works; 0 turns watching off.
+        """
         interval = self.settings.watch_interval
-        while interval > 0:
-            await asyncio.sleep(interval)
+        if interval <= 0:
+            return
+        async for _ in store_events(self.store.root, interval):
             try:
                 if await self.store_calls(self.sync.changed):
                     await self.store_calls(self.sync.sync)
@@ -232,10 +237,24 @@ class HubService:
         self.sync.unload(name)
 
 
+async def store_events(root, interval: float) -> AsyncIterator[None]:
+    """Yield after each burst of file events under `root` (inotify) or after `interval` seconds without one."""
+    try:
+        from watchfiles import awatch
+    except ImportError:  # no inotify binding here: poll
+        while True:
+            await asyncio.sleep(interval)
+            yield
+    else:
+        async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
+                              yield_on_timeout=True, watch_filter=None):
+            yield
+
+
 def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
     meta = adapter.meta
     return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
-            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct,
+            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
             "resident": adapter.slot is not None}
 
 

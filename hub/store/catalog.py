@@ -38,6 +38,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
+TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
@@ -359,6 +360,8 @@ class AdapterStore:
         else:
             self._write_renamed_adapter(export, name, staging)
         shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+        if (export.path / TRAIN_LOG).is_file():
+            shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
         files = {}
         for filename in PAYLOAD_FILES:
             _fsync_file(staging / filename)
@@ -483,6 +486,17 @@ class AdapterStore:
                 raise IntegrityError(f"{filename} of '{ref}' is missing")
             if sha256_file(file) != meta.files[filename]:
                 raise IntegrityError(f"{filename} of '{ref}' is corrupted or modified (sha256 mismatch)")
+
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
+        """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
+        stored = self.show(ref)
+        try:
+            return stored, json.loads((stored.path / TRAIN_LOG).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
+                                f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
+        except ValueError as e:
+            raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
 
     # ---- changing ---------------------------------------------------------------------
 
