@@ -23,7 +23,7 @@ def hub_tokens(store, tiny_base, test_mrs) -> list[list[int]]:  # noqa: F811
 
 
 def test_the_version_metadata_holds_the_prompt_layout_and_token_types(store):
-    layout = store.show("e2e").meta["layout"]
+    layout = store.show("e2e").meta.extra["layout"]
     assert layout["prompt"][0] == "<bos_nlg>" and layout["target_marker"] == "<response>"
     assert "typed by the special token that opens its segment" in layout["token_types"]
     assert layout["example"]["segments"][0][0] == "<name>"
