@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hub.adapters.vlm import vlm_adapter_config
 from hub.store.catalog import LoadedAdapter
+from hub.store.format import AdapterMeta
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
@@ -40,13 +41,13 @@ def random_adapter(name: str, config: GPT2Config, bottleneck: int, task_type: st
               "adapter_down.1.bias": (b,), "adapter_up.weight": (d, b), "adapter_up.bias": (d,)}
     tensors = {adapter_key(i, name, part): torch.randn(shape, generator=g) * 0.02 + (part == "adapter_down.0.weight")
                for i in range(config.n_layer) for part, shape in shapes.items()}
-    meta = {"task_type": task_type, "task_config": {}, "bottleneck": b, "trainable_pct": 0.0}
+    meta = AdapterMeta.unpublished(name, task_type, tuple(f"<t{i}>" for i in range(max(num_rows, 2))), b)
     return LoadedAdapter(name, "1", meta, None, tensors, torch.randn(num_rows, d, generator=g) * 0.02)
 
 
 def add_to_adapters_model(model, adapter: LoadedAdapter) -> None:
     """Add the same adapter to a model run by the `adapters` library (for the library baselines)."""
-    model.add_adapter(adapter.name, config=vlm_adapter_config(model.config.n_embd, adapter.meta["bottleneck"]))
+    model.add_adapter(adapter.name, config=vlm_adapter_config(model.config.n_embd, adapter.meta.bottleneck))
     state = model.state_dict()
     with torch.no_grad():
         for key, value in adapter.adapter_tensors.items():

@@ -21,6 +21,7 @@ from hub.adapters.vlm import (AdapterWeights, VlmRuntime, adapter_parameter_coun
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import LoadedAdapter, adapter_layers
+from hub.store.format import AdapterMeta
 from tasks import make_task
 
 
@@ -46,7 +47,7 @@ def adapter_state(model, name: str = "t") -> dict[str, torch.Tensor]:
 def loaded(model, name: str, task_type: str = "e2e", seed: int = 0) -> LoadedAdapter:
     k = len(make_task(task_type).special_tokens)
     rows = torch.randn(k, model.config.n_embd, generator=torch.Generator().manual_seed(seed)) * 0.5
-    meta = {"task_type": task_type, "task_config": {}, "bottleneck": 0, "trainable_pct": 0.0}
+    meta = AdapterMeta.unpublished(name, task_type, make_task(task_type).special_tokens, bottleneck=0)
     tensors = {k.replace(".adapters.t.", f".adapters.{name}."): v for k, v in adapter_state(model, "t").items()}
     return LoadedAdapter(name, "1", meta, None, tensors, rows)
 
@@ -294,8 +295,8 @@ def test_a_second_adapter_kind_plugs_in_without_touching_the_engine(tiny_base, s
     direction = torch.randn(config.n_layer, config.n_embd, generator=torch.Generator().manual_seed(0))
 
     def shift_adapter(name: str, scale: float):
-        return dataclasses.replace(template, name=name, meta={**template.meta, "adapter_kind": "shift-test"},
-                                   adapter_tensors={"shift": direction * scale})
+        meta = dataclasses.replace(template.meta, adapter_kind="shift-test")
+        return dataclasses.replace(template, name=name, meta=meta, adapter_tensors={"shift": direction * scale})
 
     mr = "name[The Eagle], food[French]"
     with Engine(backbone, make_task) as engine:

@@ -18,6 +18,7 @@ import torch
 from hub.errors import CapacityError
 from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine, Sequence
+from hub.serving.isolation import isolate_failed_step
 
 log = logging.getLogger("hub.serving.scheduler")
 
@@ -111,9 +112,18 @@ class Scheduler:
                 self.batch.join(joining)
                 self.batch.step()
                 self.steps += 1
-            except Exception:  # a failed step must not stop the server: fail its sequences, keep serving
-                failed = self.batch.all_sequences() + joining
-                log.exception("decode step failed; failing %d sequences", len(failed))
-                for sequence in {s.id: s for s in failed}.values():
-                    self._finish(sequence, "error")
-                self.batch = DecodeBatch(self.engine, self.prefill_chunk)
+            except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
+                log.exception("decode step failed; isolating the failing sequences")
+                self._isolate(self.batch.all_sequences() + joining)
+
+    def _isolate(self, sequences: list[Sequence]) -> None:
+        """Fail the sequences that make a step fail on their own (`hub.serving.isolation`); requeue the others,
+        which re-prefill their prompt and the tokens generated so far when they rejoin."""
+        outcome = isolate_failed_step(self.engine, sequences)
+        for sequence in outcome.failing:
+            self._finish(sequence, "error")
+        for sequence in outcome.finished:
+            self.engine.release(sequence)
+        self.batch = DecodeBatch(self.engine, self.prefill_chunk)
+        with self.wakeup:
+            self.waiting.extendleft(reversed(outcome.survivors))
