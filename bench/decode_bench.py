@@ -117,6 +117,13 @@ def bank_memory(folder: Path) -> dict:
                 "resident_adapters": engine.resident_count(), "rss_gb_all_resident": rss_gb()}
 
 
+class PassThrough(torch.nn.Module):
+    """A block that returns its input as GPT-2's blocks return their output: a tuple."""
+
+    def forward(self, h):
+        return (h,)
+
+
 class PassThroughBlocks(torch.nn.Module):
     """GPT-2's block list with blocks that return their input: what is left to time is the adapter hooks."""
 
@@ -124,7 +131,7 @@ class PassThroughBlocks(torch.nn.Module):
         super().__init__()
         self.config = config
         self.transformer = torch.nn.Module()
-        self.transformer.h = torch.nn.ModuleList(torch.nn.Identity() for _ in range(config.n_layer))
+        self.transformer.h = torch.nn.ModuleList(PassThrough() for _ in range(config.n_layer))
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, h):
