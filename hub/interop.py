@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LogitsProcessorList, PreTrainedTokenizerBase
 
-from hub.errors import BackboneMismatchError, HubError
+from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import weights_sha256
 from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS
 from hub.store.format import AdapterMeta
@@ -62,10 +62,13 @@ def prompt_layout(task: Task, example_source: Any) -> dict:
 
 def read_version_meta(path: Path) -> AdapterMeta:
     """`hub.json` of a store version or an `hub export` folder, else a run export's `adapter_meta.json`."""
-    for filename in (HUB_JSON, ADAPTER_META):
+    for filename, stored in ((HUB_JSON, True), (ADAPTER_META, False)):
         if (path / filename).is_file():
-            return AdapterMeta.from_dict(json.loads((path / filename).read_text(encoding="utf-8")),
-                                         str(path / filename))
+            try:
+                data = json.loads((path / filename).read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise IntegrityError(f"{path / filename} is not readable JSON: {err}") from None
+            return AdapterMeta.from_dict(data, str(path / filename), stored=stored)
     raise HubError(f"'{path}' is not a hub adapter folder: it has neither {HUB_JSON} nor {ADAPTER_META}")
 
 
@@ -131,8 +134,7 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
 
     path = Path(path)
     meta = read_version_meta(path)
-    backbone = meta.backbone
-    _check_backbone(model, backbone)
+    _check_backbone(model, meta.backbone)
     if not hasattr(model, "adapters_config"):
         adapters.init(model)
     with quiet_adapter_activation():
@@ -148,7 +150,7 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     task = make_task(meta.task_type, dict(meta.task_config))
     codec = TaskCodec(task, tokenizer, first_id, model.config.n_positions)
-    return AdapterHubTask(model, codec, name, backbone["vocab_size"])
+    return AdapterHubTask(model, codec, name, meta.backbone["vocab_size"])
 
 
 def export_adapterhub(version_dir: Path, out: Path) -> Path:
