@@ -1,0 +1,29 @@
+"""Low-resource training sets (`hub train --train-examples N --data-seed S`), the same rule for every task type."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from hub.errors import HubError
+from hub.task import Example
+
+
+def input_key(example: Example) -> str:
+    return json.dumps(example.source, sort_keys=True, default=str)
+
+
+def low_resource_subset(examples: list[Example], size: int, seed: int) -> list[Example]:
+    """`size` examples taken input by input: the inputs in a random order (`seed`), each with all its references
+    (E2E has ~8 per meaning representation), so N examples hold as few distinct inputs as the data allows; the
+    last input taken may contribute only part of its references."""
+    if size < 1:
+        raise HubError(f"--train-examples {size}: need at least 1")
+    if size > len(examples):
+        raise HubError(f"--train-examples {size}: the training data has only {len(examples):,} examples")
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(input_key(example), []).append(example)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    return [example for key in keys for example in groups[key]][:size]
