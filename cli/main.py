@@ -64,6 +64,19 @@ def train(
     target_lang: Optional[str] = typer.Option(None, "--target-lang", help="translate: target language code"),
     method: Method = typer.Option(Method.adapter, "--method", help="adapter: the VLM adapter; full: full "
                                   "fine-tuning baseline; lora: LoRA baseline, size matched to the adapter's"),
+    train_examples: Optional[int] = typer.Option(None, "--train-examples", help="train on N examples only, taken "
+                                                 "input by input (all references of an input together)"),
+    data_seed: int = typer.Option(0, "--data-seed", help="which N examples (with --train-examples)"),
+    mvcr: bool = typer.Option(False, "--mvcr", help="MVCR: random multi-view autoencoders in the frozen model "
+                              "while training (docs/MVCR.md); removed afterwards, nothing extra is exported"),
+    mvcr_layers: Optional[str] = typer.Option(None, "--mvcr-layers", help="block indices, e.g. 6,8,11 "
+                                              "(default: blocks 6, 8, 11 of 12 at the same relative depths)"),
+    mvcr_dims: Optional[str] = typer.Option(None, "--mvcr-dims", help="autoencoder sizes, e.g. 128,256,512 "
+                                            "(default: those × hidden size / 768)"),
+    mvcr_noise: Optional[float] = typer.Option(None, "--mvcr-noise", help="std of the noise (default 0.002)"),
+    mvcr_pretrain_epochs: Optional[int] = typer.Option(None, "--mvcr-pretrain-epochs",
+                                                       help="autoencoder warm-up epochs (default 4)"),
+    mvcr_ae_lr: Optional[float] = typer.Option(None, "--mvcr-ae-lr", help="reconstruction lr (default 1e-3)"),
 ) -> None:
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with)."""
     import torch
@@ -71,6 +84,7 @@ def train(
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, describe_trainable, make_trainer
     from hub.store.catalog import validate_name
+    from hub.training.subset import check_subset_size
     from hub.training.trainer import TrainConfig, prepare_run_dir
     from tasks import make_task
 
@@ -84,21 +98,45 @@ def train(
         batch_size=batch_size or d.batch_size, grad_accum=grad_accum or d.grad_accum,
         max_length=max_length or d.max_length, epochs=epochs or d.epochs, max_steps=max_steps, eval_every=eval_every,
         seed=seed, base=base or os.environ.get("HUB_BASE", "gpt2"), method=method.value,
+        train_examples=train_examples, data_seed=data_seed,
+        regularizers=_mvcr_spec(mvcr, mvcr_layers, mvcr_dims, mvcr_noise, mvcr_pretrain_epochs, mvcr_ae_lr),
     )
-    train_examples = task.load_examples(data, "train")
-    eval_examples = task.load_examples(data, "validation")
+    training = task.load_examples(data, "train")
+    held_out = task.load_examples(data, "validation")
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
+    if train_examples is not None:
+        check_subset_size(train_examples, len(training))
+    trainer = make_trainer(backbone, task, config, out)  # first: it checks and completes the MVCR settings
     prepare_run_dir(out, config)
-    trainer = make_trainer(backbone, task, config, out)
-    typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone {backbone.source} "
+    typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone {backbone.source} "
                f"on {backbone.device}; {method.value}: {describe_trainable(trainer)}")
-    trainer.train(train_examples, eval_examples)
+    trainer.train(training, held_out)
     if method == Method.adapter:
         typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
     else:
         typer.echo(f"{method.value} model saved in {out / 'best'} (not an adapter: not publishable); "
                    f"evaluate it with: hub eval --model {out} --data {data}")
+
+
+def _int_list(option: str, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HubError(f"{option} {value!r}: expected whole numbers separated by commas, e.g. 6,8,11") from None
+
+
+def _mvcr_spec(enabled: bool, layers: str | None, dims: str | None, noise: float | None,
+               pretrain_epochs: int | None, ae_lr: float | None) -> dict[str, dict]:
+    """`{"mvcr": options}` for `TrainConfig.regularizers` (unset options take MVCR's defaults), or `{}`."""
+    options = {"layers": _int_list("--mvcr-layers", layers), "dims": _int_list("--mvcr-dims", dims),
+               "noise": noise, "pretrain_epochs": pretrain_epochs, "ae_lr": ae_lr}
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and not enabled:
+        raise HubError(f"--mvcr-{'/--mvcr-'.join(k.replace('_', '-') for k in given)} given without --mvcr")
+    return {"mvcr": given} if enabled else {}
 
 
 @app.command()
@@ -150,6 +188,8 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
                f"({meta['trainable_pct']:.2f}% of the backbone)\n"
                f"  special tokens {' '.join(meta['special_tokens'])}\n"
                f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
+    for name, settings in meta.get("training", {}).get("regularizers", {}).items():
+        typer.echo(f"  trained with {name} {json.dumps(settings)}")
 
 
 @app.command()

@@ -13,14 +13,18 @@ def input_key(example: Example) -> str:
     return json.dumps(example.source, sort_keys=True, default=str)
 
 
+def check_subset_size(size: int, available: int) -> None:
+    if size < 1:
+        raise HubError(f"--train-examples {size}: need at least 1")
+    if size > available:
+        raise HubError(f"--train-examples {size}: the training data has only {available:,} examples")
+
+
 def low_resource_subset(examples: list[Example], size: int, seed: int) -> list[Example]:
     """`size` examples taken input by input: the inputs in a random order (`seed`), each with all its references
     (E2E has ~8 per meaning representation), so N examples hold as few distinct inputs as the data allows; the
     last input taken may contribute only part of its references."""
-    if size < 1:
-        raise HubError(f"--train-examples {size}: need at least 1")
-    if size > len(examples):
-        raise HubError(f"--train-examples {size}: the training data has only {len(examples):,} examples")
+    check_subset_size(size, len(examples))
     groups: dict[str, list[Example]] = {}
     for example in examples:
         groups.setdefault(input_key(example), []).append(example)
