@@ -71,7 +71,7 @@ class Cell:
 
 def cells() -> list[Cell]:
     """Priority order: the target comparison first (E2E adapter at N = 500), then full FT, then the rest."""
-    order = [("e2e", 500, "adapter"), ("e2e", 500, "full"), ("translate", 500, "adapter"), ("e2e", 100, "adapter"),
+    order = [("e2e", 500, "adapter"), ("e2e", 500, "full"), ("e2e", 100, "adapter"), ("translate", 500, "adapter"),
              ("e2e", 1000, "adapter"), ("translate", 100, "adapter"), ("translate", 1000, "adapter")]
     return [Cell(task, n, method, mvcr, seed) for task, n, method in order for seed in SEEDS for mvcr in (False, True)]
 
@@ -161,8 +161,8 @@ def group_table(rows: list[dict], task: str) -> list[str]:
     """One line per (method, N, ±MVCR) with mean ± std over seeds, and one per paired difference."""
     keys = [k for k in TASKS[task].keys]
     header = " | ".join(METRIC_NAMES[k] for k in keys)
-    lines = [f"| method | N | MVCR | seeds | {header} | best held-out loss | step (s) | peak RSS (MiB) |",
-             "|---|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+    lines = [f"| method | N | MVCR | seeds | {header} | best held-out loss | step (s) | MVCR warm-up (s) "
+             "| peak RSS (MiB) |", "|---|---|---|---|" + "---|" * len(keys) + "---|---|---|---|"]
     groups = sorted({(r["method"], r["n"]) for r in rows if r["task"] == task}, key=lambda g: (g[0] != "adapter", g[1]))
     for method, n in groups:
         by_mvcr = {m: {r["seed"]: r for r in rows if (r["task"], r["method"], r["n"], r["mvcr"]) ==
@@ -175,6 +175,7 @@ def group_table(rows: list[dict], task: str) -> list[str]:
             lines.append(f"| {method} | {n} | {'yes' if mvcr else 'no'} | {len(runs)} | {cells_} | "
                          f"{mean_std([r['best_eval_loss'] for r in runs_list])} | "
                          f"{statistics.mean(r['step_seconds'] for r in runs_list):.2f} | "
+                         f"{statistics.mean(r.get('warm_up_seconds', 0) for r in runs_list):.0f} | "
                          f"{max(r['peak_rss_mib'] for r in runs_list):.0f} |")
         paired = sorted(set(by_mvcr[False]) & set(by_mvcr[True]))
         if paired:
@@ -182,8 +183,23 @@ def group_table(rows: list[dict], task: str) -> list[str]:
                                          for s in paired]) for k in keys)
             loss = mean_std([by_mvcr[True][s]["best_eval_loss"] - by_mvcr[False][s]["best_eval_loss"] for s in paired])
             ratio = statistics.mean(by_mvcr[True][s]["step_seconds"] / by_mvcr[False][s]["step_seconds"] for s in paired)
-            lines.append(f"| **MVCR − plain** | {n} | paired | {len(paired)} | {diffs} | {loss} | ×{ratio:.2f} | |")
+            lines.append(f"| **MVCR − plain** | {n} | paired | {len(paired)} | {diffs} | {loss} | ×{ratio:.2f} | | |")
     return lines
+
+
+def target_check(rows: list[dict]) -> list[str]:
+    """The issue's target: adapter + MVCR >= +1 BLEU over the plain adapter at N = 500, mean of 3 seeds."""
+    pairs = {}
+    for r in rows:
+        if (r["task"], r["method"], r["n"]) == ("e2e", "adapter", 500):
+            pairs.setdefault(r["seed"], {})[r["mvcr"]] = scores_of(r)["bleu"]
+    diffs = [p[True] - p[False] for p in pairs.values() if len(p) == 2]
+    if not diffs:
+        return ["**Target** (adapter + MVCR ≥ +1 BLEU at N = 500, E2E, 3 seeds): not measured yet.", ""]
+    mean = statistics.mean(diffs)
+    return [f"**Target** (adapter + MVCR ≥ +1 BLEU over the plain adapter at N = 500, E2E, mean of 3 seeds): "
+            f"{'met' if mean >= 1 and len(diffs) >= 3 else 'not met'}: MVCR − plain = {mean:+.2f} BLEU over "
+            f"{len(diffs)} paired seed(s) ({', '.join(f'{d:+.2f}' for d in diffs)}).", ""]
 
 
 def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
@@ -205,6 +221,7 @@ def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
         "while this ran, so step times are noisy: compare the ratio of paired cells, not absolute values. Peak "
         "RSS is the whole cell process (data, model, decoding).", "",
     ]
+    lines += target_check(rows)
     for task in TASKS:
         lines += [f"## {task}", ""] + group_table(rows, task) + [""]
     notes = sorted({n for r in rows for n in r["test"]["notes"]})
@@ -247,13 +264,14 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 def save(row: dict, args: argparse.Namespace) -> None:
-    """Add one cell to the JSON under a lock, then regenerate the markdown and the curves."""
+    """Add one cell (if any) to the JSON under a lock, then regenerate the markdown and the curves."""
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(args.results.read_text()) if args.results.exists() else {"rows": {}}
-        results.update({k: getattr(args, k) for k in ("steps", "batch_size", "eval_every", "held_out", "limit")})
-        results["rows"][row["cell"]] = row
+        if row is not None:
+            results.update({k: getattr(args, k) for k in ("steps", "batch_size", "eval_every", "held_out", "limit")})
+            results["rows"][row["cell"]] = row
         args.results.write_text(json.dumps(results, indent=1))
         curves = args.doc.with_name("mvcr_curves.png")
         plot_curves(results, curves)
@@ -271,6 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=200, help="held-out examples for the loss")
     parser.add_argument("--limit", type=int, default=200, help="unique test inputs decoded")
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--render", action="store_true", help="only regenerate the markdown and curves")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell in this process
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "mvcr.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "MVCR.md")
@@ -285,6 +304,8 @@ def main() -> None:
     by_name = {c.name: c for c in cells()}
     if args.cell:
         return save(run_cell(by_name[args.cell], args), args)
+    if args.render:
+        return save(None, args)
     chosen = [c for c in by_name if not args.only or any(c.startswith(o) for o in args.only)]
 
     def run(name: str) -> None:

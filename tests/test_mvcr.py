@@ -221,3 +221,9 @@ def test_subset_takes_whole_inputs_in_a_seeded_order():
     assert subset != low_resource_subset(examples, 10, seed=2)
     full_inputs = [s for s in {e.source for e in subset} if sum(e.source == s for e in subset) == 4]
     assert len(full_inputs) == 2
+
+
+def test_subset_of_examples_without_inputs_is_a_random_sample():
+    texts = [Example(None, f"sentence {i}") for i in range(100)]
+    subset = low_resource_subset(texts, 10, seed=0)
+    assert len({e.target for e in subset}) == 10 and subset != texts[:10]

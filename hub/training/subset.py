@@ -9,7 +9,11 @@ from hub.errors import HubError
 from hub.task import Example
 
 
-def input_key(example: Example) -> str:
+def input_key(example: Example, index: int) -> str:
+    """Examples with the same input share a key; an example without an input (a language-modelling text) is its
+    own group."""
+    if example.source in (None, "", {}, []):
+        return f"#{index}"
     return json.dumps(example.source, sort_keys=True, default=str)
 
 
@@ -26,8 +30,8 @@ def low_resource_subset(examples: list[Example], size: int, seed: int) -> list[E
     last input taken may contribute only part of its references."""
     check_subset_size(size, len(examples))
     groups: dict[str, list[Example]] = {}
-    for example in examples:
-        groups.setdefault(input_key(example), []).append(example)
+    for index, example in enumerate(examples):
+        groups.setdefault(input_key(example, index), []).append(example)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     return [example for key in keys for example in groups[key]][:size]
