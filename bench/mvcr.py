@@ -229,7 +229,27 @@ def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
     lines += ["", f"![held-out loss, plain vs MVCR]({curves.name})", ""]
     if missing:
         lines += [f"**Not run (time ran out): {len(missing)} of {len(planned)} cells:** {', '.join(missing)}.", ""]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + IMPLEMENTATION) + "\n"
+
+
+IMPLEMENTATION = [
+    "## How MVCR is built into the hub", "",
+    "- `hub/training/regularizers/__init__.py`: the `Regularizer` interface the trainer knows (hooks for the "
+    "duration of `Trainer.train`, extra parameters for the task optimiser, a warm-up, a step after each task "
+    "step, checkpoint state); `mvcr.py` is one implementation. The trainer has no MVCR-specific code.",
+    "- Hooks: a forward hook on `transformer.h[i].mlp` (GPT-2's MLP output, after its dropout, before the residual "
+    "add) per chosen block, registered with handles and removed in a `finally` when training ends. In eval mode "
+    "(held-out loss) the hook returns the activation unchanged.",
+    "- The autoencoders are never registered in the model: checkpoints keep them apart (to resume), and the export "
+    "(`best/`) has exactly the files, keys and shapes of a run without MVCR; `hub.json`'s `training.regularizers` "
+    "records `{layers, dims, noise, p_identity, pretrain_epochs, ae_lr}`. `hub/serving/` has no MVCR code.",
+    "- Reconstruction: after each task step, each layer's loss mean_k MSE(h, HAE_k(h)) on that step's noisy MLP "
+    "outputs, stepped by the layer's own AdamW (HAEs only, lr 1e-3, linear decay over warm-up + task steps, clip "
+    "1.0). The public code back-propagates the same loss from the task forward; recomputing it from stored, "
+    "detached inputs gives the HAEs the same gradient and leaves every other parameter untouched (tested).",
+    "- Warm-up: one eval-mode forward pass over the training set captures the MLP outputs (cached while under "
+    "512 MiB), then `pretrain_epochs` epochs of reconstruction steps on them plus the noise.",
+]
 
 
 def plot_curves(results: dict, path: Path) -> None:
