@@ -21,6 +21,23 @@ DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
 StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
 BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
+TrainBaseOption = typer.Option("gpt2", "--base", envvar="HUB_BASE", show_default=True,
+                               help="GPT-2 to train on: a local folder (offline: ../shared/models/gpt2-standin) "
+                                    "or a Hugging Face id, downloaded when online (env HUB_BASE)")
+ThreadsOption = typer.Option(None, "--threads", min=1,
+                             help="torch threads (default: OMP_NUM_THREADS if set, else the physical cores)")
+
+
+class DType(str, Enum):
+    """The backbone's dtype when serving; adapters always compute in float32."""
+
+    auto = "auto"  # float32 on the CPU, bfloat16 (else float16) on a GPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DTypeOption = typer.Option(DType.auto, "--dtype", help="backbone dtype: auto = float32 on CPU, bfloat16 on GPU")
 
 
 class Method(str, Enum):
@@ -31,10 +48,38 @@ class Method(str, Enum):
     lora = "lora"
 
 
+class ExportFormat(str, Enum):
+    """What `hub export` writes: `adapterhub`, a folder plain transformers + adapters load (`hub.interop`)."""
+
+    adapterhub = "adapterhub"
+
+
 def _store(path: str):
     from hub.store.catalog import AdapterStore
 
     return AdapterStore(path)
+
+
+def _set_threads(threads: int | None) -> str:
+    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else the physical cores (two trainings
+    side by side with a thread per logical core each run several times slower). Returns what was chosen."""
+    import psutil
+    import torch
+
+    if threads:
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        threads, why = psutil.cpu_count(logical=False) or os.cpu_count() or 1, "physical cores"
+    torch.set_num_threads(threads)
+    return f"{threads} torch threads ({why})"
+
+
+def _torch_dtype(dtype: DType):
+    import torch
+
+    return None if dtype is DType.auto else getattr(torch, dtype.value)
 
 
 def _print_json(data) -> None:
@@ -46,7 +91,7 @@ def train(
     task_type: str = typer.Argument(..., help="task type: e2e, text2text, ..."),
     data: str = typer.Option(..., "--data", help="HF dataset id, or a local file or folder"),
     name: Optional[str] = typer.Option(None, "--name", help="store name of the adapter (default: the task type)"),
-    base: Optional[str] = BaseOption,
+    base: str = TrainBaseOption,
     bottleneck: Optional[int] = typer.Option(None, help="adapter bottleneck (default: the task's VLM value)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default: the task's)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps; overrides --epochs"),
@@ -97,7 +142,7 @@ def train(
         bottleneck=bottleneck or d.bottleneck, lr=lr or default_lr(task, method.value),
         batch_size=batch_size or d.batch_size, grad_accum=grad_accum or d.grad_accum,
         max_length=max_length or d.max_length, epochs=epochs or d.epochs, max_steps=max_steps, eval_every=eval_every,
-        seed=seed, base=base or os.environ.get("HUB_BASE", "gpt2"), method=method.value,
+        seed=seed, base=base, method=method.value,
         train_examples=train_examples, data_seed=data_seed,
         regularizers=_mvcr_spec(mvcr, mvcr_layers, mvcr_dims, mvcr_noise, mvcr_pretrain_epochs, mvcr_ae_lr),
     )
@@ -160,36 +205,70 @@ def publish(
 @app.command("list")
 def list_adapters(store: str = StoreOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """List published adapters and their versions."""
-    rows = [
-        {"name": s.name, "versions": [v.version for v in s.versions], "latest": s.latest.version,
-         "task_type": s.latest.meta["task_type"], "bottleneck": s.latest.meta["bottleneck"],
-         "trainable_pct": round(s.latest.meta["trainable_pct"], 3)}
-        for s in _store(store).list()
-    ]
+    rows = [_list_row(s) for s in _store(store).list()]
     if as_json:
         return _print_json(rows)
     if not rows:
         typer.echo(f"no adapters in {store}")
     for r in rows:
-        typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
-                   f"versions {', '.join(r['versions'])}")
+        if r["versions"]:
+            typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
+                       f"versions {', '.join(r['versions'])}")
+        for skipped in r["skipped"]:
+            typer.echo(f"{r['name']:<24} skipped {skipped['version'] or '(all)'}: {skipped['reason']}")
+
+
+def _list_row(summary) -> dict:
+    """One `hub list` row: the newest usable version's metadata, and every skipped version with its reason."""
+    skipped = [{"version": k.version, "reason": k.reason} for k in summary.skipped]
+    row = {"name": summary.name, "versions": [v.version for v in summary.versions], "skipped": skipped}
+    if summary.versions:
+        meta = summary.latest.meta
+        row.update(latest=summary.latest.version, task_type=meta.task_type, bottleneck=meta.bottleneck,
+                   trainable_pct=round(meta.trainable_pct, 3))
+    return row
 
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str = StoreOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one adapter version's metadata."""
+         as_json: bool = typer.Option(False, "--json"),
+         plot: bool = typer.Option(False, "--plot", help="also write the training curve (its train_log.json) as PNG"),
+         plot_out: Optional[Path] = typer.Option(None, "--plot-out", help="PNG path (default NAME-VERSION-curve.png)"),
+         ) -> None:
+    """Show one adapter version's metadata (and, with --plot, draw its training curve)."""
     stored = _store(store).show(ref)
-    if as_json:
-        return _print_json(stored.meta)
     meta = stored.meta
-    typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
-               f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
-               f"({meta['trainable_pct']:.2f}% of the backbone)\n"
-               f"  special tokens {' '.join(meta['special_tokens'])}\n"
-               f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
-    for name, settings in meta.get("training", {}).get("regularizers", {}).items():
-        typer.echo(f"  trained with {name} {json.dumps(settings)}")
+    if as_json:
+        _print_json(meta.to_dict())
+    else:
+        typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
+                   f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
+                   f"({meta.trainable_pct:.2f}% of the backbone)\n"
+                   f"  special tokens {' '.join(meta.special_tokens)}\n"
+                   f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
+        for name, settings in meta.to_dict().get("training", {}).get("regularizers", {}).items():
+            typer.echo(f"  trained with {name} {json.dumps(settings)}")
+    if plot:
+        from hub.plots import training_curve_png, write_png
+
+        stored, log = _store(store).training_log(stored.ref)
+        path = write_png(training_curve_png(log, f"{stored.ref}: training curve"),
+                         plot_out or Path(f"{stored.name}-{stored.version}-curve.png"))
+        typer.echo(f"training curve written to {path}", err=as_json)
+
+
+@app.command("export")
+def export(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+           out: Path = typer.Option(..., "--out", help="folder to write (new or empty)"),
+           export_format: ExportFormat = typer.Option(ExportFormat.adapterhub, "--format"),
+           store: str = StoreOption) -> None:
+    """Export a stored version for use outside the hub: load it with hub.interop.load_into_adapters."""
+    from hub.interop import export_adapterhub
+
+    loaded = _store(store).load(ref)  # verifies the checksums first
+    path = export_adapterhub(loaded.path, out)
+    typer.echo(f"exported {loaded.ref} ({export_format.value}) to {path}; load it with:\n"
+               f"  task = hub.interop.load_into_adapters(GPT2LMHeadModel.from_pretrained(BASE), '{path}')")
 
 
 @app.command()
@@ -199,12 +278,37 @@ def rm(ref: str = typer.Argument(..., help="NAME (all versions) or NAME@VERSION"
         typer.echo(f"removed {removed}")
 
 
-def _backbone_for(store, refs: list[str], base: str | None, device: str):
-    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on."""
-    from hub.model.backbone import load_backbone, resolve_base
+store_app = typer.Typer(no_args_is_help=True, help="Store maintenance.")
+app.add_typer(store_app, name="store")
 
-    trained_on = store.show(refs[0]).meta["backbone"] if refs and not base else None
-    return load_backbone(resolve_base(base, trained_on), device)
+
+@store_app.command("gc")
+def store_gc(store: str = StoreOption,
+             older_than: float = typer.Option(3600.0, "--older-than", help="seconds; younger leftovers may be a "
+                                              "publish in progress")) -> None:
+    """Remove staging and trash folders left by killed publishes and removals."""
+    removed = _store(store).gc(older_than)
+    for path in removed:
+        typer.echo(f"removed {path}")
+    typer.echo(f"{len(removed)} leftovers removed from {store}")
+
+
+def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
+    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on, which must then
+    match that adapter's recorded fingerprint (hub.json names the path; the weights must be the same)."""
+    from hub.errors import BackboneMismatchError
+    from hub.model.backbone import load_backbone, resolve_base
+    from hub.store.catalog import fingerprint_mismatch
+
+    base = base or os.environ.get("HUB_BASE")
+    stored = store.show(refs[0]) if refs and not base else None
+    trained_on = dict(stored.meta.backbone) if stored else None
+    backbone = load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
+    problem = trained_on and fingerprint_mismatch(trained_on, backbone.fingerprint)
+    if problem:
+        raise BackboneMismatchError(f"the backbone named in {stored.ref}'s hub.json is not the one it was trained "
+                                    f"on: the adapter {problem}. Pass the right one with --base")
+    return backbone
 
 
 @app.command()
@@ -219,18 +323,25 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None),
+    min_tokens: int = typer.Option(0, "--min-tokens", min=0, help="no end token before this many tokens"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="decode to --max-new-tokens"),
+    threads: Optional[int] = ThreadsOption,
+    dtype: DType = DTypeOption,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate with one task adapter (KV cache; stops at the task's end token)."""
-    from hub.serving.engine import Engine, SamplingParams
+    from hub.serving.engine import Engine
+    from hub.serving.sampling import sampling_params
     from tasks import make_task
 
+    _set_threads(threads)
     adapter_store = _store(store)
-    backbone = _backbone_for(adapter_store, [task], base, device)
+    backbone = _backbone_for(adapter_store, [task], base, device, dtype)
     engine = Engine(backbone, make_task)
     resident = engine.add_adapter(adapter_store.load(task, backbone.fingerprint))
-    params = SamplingParams(max_new_tokens=max_new_tokens or resident.task.defaults.max_new_tokens,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    params = sampling_params(resident.task.defaults.max_new_tokens, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             min_tokens=min_tokens, ignore_eos=ignore_eos)
     sequence = engine.run([engine.new_sequence(resident.name, text, params)])[0]
     if as_json:
         return _print_json({"task": resident.name, "version": resident.version, "text": sequence.text.strip(),
@@ -252,20 +363,31 @@ def serve(
     max_resident: Optional[int] = typer.Option(None, "--max-resident", help="adapters on the device (LRU)"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds"),
     watch_interval: float = typer.Option(0.5, "--watch-interval", help="store polling period, 0 = off"),
+    prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
+                                      help="prompt tokens per row and step; longer prompts prefill in chunks"),
+    threads: Optional[int] = ThreadsOption,
+    dtype: DType = DTypeOption,
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger request bodies get 413"),
 ) -> None:
     """Serve every published adapter over HTTP, fusing requests of different tasks in one batch."""
     import uvicorn
 
-    from server.app import ServerSettings, create_app
+    from hub.serving.service import ServiceSettings
+    from server.app import create_app
 
+    threads_used = _set_threads(threads)
     adapter_store = _store(store)
-    refs = [s.latest.ref for s in adapter_store.list()]
-    backbone = _backbone_for(adapter_store, refs, base, device)
-    settings = ServerSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                              request_timeout=request_timeout, watch_interval=watch_interval)
+    refs = [s.latest.ref for s in adapter_store.list() if s.versions]
+    backbone = _backbone_for(adapter_store, refs, base, device, dtype)
+    typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
+               f"on {backbone.device}, adapters float32", err=True)
+    settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
+                               request_timeout=request_timeout, watch_interval=watch_interval,
+                               prefill_chunk=prefill_chunk)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(backbone, adapter_store, settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,
+                log_level="info")
 
 
 @app.command("eval")

@@ -1,4 +1,4 @@
-"""HTTP layer: FastAPI routes and their schemas over the core's engine, scheduler and store.
+"""HTTP layer: FastAPI routes and their schemas over `hub.serving.service.HubService`.
 
 Every published adapter is servable by name; requests for different tasks share one decode batch.
 """
@@ -13,51 +13,60 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from hub.errors import CapacityError, HubError, NotFoundError, UnavailableError
 from hub.model.backbone import Backbone
-from hub.serving.engine import Engine, ResidentAdapter, SamplingParams, Sequence
-from hub.errors import CapacityError, HubError, NotFoundError
-from hub.serving.scheduler import QueueFullError, Scheduler
+from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
+from hub.serving.sequence import Sequence
+from hub.serving.service import (GenerationFailedError, Handle, HubService, RequestTimeoutError,
+                                 ServiceSettings)
 from hub.store.catalog import AdapterStore
-from hub.serving.sync import StoreSync
+from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
+from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
 from tasks import make_task
 
 log = logging.getLogger("hub.server")
 
 
-@dataclass
-class ServerSettings:
-    max_batch: int = 32
-    max_queue: int = 256
-    max_resident: int | None = None
-    request_timeout: float = 120.0
-    watch_interval: float = 0.5
-
-
 # -- schemas ----------------------------------------------------------------------------------------------------
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT - 1)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted and ignored).
+UNSUPPORTED_OPENAI_FIELDS = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+                             "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+                             "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+
+
 class GenerateRequest(BaseModel):
     task: str = Field(..., description="adapter name")
     input: str | dict = Field(..., description="the task input (text, or an object for structured tasks)")
     max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
+    min_tokens: int = Field(0, ge=0, description="no EOS or stop string before this many tokens (vLLM)")
+    ignore_eos: bool = Field(False, description="decode to max_new_tokens whatever EOS says (vLLM)")
     stream: bool = False
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    input_tokens_dropped: int = Field(0, description="tokens cut from a too-long input by a task that truncates "
+                                                     "(summarize, coqa, persona); other tasks refuse with 422")
 
 
 class GenerateResponse(BaseModel):
@@ -66,18 +75,43 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: str
     usage: Usage
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a message, or for a request that does not match its schema, one issue per field."""
+
+    detail: str | list[ValidationIssue]
 
 
 class OpenAIRequest(BaseModel):
     """Fields shared by the OpenAI-compatible routes; `model` is the task name."""
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
+    stop: StopString | StopList | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
+    min_tokens: int = Field(0, ge=0, description="vLLM's extra parameter: no EOS or stop before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's extra parameter: decode to max_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported_fields(cls, data: Any) -> Any:
+        """Answer 422 naming an OpenAI field this server does not implement rather than silently ignoring it."""
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"'{name}' is not supported by this server; leave it out")
+        return data
 
 
 class CompletionRequest(OpenAIRequest):
@@ -97,191 +131,161 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-class Hub:
-    """What the routes share: engine, scheduler, store, metrics."""
-
-    def __init__(self, backbone: Backbone, store: AdapterStore, settings: ServerSettings):
-        self.settings = settings
-        self.store = store
-        self.engine = Engine(backbone, make_task, max_resident=settings.max_resident)
-        self.scheduler = Scheduler(self.engine, settings.max_batch, settings.max_queue)
-        self.metrics = ServerMetrics()
-        self.sync = StoreSync(store, self.engine)
-        self.ready = False
-
-    async def submit(self, task: str | None, source, params: SamplingParams, prompt_text: str | None = None):
-        """Encode, enqueue, and return the sequence and the queue of its updates."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[Sequence] = asyncio.Queue()
-        sequence = await run_in_threadpool(self.engine.new_sequence, task, source, params, prompt_text)
-        sequence.on_update = lambda s: loop.call_soon_threadsafe(updates.put_nowait, s)
-        try:
-            self.scheduler.submit(sequence)
-        except QueueFullError:
-            if sequence.adapter is not None:
-                self.engine.release(sequence.adapter)
-            raise
-        return sequence, updates
-
-    async def follow(self, request: Request, sequence: Sequence, updates: asyncio.Queue) -> AsyncIterator[str]:
-        """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out."""
-        deadline = time.monotonic() + self.settings.request_timeout
-        sent, next_check = 0, 0.0
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(updates.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    pass
-                now = time.monotonic()
-                if now > deadline:
-                    raise HTTPException(504, f"request timed out after {self.settings.request_timeout:g}s")
-                if now > next_check:
-                    next_check = now + 0.25
-                    if await request.is_disconnected():
-                        return
-                done = sequence.finished  # read first: text read after it is complete when done
-                ready = _stable_text(sequence, done)
-                if len(ready) > sent:
-                    yield ready[sent:]
-                    sent = len(ready)
-                if done:
-                    self.metrics.observe_finished(sequence)
-                    if sequence.finish_reason == "error":
-                        raise HTTPException(500, "generation failed; the server log has the details")
-                    return
-        finally:
-            if not sequence.finished:
-                sequence.cancelled = True
+def _error_responses(*codes: int) -> dict:
+    """OpenAPI entries for the error statuses a route can answer; every one has an `ErrorBody`."""
+    descriptions = {400: "malformed request", 401: "missing or wrong admin token", 403: "admin routes disabled",
+                    404: "unknown task or adapter", 413: "body over --max-body-bytes", 422: "invalid request",
+                    429: "queue full or adapters busy (see Retry-After)", 500: "generation failed",
+                    503: "starting, stopping, or the store did not answer", 504: "request timed out"}
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
 
 
-async def _watch_store(hub: Hub) -> None:
-    """Poll the store; newly published versions become servable without a restart."""
-    interval = hub.settings.watch_interval
-    while interval > 0:
-        await asyncio.sleep(interval)
-        try:
-            if hub.sync.changed():
-                await run_in_threadpool(hub.sync.sync)
-        except Exception:  # keep watching whatever one sync met
-            log.exception("store sync failed")
+BODY_ERRORS = (400, 413, 422)
+GENERATION_ERRORS = (*BODY_ERRORS, 404, 429, 500, 503, 504)
+ADMIN_ERRORS = (401, 403, 503)
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                         "description": "JSON, or server-sent events with `stream: true`"}}
 
 
-def _stable_text(sequence: Sequence, done: bool) -> str:
-    """Text safe to send: all of it once done, else without a trailing partial UTF-8 character or a
-    possible beginning of a stop string."""
-    text = sequence.text
-    if done:
-        return text
-    hold = max((len(s) - 1 for s in sequence.params.stop), default=0)
-    text = text[: len(text) - hold] if hold else text
-    return text.rstrip("\ufffd")
+def _issues(err: RequestValidationError) -> list[dict]:
+    """Validation errors as JSON-safe issues: no echo of the input (it may hold NaN or invalid Unicode)."""
+    safe = lambda v: v if isinstance(v, int) else str(v).encode("utf-8", "backslashreplace").decode()  # noqa: E731
+    return [{"loc": [safe(part) for part in e.get("loc", ())], "msg": safe(e.get("msg", "invalid")),
+             "type": safe(e.get("type", "value_error"))} for e in err.errors()]
 
 
-def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings | None = None) -> FastAPI:
-    hub = Hub(backbone, store, settings or ServerSettings())
+def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    hub = HubService(backbone, store, make_task, settings)
+    metrics = ServerMetrics()
+    hub.on_finished = metrics.observe_finished
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(hub.sync.sync)
-        hub.scheduler.start()
-        watch = asyncio.create_task(_watch_store(hub))
-        hub.ready = True
-        log.info("serving %s", ", ".join(sorted(hub.engine.adapters)) or "no adapters yet")
+        await hub.start()
+        watch = asyncio.create_task(hub.watch_store())
         yield
-        hub.ready = False
         watch.cancel()
-        await run_in_threadpool(hub.scheduler.stop)  # drains running and waiting sequences
+        await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
+    add_playground(app, store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
         if isinstance(err, CapacityError):
             return JSONResponse({"detail": str(err)}, status_code=429, headers={"Retry-After": "1"})
-        return JSONResponse({"detail": str(err)}, status_code=404 if isinstance(err, NotFoundError) else 422)
+        return JSONResponse({"detail": str(err)}, status_code=_status(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        return JSONResponse({"detail": _issues(err)}, status_code=422)
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_error_responses(503))
     async def readyz():
         if not hub.ready:
             raise HTTPException(503, "starting or stopping")
         return {"status": "ready", "tasks": len(hub.engine.adapters)}
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def metrics_route():
         stats = hub.scheduler.stats()
-        return Response(hub.metrics.render(stats, hub.engine.resident_count()), media_type=hub.metrics.content_type)
+        return Response(metrics.render(stats, hub.engine.resident_count()), media_type=metrics.content_type)
 
-    @app.get("/v1/tasks")
+    @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():
-        with hub.engine.lock:
-            resident = dict(hub.engine.adapters)
-        versions = {s.name: [v.version for v in s.versions] for s in hub.store.list()}
-        return {"tasks": [_describe(resident[name], versions.get(name, [])) for name in sorted(resident)]}
+        listing = await hub.list_tasks()
+        return {**listing, "tasks": [{**task, "training_curve": training_curve_url(task["name"])}
+                                     for task in listing["tasks"]]}
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
-        adapter = hub.engine.resolve(body.task)
-        params = SamplingParams(max_new_tokens=body.max_new_tokens or adapter.task.defaults.max_new_tokens,
-                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                seed=body.seed, stop=tuple(body.stop))
-        sequence, updates = await hub.submit(body.task, body.input, params)
-        hub.metrics.requests.labels(task=body.task).inc()
+        params = hub.params(body.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                            top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+        handle = await hub.submit(body.task, body.input, params)
+        metrics.requests.labels(task=body.task).inc()
         if body.stream:
-            return _sse(_generate_events(hub, request, sequence, updates))
-        text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+            return _sse(_generate_events(hub, request, handle), openai=False)
+        text = await _complete(hub, request, handle)
+        sequence = handle.sequence
         return GenerateResponse(task=sequence.adapter.name, version=sequence.adapter.version, text=text,
-                                finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence))
+                                finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence),
+                                warnings=_warnings(sequence))
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "adapter-hub"}
-            for name in sorted(hub.engine.adapters)]}
+            for name in hub.task_names()]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        return await _openai(hub, request, body, "text_completion", body.model, prompt, body.max_tokens)
+        return await _openai(hub, metrics, request, body, "text_completion", prompt, body.max_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = hub.engine.resolve(body.model)
-        source = adapter.task.parse_chat([m.model_dump() for m in body.messages])
-        return await _openai(hub, request, body, "chat.completion", body.model, source,
+        source = hub.resolve(body.model).task.parse_chat([m.model_dump() for m in body.messages])
+        return await _openai(hub, metrics, request, body, "chat.completion", source,
                              body.max_completion_tokens or body.max_tokens)
 
     def admin(authorization: str | None = Header(None)) -> None:
         token = os.environ.get("HUB_ADMIN_TOKEN")
         if not token:
             raise HTTPException(403, "admin routes are disabled: set HUB_ADMIN_TOKEN on the server")
-        if not authorization or not secrets.compare_digest(authorization, f"Bearer {token}"):
+        if not _bearer_matches(authorization, token):
             raise HTTPException(401, "missing or wrong 'Authorization: Bearer <HUB_ADMIN_TOKEN>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/v1/admin/reload", dependencies=[Depends(admin)])
+    @app.post("/v1/admin/reload", dependencies=[Depends(admin)], responses=_error_responses(*ADMIN_ERRORS))
     async def reload():
-        changes = await run_in_threadpool(hub.sync.sync)
+        changes = await hub.reload()
         return {"loaded": changes.loaded, "unloaded": changes.unloaded, "refused": changes.refused}
 
-    @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)])
+    @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)],
+                responses=_error_responses(*ADMIN_ERRORS, 404))
     async def unload(name: str):
-        await run_in_threadpool(hub.sync.unload, name)
+        await run_in_threadpool(hub.unload, name)
         return {"unloaded": name}
 
     return app
 
 
-def _describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
-    meta = adapter.meta
-    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta["task_type"],
-            "bottleneck": meta["bottleneck"], "trainable_pct": meta["trainable_pct"],
-            "resident": adapter.slot is not None}
+def _status(err: HubError) -> int:
+    if isinstance(err, RequestTimeoutError):
+        return 504
+    if isinstance(err, GenerationFailedError):
+        return 500
+    if isinstance(err, UnavailableError):
+        return 503
+    return 404 if isinstance(err, NotFoundError) else 422
+
+
+def _bearer_matches(authorization: str | None, token: str) -> bool:
+    """`Bearer <token>`, the scheme in any case (RFC 7235); compared as bytes, so any header value is safe."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = credentials.strip().encode("utf-8", "surrogateescape")
+    return secrets.compare_digest(given, token.encode("utf-8"))
+
+
+def _stream(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[str]:
+    return hub.stream(handle, request.is_disconnected)
+
+
+async def _complete(hub: HubService, request: Request, handle: Handle) -> str:
+    return await hub.complete(handle, request.is_disconnected)
 
 
 def _single(prompts: list[str]) -> str:
@@ -291,51 +295,78 @@ def _single(prompts: list[str]) -> str:
 
 
 def _usage(sequence: Sequence) -> Usage:
-    return Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.output_ids))
+    return Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.output_ids),
+                 input_tokens_dropped=sequence.input_tokens_dropped)
 
 
-def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+def _warnings(sequence: Sequence) -> list[str]:
+    if not sequence.input_tokens_dropped:
+        return []
+    return [f"the input was too long: {sequence.input_tokens_dropped} of its tokens were cut to fit the "
+            f"{sequence.adapter.task.type_name} task's limits (the model saw {len(sequence.prompt_ids)} tokens)"]
+
+
+def _sse_event(event: dict | str) -> str:
+    return f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+
+
+def _sse(events: AsyncIterator[dict], openai: bool) -> StreamingResponse:
+    """A server-sent event stream. After the first byte the status line is gone, so an error becomes the last
+    event, `{"error": {"message", "code"}}`; OpenAI routes always end with `[DONE]`."""
     async def encode():
-        async for event in events:
-            yield f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield _sse_event(event)
+        except Exception as err:  # the stream has started: report, whatever it is, in the stream
+            status, message = (err.status_code, err.detail) if isinstance(err, HTTPException) else \
+                (_status(err), str(err)) if isinstance(err, HubError) else (500, "generation failed")
+            if status >= 500:
+                log.error("stream ended by an error: %r", err)
+            yield _sse_event({"error": {"message": message, "code": status}})
+        if openai:
+            yield _sse_event("[DONE]")
 
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _generate_events(hub: Hub, request: Request, sequence: Sequence, updates) -> AsyncIterator[dict]:
-    async for piece in hub.follow(request, sequence, updates):
+async def _generate_events(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[dict]:
+    sequence = handle.sequence
+    async for piece in _stream(hub, request, handle):
         yield {"text": piece}
     if sequence.finished:
         yield {"finish_reason": sequence.finish_reason, "usage": _usage(sequence).model_dump(),
-               "task": sequence.adapter.name, "version": sequence.adapter.version}
+               "task": sequence.adapter.name, "version": sequence.adapter.version, "warnings": _warnings(sequence)}
 
 
-async def _openai(hub: Hub, request: Request, body, kind: str, model: str, source, max_tokens: int | None):
+async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, body, kind: str, source,
+                  max_tokens: int | None):
     """Shared body of /v1/completions and /v1/chat/completions."""
-    adapter = hub.engine.resolve(model)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    params = SamplingParams(max_new_tokens=max_tokens or adapter.task.defaults.max_new_tokens,
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
-    sequence, updates = await hub.submit(model, source, params)
-    hub.metrics.requests.labels(task=model).inc()
+    model = body.model
+    params = hub.params(model, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        seed=body.seed, stop=body.stop, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+    handle = await hub.submit(model, source, params)
+    sequence = handle.sequence
+    metrics.requests.labels(task=model).inc()
     head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": f"{adapter.name}"}
+            "created": int(time.time()), "model": f"{sequence.adapter.name}"}
     choice = (lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": finish}) if kind == "chat.completion" else \
              (lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     if body.stream:
-        return _sse(_openai_events(hub, request, sequence, updates, head, kind))
-    text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+        return _sse(_openai_events(hub, request, handle, head, kind), openai=True)
+    text = await _complete(hub, request, handle)
     return {**head, "object": kind, "choices": [choice(text, _openai_finish(sequence))],
             "usage": {**_usage(sequence).model_dump(),
-                      "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)}}
+                      "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)},
+            "warnings": _warnings(sequence)}
 
 
 def _openai_finish(sequence: Sequence) -> str:
     return "length" if sequence.finish_reason == "length" else "stop"
 
 
-async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates, head: dict, kind: str):
+async def _openai_events(hub: HubService, request: Request, handle: Handle, head: dict, kind: str):
+    sequence = handle.sequence
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(text: str | None, finish: str | None) -> dict:
@@ -348,8 +379,7 @@ async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates
     if kind == "chat.completion":
         yield {**head, "object": chunk_kind,
                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for piece in hub.follow(request, sequence, updates):
+    async for piece in _stream(hub, request, handle):
         yield chunk(piece, None)
     if sequence.finished:
         yield chunk(None, _openai_finish(sequence))
-        yield "[DONE]"

@@ -4,7 +4,11 @@ Layout: ``<root>/<name>/<version>/`` holds ``adapter_config.json``, ``adapter.sa
 (AdapterHub format, loadable by plain ``adapters``), ``task_tokens.safetensors`` (tensor
 ``rows`` [k, d]) and ``hub.json`` (the trainer's metadata plus ``name``, ``version``,
 ``created_at`` and the sha256 of every payload file). Directories starting with ``.``
-(``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed.
+(``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed; `gc` removes stale ones.
+
+Every version is validated fully (hub.json's schema, payload files, checksums, no pickle files, no symbolic
+links) before it is listed as usable; a bad one is *skipped* with its reason, and the newest good version of a
+name is the one served. Validation results are cached per version folder until any of its files changes.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,22 +31,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
+from hub.store.format import AdapterMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
+TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
-REQUIRED_META = (
-    "name", "task_type", "task_config", "special_tokens", "eos_token", "bottleneck",
-    "trainable_params", "trainable_pct", "metrics", "backbone",
-)
-FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 LAYER_PARTS = {
     "adapter_down.0.weight": "ln_weight",
     "adapter_down.0.bias": "ln_bias",
@@ -52,16 +55,18 @@ LAYER_PARTS = {
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_LEN = 64
 MAX_PUBLISH_ATTEMPTS = 100
+STALE_AFTER_S = 3600.0  # internal folders older than this belong to no live publisher
+INTERNAL_PREFIXES = (".tmp-", ".trash-", f".{HUB_JSON}.tmp-")
 
 
 @dataclass(frozen=True)
 class StoredVersion:
-    """One published version; ``meta`` is its hub.json."""
+    """One published, fully validated version; ``meta`` is its hub.json."""
 
     name: str
     version: str
     path: Path
-    meta: dict
+    meta: AdapterMeta
 
     @property
     def ref(self) -> str:
@@ -69,15 +74,29 @@ class StoredVersion:
 
     @property
     def created_at(self) -> str:
-        return self.meta["created_at"]
+        return self.meta.created_at
+
+
+@dataclass(frozen=True)
+class SkippedVersion:
+    """A version folder (or a whole name, `version` None) that is not used, and why."""
+
+    name: str
+    version: str | None
+    reason: str
+
+    @property
+    def ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """A name with its versions, oldest to newest."""
+    """A name with its usable versions, oldest to newest, and the versions skipped."""
 
     name: str
     versions: list[StoredVersion]
+    skipped: list[SkippedVersion] = field(default_factory=list)
 
     @property
     def latest(self) -> StoredVersion:
@@ -90,8 +109,8 @@ class LoadedAdapter:
 
     name: str
     version: str
-    meta: dict
-    path: Path
+    meta: AdapterMeta
+    path: Path | None
     adapter_tensors: dict[str, torch.Tensor]
     token_rows: torch.Tensor
 
@@ -232,7 +251,7 @@ class RunExport:
     """A validated run export, read into memory (adapter files are small)."""
 
     path: Path
-    meta: dict
+    meta: AdapterMeta
     config: dict
     adapter_tensors: dict[str, torch.Tensor]
 
@@ -258,26 +277,8 @@ def _read_export_tensors(path: Path, filename: str) -> dict[str, torch.Tensor]:
         raise HubError(f"{filename} in run export '{path}' is not a readable safetensors file: {e}") from e
 
 
-def _check_meta(path: Path, meta: dict) -> None:
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise HubError(f"{ADAPTER_META} in run export '{path}' lacks {', '.join(missing)}")
-    tokens = meta["special_tokens"]
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise HubError(f"{ADAPTER_META} in '{path}': special_tokens must be a non-empty list of strings")
-    if meta["eos_token"] not in tokens:
-        raise HubError(
-            f"{ADAPTER_META} in '{path}': eos_token {meta['eos_token']!r} is not one of special_tokens"
-        )
-    backbone = meta["backbone"]
-    if not isinstance(backbone, dict) or any(k not in backbone for k in FINGERPRINT_KEYS):
-        raise HubError(
-            f"{ADAPTER_META} in '{path}': backbone must be a fingerprint with {', '.join(FINGERPRINT_KEYS)}"
-        )
-
-
-def _check_shapes(path: Path, meta: dict, layers: list[dict], rows: torch.Tensor) -> None:
-    backbone, k = meta["backbone"], len(meta["special_tokens"])
+def _check_shapes(path: Path, meta: AdapterMeta, layers: list[dict], rows: torch.Tensor) -> None:
+    backbone, k = meta.backbone, len(meta.special_tokens)
     if rows.ndim != 2 or rows.shape[0] != k:
         raise HubError(
             f"{TASK_TOKENS} in '{path}': rows has shape {tuple(rows.shape)}, "
@@ -302,8 +303,7 @@ def read_export(path: Path) -> RunExport:
         raise HubError(
             f"run export '{path}' is missing {', '.join(missing)} (expected {', '.join(EXPORT_FILES)})"
         )
-    meta = _read_export_json(path, ADAPTER_META)
-    _check_meta(path, meta)
+    meta = AdapterMeta.from_dict(_read_export_json(path, ADAPTER_META), f"{ADAPTER_META} in run export '{path}'")
     config = _read_export_json(path, ADAPTER_CONFIG)
     if not isinstance(config.get("name"), str):
         raise HubError(f"{ADAPTER_CONFIG} in run export '{path}' has no adapter name")
@@ -325,6 +325,7 @@ class AdapterStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._checked: dict[Path, tuple[tuple, StoredVersion | str]] = {}  # folder -> (signature, result)
 
     # ---- publishing -------------------------------------------------------------------
 
@@ -341,7 +342,7 @@ class AdapterStore:
         if version is not None:
             validate_name(version, "version")
         export = read_export(Path(run_export))
-        name = validate_name(name if name is not None else export.meta["name"])
+        name = validate_name(name if name is not None else export.meta.name)
         staging = self.root / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -359,6 +360,8 @@ class AdapterStore:
         else:
             self._write_renamed_adapter(export, name, staging)
         shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+        if (export.path / TRAIN_LOG).is_file():
+            shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
         files = {}
         for filename in PAYLOAD_FILES:
             _fsync_file(staging / filename)
@@ -376,7 +379,7 @@ class AdapterStore:
         _write_json(staging / ADAPTER_CONFIG, {**export.config, "name": name})
 
     def _commit(
-        self, staging: Path, meta: dict, files: dict[str, str], name: str, version: str | None
+        self, staging: Path, meta: AdapterMeta, files: dict[str, str], name: str, version: str | None
     ) -> StoredVersion:
         """Rename ``staging`` to ``<name>/<version>``; a lost auto-version race takes the next number."""
         name_dir = self.root / name
@@ -387,8 +390,8 @@ class AdapterStore:
                 if version is None:
                     continue
                 raise HubError(f"adapter {name}@{chosen} already exists; choose another --version")
-            hub = {**meta, "name": name, "version": chosen, "created_at": _utc_now(), "files": files}
-            _write_json(staging / HUB_JSON, hub)
+            hub = meta.stored_as(name, chosen, _utc_now(), files)
+            _write_json(staging / HUB_JSON, hub.to_dict())
             _fsync_file(staging / HUB_JSON)
             _fsync_dir(staging)
             name_dir.mkdir(exist_ok=True)
@@ -413,64 +416,87 @@ class AdapterStore:
     # ---- reading ----------------------------------------------------------------------
 
     def list(self) -> list[AdapterSummary]:
-        """Every name (sorted) with its readable versions, oldest to newest."""
+        """Every name (sorted) with its usable versions, oldest to newest, and the skipped ones with why."""
         summaries = []
         for name_dir in sorted(self._visible_dirs(self.root)):
-            versions = self._versions(name_dir)
-            if versions:
-                summaries.append(AdapterSummary(name_dir.name, versions))
+            if name_dir.is_symlink():
+                reason = f"'{name_dir}' is a symbolic link; the store refuses links"
+                summaries.append(AdapterSummary(name_dir.name, [], [SkippedVersion(name_dir.name, None, reason)]))
+                continue
+            versions, skipped = self._versions(name_dir)
+            if versions or skipped:
+                summaries.append(AdapterSummary(name_dir.name, versions, skipped))
         return summaries
 
     def show(self, ref: str) -> StoredVersion:
-        """``NAME`` (newest by created_at) or ``NAME@VERSION``; NotFoundError lists what exists."""
+        """``NAME`` (newest usable by created_at) or ``NAME@VERSION``; NotFoundError lists what exists,
+        IntegrityError says why a version is skipped."""
         name, version = parse_ref(ref)
-        name_dir = self.root / name
-        versions = self._versions(name_dir) if name_dir.is_dir() else []
-        if not versions:
-            known = ", ".join(s.name for s in self.list()) or "none"
+        summary = next((s for s in self.list() if s.name == name), None)
+        if summary is None:
+            known = ", ".join(s.name for s in self.list() if s.versions) or "none"
             raise NotFoundError(f"no adapter named '{name}' in store '{self.root}' (available: {known})")
         if version is None:
-            return versions[-1]
-        if not (name_dir / version).is_dir():
-            known = ", ".join(v.version for v in versions)
-            raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
-        return self._read_version(name_dir / version)
+            if summary.versions:
+                return summary.versions[-1]
+            reasons = "; ".join(f"{s.ref}: {s.reason}" for s in summary.skipped)
+            raise IntegrityError(f"adapter '{name}' has no usable version ({reasons})")
+        for stored in summary.versions:
+            if stored.version == version:
+                return stored
+        for skipped in summary.skipped:
+            if skipped.version in (version, None):
+                raise IntegrityError(f"'{name}@{version}' is skipped: {skipped.reason}")
+        known = ", ".join(v.version for v in summary.versions) or "none"
+        raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
 
     def snapshot(self) -> dict[str, str]:
-        """``name@version -> created_at`` for every version; poll and diff to spot new publishes."""
-        return {v.ref: v.created_at for s in self.list() for v in s.versions}
+        """``name@version -> created_at`` (or why it is skipped); poll and diff to spot changes."""
+        return {
+            **{v.ref: v.created_at for s in self.list() for v in s.versions},
+            **{k.ref: f"skipped: {k.reason}" for s in self.list() for k in s.skipped},
+        }
 
     def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter:
-        """Verify checksums (and the backbone fingerprint, if given) and read the tensors."""
+        """Verify checksums again (and the backbone fingerprint, if given) and read the tensors."""
         stored = self.show(ref)
-        self._verify(stored)
+        self._verify(stored.path, stored.ref, stored.meta)
         if backbone is not None:
-            problem = fingerprint_mismatch(stored.meta["backbone"], backbone)
+            problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
             if problem:
                 raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
         tensors = load_file(stored.path / ADAPTER_WEIGHTS, device="cpu")
         rows = load_file(stored.path / TASK_TOKENS, device="cpu").get("rows")
-        k = len(stored.meta["special_tokens"])
+        k = len(stored.meta.special_tokens)
         if rows is None or rows.ndim != 2 or rows.shape[0] != k:
             raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
         return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, rows)
 
-    def _verify(self, stored: StoredVersion) -> None:
-        """Refuse pickle files and any payload file whose sha256 differs from hub.json."""
-        for path in stored.path.iterdir():
-            if path.suffix in PICKLE_SUFFIXES:
-                raise IntegrityError(
-                    f"'{stored.ref}' contains {path.name}; refusing pickle files, only safetensors are read"
-                )
-        recorded = stored.meta.get("files", {})
+    @staticmethod
+    def _verify(path: Path, ref: str, meta: AdapterMeta) -> None:
+        """Refuse links, pickle files and any payload file missing or whose sha256 differs from hub.json."""
+        for entry in path.iterdir():
+            if entry.is_symlink():
+                raise IntegrityError(f"'{ref}' contains the symbolic link {entry.name}; the store refuses links")
+            if entry.suffix in PICKLE_SUFFIXES:
+                raise IntegrityError(f"'{ref}' contains {entry.name}; refusing pickle files, only safetensors are read")
         for filename in PAYLOAD_FILES:
-            path = stored.path / filename
-            if filename not in recorded or not path.is_file():
-                raise IntegrityError(f"{filename} of '{stored.ref}' is missing")
-            if sha256_file(path) != recorded[filename]:
-                raise IntegrityError(
-                    f"{filename} of '{stored.ref}' is corrupted or modified (sha256 mismatch)"
-                )
+            file = path / filename
+            if filename not in meta.files or not stat.S_ISREG(_lstat_mode(file)):
+                raise IntegrityError(f"{filename} of '{ref}' is missing")
+            if sha256_file(file) != meta.files[filename]:
+                raise IntegrityError(f"{filename} of '{ref}' is corrupted or modified (sha256 mismatch)")
+
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
+        """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
+        stored = self.show(ref)
+        try:
+            return stored, json.loads((stored.path / TRAIN_LOG).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
+                                f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
+        except ValueError as e:
+            raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
 
     # ---- changing ---------------------------------------------------------------------
 
@@ -478,13 +504,14 @@ class AdapterStore:
         """Remove ``NAME`` (all versions) or ``NAME@VERSION``; return the removed refs."""
         name, version = parse_ref(ref)
         name_dir = self.root / name
+        target = name_dir if version is None else name_dir / version
+        if target.is_symlink() or name_dir.is_symlink():
+            raise HubError(f"'{target}' is a symbolic link; the store refuses links (remove it yourself if intended)")
         if not name_dir.is_dir():
             raise NotFoundError(f"no adapter named '{name}' in store '{self.root}'")
         if version is None:
-            target = name_dir
             removed = [f"{name}@{p.name}" for p in self._visible_dirs(name_dir)]
         else:
-            target = name_dir / version
             if not target.is_dir():
                 known = ", ".join(p.name for p in self._visible_dirs(name_dir)) or "none"
                 raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
@@ -509,10 +536,10 @@ class AdapterStore:
     def update_metrics(self, ref: str, metrics: dict) -> StoredVersion:
         """Merge ``metrics`` into the version's hub.json (not checksummed) by atomic replace."""
         stored = self.show(ref)
-        meta = {**stored.meta, "metrics": {**stored.meta.get("metrics", {}), **metrics}}
+        meta = stored.meta.with_metrics(metrics)
         tmp = stored.path / f".{HUB_JSON}.tmp-{uuid.uuid4().hex}"
         try:
-            _write_json(tmp, meta)
+            _write_json(tmp, meta.to_dict())
             _fsync_file(tmp)
             os.replace(tmp, stored.path / HUB_JSON)
         except BaseException:
@@ -520,31 +547,96 @@ class AdapterStore:
             raise
         return StoredVersion(stored.name, stored.version, stored.path, meta)
 
+    def gc(self, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+        """Remove internal leftovers of killed publishes, removals and metric updates older than `older_than_s`
+        (a live publisher's staging folder is younger); return what was removed."""
+        cutoff = time.time() - older_than_s
+        candidates = [p for p in self.root.iterdir() if p.name.startswith(INTERNAL_PREFIXES)]
+        for name_dir in self._visible_dirs(self.root):
+            if not name_dir.is_symlink():
+                for version_dir in self._visible_dirs(name_dir):
+                    candidates += [p for p in version_dir.iterdir() if p.name.startswith(INTERNAL_PREFIXES)]
+        removed = []
+        for path in candidates:
+            try:
+                if path.lstat().st_mtime > cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue  # removed concurrently
+            removed.append(path)
+        return removed
+
     # ---- scanning ---------------------------------------------------------------------
 
     @staticmethod
     def _visible_dirs(path: Path) -> list[Path]:
-        """Subdirectories that are not internal (``.tmp-*``, ``.trash-*``, other hidden)."""
+        """Subdirectories (or links to them) that are not internal (``.tmp-*``, ``.trash-*``, other hidden)."""
         try:
             return [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def _versions(self, name_dir: Path) -> list[StoredVersion]:
-        versions = []
+    def _versions(self, name_dir: Path) -> tuple[list[StoredVersion], list[SkippedVersion]]:
+        versions, skipped = [], []
         for version_dir in self._visible_dirs(name_dir):
-            try:
-                versions.append(self._read_version(version_dir))
-            except IntegrityError:
-                continue  # unreadable hub.json: not a usable version
-        return sorted(versions, key=lambda v: (v.created_at, _version_key(v.version)))
+            result = self._checked_version(version_dir)
+            if isinstance(result, StoredVersion):
+                versions.append(result)
+            else:
+                skipped.append(SkippedVersion(name_dir.name, version_dir.name, result))
+        versions.sort(key=lambda v: (v.created_at, _version_key(v.version)))
+        return versions, sorted(skipped, key=lambda k: _version_key(k.version))
 
-    @staticmethod
-    def _read_version(version_dir: Path) -> StoredVersion:
+    def _checked_version(self, version_dir: Path) -> StoredVersion | str:
+        """The validated version, or why it is skipped; cached until a file of the folder changes."""
+        signature = _folder_signature(version_dir)
+        cached = self._checked.get(version_dir)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         try:
-            meta = json.loads((version_dir / HUB_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise IntegrityError(f"{HUB_JSON} in '{version_dir}' is unreadable: {e}") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("created_at"), str):
-            raise IntegrityError(f"{HUB_JSON} in '{version_dir}' is not a version record")
+            result: StoredVersion | str = self._read_version(version_dir)
+        except IntegrityError as err:
+            result = str(err)
+        self._checked[version_dir] = (signature, result)
+        return result
+
+    def _read_version(self, version_dir: Path) -> StoredVersion:
+        ref = f"{version_dir.parent.name}@{version_dir.name}"
+        if version_dir.is_symlink():
+            raise IntegrityError(f"'{ref}' is a symbolic link; the store refuses links")
+        hub_json = version_dir / HUB_JSON
+        if not stat.S_ISREG(_lstat_mode(hub_json)):
+            raise IntegrityError(f"{HUB_JSON} of '{ref}' is missing or not a regular file")
+        try:
+            data = json.loads(hub_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise IntegrityError(f"{HUB_JSON} of '{ref}' is unreadable: {e}") from e
+        meta = AdapterMeta.from_dict(data, f"{HUB_JSON} of '{ref}'", stored=True)
+        self._verify(version_dir, ref, meta)
         return StoredVersion(version_dir.parent.name, version_dir.name, version_dir, meta)
+
+
+def _lstat_mode(path: Path) -> int:
+    """The file type bits without following links (0 when missing)."""
+    try:
+        return path.lstat().st_mode
+    except OSError:
+        return 0
+
+
+def _folder_signature(path: Path) -> tuple:
+    """Name, type, size, mtime and inode of every entry: changes whenever a file is replaced or edited."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        return tuple((e.name, *_entry_stat(e)) for e in entries)
+    except OSError:
+        return ()
+
+
+def _entry_stat(entry: os.DirEntry) -> tuple:
+    info = entry.stat(follow_symlinks=False)
+    return info.st_mode, info.st_size, info.st_mtime_ns, info.st_ino

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
 from hub.model.backbone import Backbone
 from hub.errors import HubError
+from hub.interop import prompt_layout, quiet_adapter_activation
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
-from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+from hub.plots import training_curve_png
+from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
 from hub.training.regularizers import build_regularizers, resolve_regularizers
 from hub.training.subset import low_resource_subset
@@ -82,7 +84,8 @@ def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottlene
     torch.manual_seed(seed)
     adapters.init(model)
     model.add_adapter(name, config=vlm_adapter_config(model.config.n_embd, bottleneck))
-    model.train_adapter(name)
+    with quiet_adapter_activation():
+        model.train_adapter(name)
     return attach_task_rows(backbone, task, seed)
 
 
@@ -142,6 +145,7 @@ class Trainer:
         self.pad_id = backbone.tokenizer.eos_token_id or 0
         self.log = TrainLog()
         self.step = 0
+        self.example_source = None  # a training input, shown in the export's prompt layout
 
     @property
     def trainable_count(self) -> int:
@@ -189,7 +193,10 @@ class Trainer:
         """Train to `max_steps` (or `epochs`) with the run's regularisers hooked in; they are unhooked on return."""
         cfg = self.config
         max_target = self.task.defaults.max_target_length
-        train_set = encode_all(self.codec, self._training_subset(train_examples), max_target, "training")
+        examples = self._training_subset(train_examples)
+        train_set = encode_all(self.codec, examples, max_target, "training")
+        self.example_source = examples[0].source
+        self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
         eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
         steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -338,6 +345,7 @@ class Trainer:
             "metrics": metrics,
             "backbone": self.backbone.fingerprint,
             "training": asdict(self.config),
+            "layout": prompt_layout(self.task, self.example_source),
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
 
@@ -358,22 +366,13 @@ def staging(out_dir: Path) -> Iterator[Path]:
 
 
 def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation)."""
-    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s["step"] for s in log.steps], [s["loss"] for s in log.steps], label="train loss", alpha=0.6)
-    ax.plot([e["step"] for e in log.evals], [e["eval_loss"] for e in log.evals], "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss_curve.png", dpi=100)
-    plt.close(fig)
+    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation). The log is
+    also copied into `best/`, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
+    text = json.dumps(asdict(log), indent=1)
+    (run_dir / TRAIN_LOG).write_text(text)
+    if (run_dir / "best").is_dir():
+        (run_dir / "best" / TRAIN_LOG).write_text(text)
+    (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:

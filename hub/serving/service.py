@@ -1,0 +1,268 @@
+"""The serving service: what the HTTP layer calls, with no HTTP in it.
+
+`HubService` owns the engine, its scheduler and the store sync. Routes (FastAPI today; a Ray Serve deployment
+could wrap the same object) submit requests, stream or await their text, cancel them, list tasks and reload
+the store. Parsing and tokenizing a request run in a worker thread, outside the engine lock; the engine thread
+wakes a request's coroutine at most once per pending update, so a 64-row batch does not post 64 callbacks
+per step onto the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from hub.errors import HubError, UnavailableError
+from hub.model.backbone import Backbone
+from hub.serving.engine import Engine, ResidentAdapter, Sequence
+from hub.serving.sampling import SamplingParams, sampling_params
+from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
+from hub.serving.sync import StoreSync, SyncResult
+from hub.store.catalog import AdapterStore
+from hub.task import Task
+
+log = logging.getLogger("hub.serving.service")
+
+UPDATE_POLL = 0.25  # seconds between checks for a client that left or a deadline that passed
+
+
+class RequestTimeoutError(HubError):
+    """A request ran past the server's --request-timeout."""
+
+
+class GenerationFailedError(HubError):
+    """The engine failed while decoding this request (the server log has the details)."""
+
+
+@dataclass
+class ServiceSettings:
+    max_batch: int = 32
+    max_queue: int = 256
+    max_resident: int | None = None
+    request_timeout: float = 120.0
+    watch_interval: float = 0.5
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    store_timeout: float = 30.0  # a store call that takes longer answers 503 (a hung filesystem, a FIFO)
+
+
+class StoreCalls:
+    """Store I/O on one worker thread, off the event loop, each call bounded by a timeout.
+
+    A call that hangs (a FIFO, a dead network filesystem) holds the one worker; later calls answer
+    `UnavailableError` at once instead of piling up threads, and the event loop (health checks, streams) never
+    waits."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
+        self.running: dict[Future, float] = {}  # call -> when it started
+
+    async def __call__(self, fn: Callable, *args):
+        now = time.monotonic()
+        if any(now - started > self.timeout for call, started in self.running.items() if not call.done()):
+            raise UnavailableError(f"the adapter store has not answered for over {self.timeout:g}s; retry later")
+        call = self.executor.submit(fn, *args)
+        self.running[call] = now
+        call.add_done_callback(lambda done: self.running.pop(done, None))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(call), self.timeout)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"the adapter store did not answer within {self.timeout:g}s; retry later") from None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Updates:
+    """Wakes one request's coroutine from the engine thread; a wake-up already on its way is not repeated."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.pending = False
+
+    def __call__(self, sequence: Sequence) -> None:  # engine thread
+        if not self.pending:
+            self.pending = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.pending = False
+        self.event.set()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        self.event.clear()
+
+
+@dataclass
+class Handle:
+    """A submitted request: its sequence and the wake-ups it gets from the engine thread."""
+
+    sequence: Sequence
+    updates: Updates
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class HubService:
+    def __init__(self, backbone: Backbone, store: AdapterStore, make_task: Callable[[str, dict], Task],
+                 settings: ServiceSettings | None = None):
+        self.settings = settings or ServiceSettings()
+        self.store = store
+        self.engine = Engine(backbone, make_task, max_resident=self.settings.max_resident)
+        self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
+                                   self.settings.prefill_chunk)
+        self.sync = StoreSync(store, self.engine)
+        self.store_calls = StoreCalls(self.settings.store_timeout)
+        # e.g. the HTTP layer's metrics: a request that ended, with its finish reason or cancelled/timeout
+        self.on_finished: Callable[[Sequence, str], None] | None = None
+        self.ready = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Remove stale staging leftovers, load the store's adapters, start the engine thread."""
+        for path in await self.store_calls(self.store.gc):
+            log.info("removed stale store leftover %s", path)
+        await self.store_calls(self.sync.sync)
+        self.scheduler.start()
+        self.ready = True
+        log.info("serving %s", ", ".join(sorted(self.engine.adapters)) or "no adapters yet")
+
+    def stop(self) -> None:
+        """Finish running and waiting sequences, then stop the engine thread (blocking)."""
+        self.ready = False
+        self.scheduler.stop()
+        self.store_calls.close()
+
+    async def watch_store(self) -> None:
+        """Keep the engine in step with the store: newly published versions become servable without a restart.
+
+        Wakes on the store's inotify events (through `watchfiles`, where installed) and at least every
+        `watch_interval` seconds, so polling alone still works; 0 turns watching off.
+        """
+        interval = self.settings.watch_interval
+        if interval <= 0:
+            return
+        async for _ in store_events(self.store.root, interval):
+            try:
+                if await self.store_calls(self.sync.changed):
+                    await self.store_calls(self.sync.sync)
+            except Exception:  # keep watching whatever one sync met
+                log.exception("store sync failed")
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def resolve(self, task: str) -> ResidentAdapter:
+        return self.engine.resolve(task)
+
+    def params(self, task: str, **fields) -> SamplingParams:
+        """A request's sampling fields (None: not given), defaulting to the task's length."""
+        return sampling_params(self.resolve(task).task.defaults.max_new_tokens, **fields)
+
+    async def submit(self, task: str | None, source: Any, params: SamplingParams,
+                     prompt_text: str | None = None) -> Handle:
+        """Parse and tokenize (in a worker thread), then queue; raises HubError for bad input or a full queue."""
+        sequence = await asyncio.to_thread(self.engine.new_sequence, task, source, params, prompt_text)
+        handle = Handle(sequence, Updates(asyncio.get_running_loop()))
+        sequence.on_update = handle.updates
+        self.scheduler.submit(sequence)
+        return handle
+
+    async def stream(self, handle: Handle, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out."""
+        sequence = handle.sequence
+        deadline = handle.submitted + self.settings.request_timeout
+        sent, next_check, outcome = 0, 0.0, "cancelled"
+        try:
+            while True:
+                await handle.updates.wait(UPDATE_POLL)
+                now = time.monotonic()
+                if now > deadline:
+                    outcome = "timeout"
+                    raise RequestTimeoutError(f"request timed out after {self.settings.request_timeout:g}s")
+                if now > next_check:
+                    next_check = now + UPDATE_POLL
+                    if await disconnected():
+                        return
+                done = sequence.finished  # read first: text read after it is complete when done
+                ready = sendable_text(sequence, done)
+                if len(ready) > sent:
+                    yield ready[sent:]
+                    sent = len(ready)
+                if done:
+                    if sequence.finish_reason == "error":
+                        raise GenerationFailedError("generation failed; the server log has the details")
+                    return
+        finally:  # every request is counted once, cancelled and timed-out ones included
+            reason = sequence.finish_reason if sequence.finished else outcome
+            self.cancel(handle)
+            if self.on_finished:
+                self.on_finished(sequence, reason)
+
+    async def complete(self, handle: Handle, disconnected: Callable[[], Awaitable[bool]]) -> str:
+        return "".join([piece async for piece in self.stream(handle, disconnected)])
+
+    @staticmethod
+    def cancel(handle: Handle) -> None:
+        """Stop decoding a request (the engine thread drops it at its next step)."""
+        if not handle.sequence.finished:
+            handle.sequence.cancelled = True
+
+    # -- tables and operations ----------------------------------------------------------------------------
+    def task_names(self) -> list[str]:
+        return sorted(self.engine.adapters)
+
+    async def list_tasks(self) -> dict:
+        """Served tasks, and the store's versions that are skipped or refused, with why."""
+        listing = await self.store_calls(self.store.list)
+        with self.engine.lock:
+            resident = dict(self.engine.adapters)
+        versions = {s.name: [v.version for v in s.versions] for s in listing}
+        usable = {v.ref for s in listing for v in s.versions}
+        skipped = [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]
+        skipped += [{"ref": ref, "reason": reason} for ref, reason in self.sync.refused.items() if ref in usable]
+        return {"tasks": [describe(resident[name], versions.get(name, [])) for name in sorted(resident)],
+                "skipped": skipped}
+
+    async def reload(self) -> SyncResult:
+        return await self.store_calls(self.sync.sync)
+
+    def unload(self, name: str) -> None:
+        self.sync.unload(name)
+
+
+async def store_events(root, interval: float) -> AsyncIterator[None]:
+    """Yield after each burst of file events under `root` (inotify) or after `interval` seconds without one."""
+    try:
+        from watchfiles import awatch
+    except ImportError:  # no inotify binding here: poll
+        while True:
+            await asyncio.sleep(interval)
+            yield
+    else:
+        async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
+                              yield_on_timeout=True, watch_filter=None):
+            yield
+
+
+def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
+    meta = adapter.meta
+    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
+            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
+            "resident": adapter.slot is not None}
+
+
+def sendable_text(sequence: Sequence, done: bool) -> str:
+    """Text safe to send: all of it once done, else without a possible beginning of a stop string (the
+    engine's text never ends in a partial UTF-8 character)."""
+    text = sequence.text
+    if done:
+        return text
+    hold = max((len(s) - 1 for s in sequence.params.stop), default=0)
+    return text[: len(text) - hold] if hold else text
