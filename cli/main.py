@@ -113,6 +113,19 @@ def train(
                                   "fine-tuning baseline; lora: LoRA baseline, size matched to the adapter's"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (torchrun; one "
                               "GPU each, else gloo on the CPU); --batch-size is per process"),
+    train_examples: Optional[int] = typer.Option(None, "--train-examples", help="train on N examples only, taken "
+                                                 "input by input (all references of an input together)"),
+    data_seed: int = typer.Option(0, "--data-seed", help="which N examples (with --train-examples)"),
+    mvcr: bool = typer.Option(False, "--mvcr", help="MVCR: random multi-view autoencoders in the frozen model "
+                              "while training (docs/MVCR.md); removed afterwards, nothing extra is exported"),
+    mvcr_layers: Optional[str] = typer.Option(None, "--mvcr-layers", help="block indices, e.g. 6,8,11 "
+                                              "(default: blocks 6, 8, 11 of 12 at the same relative depths)"),
+    mvcr_dims: Optional[str] = typer.Option(None, "--mvcr-dims", help="autoencoder sizes, e.g. 128,256,512 "
+                                            "(default: those × hidden size / 768)"),
+    mvcr_noise: Optional[float] = typer.Option(None, "--mvcr-noise", help="std of the noise (default 0.002)"),
+    mvcr_pretrain_epochs: Optional[int] = typer.Option(None, "--mvcr-pretrain-epochs",
+                                                       help="autoencoder warm-up epochs (default 4)"),
+    mvcr_ae_lr: Optional[float] = typer.Option(None, "--mvcr-ae-lr", help="reconstruction lr (default 1e-3)"),
 ) -> None:
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
 
@@ -130,6 +143,7 @@ def train(
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, describe_trainable, make_trainer
     from hub.store.catalog import validate_name
+    from hub.training.subset import check_subset_size
     from hub.training.trainer import TrainConfig, prepare_run_dir
     from tasks import make_task
 
@@ -143,19 +157,23 @@ def train(
         batch_size=batch_size or d.batch_size, grad_accum=grad_accum or d.grad_accum,
         max_length=max_length or d.max_length, epochs=epochs or d.epochs, max_steps=max_steps, eval_every=eval_every,
         seed=seed, base=base, method=method.value,
+        train_examples=train_examples, data_seed=data_seed,
+        regularizers=_mvcr_spec(mvcr, mvcr_layers, mvcr_dims, mvcr_noise, mvcr_pretrain_epochs, mvcr_ae_lr),
     )
-    train_examples = task.load_examples(data, "train")
-    eval_examples = task.load_examples(data, "validation")
+    training = task.load_examples(data, "train")
+    held_out = task.load_examples(data, "validation")
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
+    if train_examples is not None:
+        check_subset_size(train_examples, len(training))
     process = distributed.DataParallel.current(backbone.device)
+    trainer = make_trainer(backbone, task, config, out)  # first: it checks and completes the MVCR settings
     process.on_main(lambda: prepare_run_dir(out, config))
-    trainer = make_trainer(backbone, task, config, out)
     if process.is_main:
-        typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone "
-                   f"{backbone.source} on {backbone.device} ({process.world_size} process(es)); {method.value}: "
+        typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone {backbone.source} "
+                   f"on {backbone.device} ({process.world_size} process(es)); {method.value}: "
                    f"{describe_trainable(trainer)}")
-    trainer.train(train_examples, eval_examples)
+    trainer.train(training, held_out)
     if not process.is_main:
         return
     if method == Method.adapter:
@@ -163,6 +181,26 @@ def train(
     else:
         typer.echo(f"{method.value} model saved in {out / 'best'} (not an adapter: not publishable); "
                    f"evaluate it with: hub eval --model {out} --data {data}")
+
+
+def _int_list(option: str, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HubError(f"{option} {value!r}: expected whole numbers separated by commas, e.g. 6,8,11") from None
+
+
+def _mvcr_spec(enabled: bool, layers: str | None, dims: str | None, noise: float | None,
+               pretrain_epochs: int | None, ae_lr: float | None) -> dict[str, dict]:
+    """`{"mvcr": options}` for `TrainConfig.regularizers` (unset options take MVCR's defaults), or `{}`."""
+    options = {"layers": _int_list("--mvcr-layers", layers), "dims": _int_list("--mvcr-dims", dims),
+               "noise": noise, "pretrain_epochs": pretrain_epochs, "ae_lr": ae_lr}
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and not enabled:
+        raise HubError(f"--mvcr-{'/--mvcr-'.join(k.replace('_', '-') for k in given)} given without --mvcr")
+    return {"mvcr": given} if enabled else {}
 
 
 @app.command()
@@ -227,6 +265,8 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
                    f"({meta.trainable_pct:.2f}% of the backbone)\n"
                    f"  special tokens {' '.join(meta.special_tokens)}\n"
                    f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
+        for name, settings in meta.to_dict().get("training", {}).get("regularizers", {}).items():
+            typer.echo(f"  trained with {name} {json.dumps(settings)}")
     if plot:
         from hub.plots import training_curve_png, write_png
 

@@ -11,7 +11,7 @@ import math
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,6 +31,8 @@ from hub.plots import training_curve_png
 from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
 from hub.training.distributed import DataParallel
+from hub.training.regularizers import build_regularizers, resolve_regularizers
+from hub.training.subset import low_resource_subset
 
 @dataclass
 class TrainConfig:
@@ -50,10 +52,14 @@ class TrainConfig:
     base: str = ""
     method: str = "adapter"  # or a baseline of `hub.training.baselines`: "full", "lora"
     patience: int | None = None  # stop after this many held-out evaluations without a new best
+    train_examples: int | None = None  # train on a subset of this many examples (`low_resource_subset`)
+    data_seed: int = 0  # which subset
+    regularizers: dict[str, dict] = field(default_factory=dict)  # `hub.training.regularizers`: {"mvcr": {...}}
 
     def resumes(self, other: "TrainConfig") -> bool:
         """A run may resume only with what shapes the model and data unchanged."""
-        keys = ("name", "task_type", "task_config", "bottleneck", "base", "method")
+        keys = ("name", "task_type", "task_config", "bottleneck", "base", "method", "train_examples", "data_seed",
+                "regularizers")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -138,7 +144,9 @@ class Trainer:
         self.on_eval = on_eval
         self.model = backbone.model
         self.rows = self._attach()
-        self.params = trainable_parameters(self.model)
+        config.regularizers = resolve_regularizers(config.regularizers, self.model)  # recorded as resolved
+        self.regularizers = build_regularizers(config.regularizers, self.model, config.seed)
+        self.params = trainable_parameters(self.model) + [p for r in self.regularizers for p in r.parameters()]
         self.dist = DataParallel.current(backbone.device)
         self.dist.broadcast_parameters(self.params, config.seed)
         self.codec = TaskCodec(task, backbone.tokenizer, backbone.vocab_size, config.max_length)
@@ -149,7 +157,8 @@ class Trainer:
 
     @property
     def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.params)
+        """What the method trains and exports (training-only regularisers' parameters excluded)."""
+        return sum(p.numel() for p in trainable_parameters(self.model))
 
     def _attach(self) -> torch.nn.Parameter:
         """Make the model trainable the method's way; return the task's trainable rows."""
@@ -163,13 +172,16 @@ class Trainer:
         return optimizer, schedule
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.backbone.device.type == "cuda")
-        with autocast:
-            logits = self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
+        logits = self._logits(batch)
         # Computed here: transformers' loss reshapes logits by `config.vocab_size`, which excludes the task rows.
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.backbone.device.type == "cuda")
+        with autocast:
+            return self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
 
     @torch.no_grad()
     def evaluate(self, encoded: list[Encoded]) -> dict:
@@ -188,10 +200,12 @@ class Trainer:
         return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def train(self, train_examples: list[Example], eval_examples: list[Example]) -> TrainLog:
+        """Train to `max_steps` (or `epochs`) with the run's regularisers hooked in; they are unhooked on return."""
         cfg = self.config
         max_target = self.task.defaults.max_target_length
-        train_set = encode_all(self.codec, train_examples, max_target, "training")
-        self.example_source = train_examples[0].source
+        examples = self._training_subset(train_examples)
+        train_set = encode_all(self.codec, examples, max_target, "training")
+        self.example_source = examples[0].source
         self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
         eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
         steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * self.dist.world_size))
@@ -199,36 +213,65 @@ class Trainer:
         eval_every = cfg.eval_every or min(steps_per_epoch, total_steps)
         optimizer, schedule = self._optimizer_and_schedule(total_steps)
         self._resume(optimizer, schedule)
-        rng = random.Random(cfg.seed)
-        self.model.train()
         bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step",
                    disable=not self.dist.is_main)
-        batches = self._batches(train_set, rng)
+        batches = self._batches(train_set, random.Random(cfg.seed))
         started = time.time()
-        while self.step < total_steps and not self._out_of_patience():
-            loss = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = collate(next(batches), self.pad_id, self.backbone.device)
-                micro = self._loss(batch) * self.dist.token_share(labelled_tokens(batch)) / cfg.grad_accum
-                micro.backward()
-                loss += micro.item()
-            self.dist.sum_gradients(self.params)
-            (loss,) = self.dist.sum([loss])
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.log.steps.append({"step": self.step, "loss": loss, "lr": schedule.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update()
-            if self.step % eval_every == 0 or self.step == total_steps:
-                self._eval_and_checkpoint(eval_set, optimizer, schedule, bar)
+        with ExitStack() as hooked:
+            for regularizer in self.regularizers:
+                hooked.enter_context(regularizer.attached(self.model))
+                if self.step == 0:
+                    regularizer.warm_up(lambda: self._forward_passes(train_set), total_steps)
+            self.model.train()
+            while self.step < total_steps and not self._out_of_patience():
+                self._train_step(batches, optimizer, schedule, bar)
+                if self.step % eval_every == 0 or self.step == total_steps:
+                    self._eval_and_checkpoint(eval_set, optimizer, schedule, bar)
         bar.close()
         if self.dist.is_main:
             print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
                   f"{self.log.best_eval_loss:.4f} at step {self.log.best_step}")
         return self.log
+
+    def _training_subset(self, examples: list[Example]) -> list[Example]:
+        size, seed = self.config.train_examples, self.config.data_seed
+        if size is None:
+            return examples
+        if self.dist.is_main:
+            print(f"training on {size:,} of {len(examples):,} examples (data seed {seed})")
+        return low_resource_subset(examples, size, seed)
+
+    def _train_step(self, batches: Iterator[list[Encoded]], optimizer, schedule, bar) -> None:
+        """One optimiser step over `grad_accum` micro-batches, then each regulariser's own step."""
+        loss = 0.0
+        for _ in range(self.config.grad_accum):
+            batch = collate(next(batches), self.pad_id, self.backbone.device)
+            micro = self._loss(batch) * self.dist.token_share(labelled_tokens(batch)) / self.config.grad_accum
+            micro.backward()
+            loss += micro.item()
+        self.dist.sum_gradients(self.params)
+        (loss,) = self.dist.sum([loss])
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        extra = {k: v for regularizer in self.regularizers for k, v in regularizer.after_step().items()}
+        self.step += 1
+        self.log.steps.append({"step": self.step, "loss": loss, "lr": schedule.get_last_lr()[0], **extra})
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
+
+    @torch.no_grad()
+    def _forward_passes(self, train_set: list[Encoded]) -> Iterator[None]:
+        """One eval-mode forward pass per training batch, in order (regularisers' warm-ups watch them)."""
+        self.model.eval()
+        try:
+            for start in range(0, len(train_set), self.config.batch_size):
+                self._logits(collate(train_set[start : start + self.config.batch_size], self.pad_id,
+                                     self.backbone.device))
+                yield
+        finally:
+            self.model.train()
 
     def _out_of_patience(self) -> bool:
         """Early stopping: `patience` evaluations in a row without a lower held-out loss."""
@@ -273,6 +316,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "log": asdict(self.log),
+            "regularizers": [regularizer.state_dict() for regularizer in self.regularizers],
         }
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(state, tmp)
@@ -288,6 +332,8 @@ class Trainer:
             params[name].data.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        for regularizer, saved in zip(self.regularizers, state.get("regularizers", [])):
+            regularizer.load_state_dict(saved)
         self.step = state["step"]
         self.log = TrainLog(**state["log"])
         print(f"resuming {self.run_dir} from step {self.step}")
