@@ -76,8 +76,8 @@ def write_export(folder: Path, adapter: LoadedAdapter, task, fingerprint: dict) 
     save_file({"rows": adapter.token_rows.contiguous()}, str(folder / TASK_TOKENS))
     (folder / ADAPTER_CONFIG).write_text(json.dumps({"name": adapter.name, "config": {"architecture": "bottleneck"}}))
     params = sum(t.numel() for t in adapter.adapter_tensors.values()) + adapter.token_rows.numel()
-    meta = {**adapter.meta, "name": adapter.name, "special_tokens": list(task.special_tokens), "eos_token": task.eos,
-            "trainable_params": params, "metrics": {}, "backbone": fingerprint}
+    meta = {**adapter.meta.to_dict(), "name": adapter.name, "special_tokens": list(task.special_tokens),
+            "eos_token": task.eos, "trainable_params": params, "metrics": {}, "backbone": fingerprint}
     (folder / ADAPTER_META).write_text(json.dumps(meta))
     return folder
 

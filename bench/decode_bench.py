@@ -76,16 +76,21 @@ def adapter_bytes(adapters) -> int:
     return sum(t.numel() * t.element_size() for a in adapters for t in a.adapter_tensors.values())
 
 
-def engine_scenarios(folder: Path, rounds: int) -> dict:
-    backbone = load_backbone(str(folder), "cpu")
-    config, k = backbone.model.config, len(make_task(TASK_TYPE).special_tokens)
-    sources = prompt_sources(backbone.tokenizer, ROWS)
+def scenario_adapters(config) -> tuple[list, list]:
+    """64 adapters at b=100, and 64 whose bottlenecks cycle 10 / 100 / 300."""
+    k = len(make_task(TASK_TYPE).special_tokens)
     b100 = [random_adapter(f"h{i}", config, 100, TASK_TYPE, k, seed=i) for i in range(ROWS)]
     cycling = [random_adapter(f"m{i}", config, (10, 100, 300)[i % 3], TASK_TYPE, k, seed=1000 + i) for i in range(ROWS)]
+    return b100, cycling
+
+
+def engine_scenarios(folder: Path, rounds: int) -> dict:
+    backbone = load_backbone(str(folder), "cpu")
+    sources = prompt_sources(backbone.tokenizer, ROWS)
+    b100, cycling = scenario_adapters(backbone.model.config)
     scenarios = {"single": ["h0"] * ROWS, "single+300": ["h0"] * ROWS, "distinct": [a.name for a in b100],
                  "cycling": [a.name for a in cycling], "base": [None] * ROWS}
     results: dict[str, dict] = {}
-    memory = {}
     with Engine(backbone, make_task) as engine:
         for adapter in b100:
             engine.add_adapter(adapter)
@@ -96,11 +101,68 @@ def engine_scenarios(folder: Path, rounds: int) -> dict:
             keep(results, "single", run_engine(engine, scenarios["single"], sources))
             for adapter in cycling:
                 engine.add_adapter(adapter)
-            memory = {"bank_bytes": engine.resident_bytes(), "adapter_bytes": adapter_bytes(b100 + cycling),
-                      "resident_adapters": engine.resident_count(), "rss_gb_all_resident": rss_gb()}
             for name in ("single+300", "distinct", "cycling", "base"):
                 keep(results, name, run_engine(engine, scenarios[name], sources))
-    return {"scenarios": results, "memory": memory}
+    return results
+
+
+def bank_memory(folder: Path) -> dict:
+    """The bank's bytes with both adapter sets resident, against the adapters' own bytes."""
+    backbone = load_backbone(str(folder), "cpu")
+    b100, cycling = scenario_adapters(backbone.model.config)
+    with Engine(backbone, make_task) as engine:
+        for adapter in b100 + cycling:
+            engine.add_adapter(adapter)
+        return {"bank_bytes": engine.resident_bytes(), "adapter_bytes": adapter_bytes(b100 + cycling),
+                "resident_adapters": engine.resident_count(), "rss_gb_all_resident": rss_gb()}
+
+
+class PassThrough(torch.nn.Module):
+    """A block that returns its input as GPT-2's blocks return their output: a tuple."""
+
+    def forward(self, h):
+        return (h,)
+
+
+class PassThroughBlocks(torch.nn.Module):
+    """GPT-2's block list with blocks that return their input: what is left to time is the adapter hooks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = torch.nn.Module()
+        self.transformer.h = torch.nn.ModuleList(PassThrough() for _ in range(config.n_layer))
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, h):
+        for block in self.transformer.h:
+            block(h)
+
+
+def hook_times(folder: Path, repeats: int = 5) -> dict:
+    """Milliseconds per decode step (every layer, ROWS rows of one token) spent in the VLM hooks alone."""
+    from transformers import GPT2Config
+
+    from hub.adapters.base import RowState
+    from hub.adapters.vlm import VlmRuntime, stack_layers
+    from hub.store.catalog import adapter_layers
+
+    config = GPT2Config.from_pretrained(folder)
+    model, (b100, cycling) = PassThroughBlocks(config), scenario_adapters(config)
+    runtime = VlmRuntime(model)
+    slots = {a.name: runtime.add(stack_layers(adapter_layers(a.adapter_tensors, a.name))) for a in b100 + cycling}
+    plans = {"single": [slots["h0"]] * ROWS, "distinct": [slots[a.name] for a in b100],
+             "cycling": [slots[a.name] for a in cycling]}
+    h, times = torch.randn(ROWS, 1, config.n_embd), {}
+    for name, row_slots in plans.items():
+        with torch.inference_mode(), runtime.active(runtime.make_plan([RowState(s) for s in row_slots])):
+            model(h)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(h)
+        times[name] = 1000 * (time.perf_counter() - start) / repeats
+    runtime.close()
+    return times
 
 
 def keep(results: dict, name: str, result: dict) -> None:
@@ -147,7 +209,8 @@ def http_vs_engine(folder: Path, work: Path, rounds: int) -> dict:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     command = [sys.executable, "-m", "cli", "serve", "--store", str(store.root), "--base", str(folder),
-               "--device", "cpu", "--port", str(port), "--max-batch", str(ROWS), "--watch-interval", "0"]
+               "--device", "cpu", "--port", str(port), "--max-batch", str(ROWS), "--watch-interval", "0",
+               "--request-timeout", "3600"]
     server = subprocess.Popen(command, env=env, stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT)
     results: dict[str, dict] = {}
     try:
@@ -220,20 +283,27 @@ TARGETS = [("distinct", "single", 0.95), ("cycling", "single", 0.95), ("single+3
 
 def markdown(result: dict) -> str:
     """The tables of docs/BENCHMARKS.md from a decode_bench.json."""
-    runs, memory = result["scenarios"], result["memory"]
+    runs, memory = result.get("scenarios", {}), result.get("memory")
+    if "hooks" in result:
+        hooks = result["hooks"]
+        lines_hooks = [f"VLM hooks alone, one decode step of {ROWS} rows: " + ", ".join(
+            f"{name} {ms:.0f} ms" for name, ms in hooks.items()) + "."]
+    else:
+        lines_hooks = []
     lines = ["| scenario | generated tokens/s | p50 latency (s) | p99 latency (s) | peak RSS so far (GB) |",
              "|---|---|---|---|---|"]
     lines += [f"| {LABELS[k]} | {r['tokens_per_s']:.1f} | {r['p50_s']:.1f} | {r['p99_s']:.1f} | {r['peak_rss_gb']:.2f} |"
               for k, r in runs.items()]
     lines += ["", "| ratio | measured | target | met |", "|---|---|---|---|"]
-    for num, den, target in TARGETS:
+    for num, den, target in TARGETS if runs else ():
         ratio = runs[num]["tokens_per_s"] / runs[den]["tokens_per_s"]
         met = "(reference)" if target is None else f"≥ {target} | {'yes' if ratio >= target else '**no**'}"
         lines.append(f"| {num} / {den} | {ratio:.2f} | {met} |" + (" |" if target is None else ""))
-    bank, own = memory["bank_bytes"], memory["adapter_bytes"]
-    lines += ["", f"Bank: {memory['resident_adapters']} resident adapters (the b=100 set and the 10/100/300 set), "
-              f"{bank / 1e6:.0f} MB on the device against {own / 1e6:.0f} MB of their own weights "
-              f"({bank / own:.2f}×); process RSS {memory['rss_gb_all_resident']:.2f} GB with all of them resident."]
+    if memory:
+        bank, own = memory["bank_bytes"], memory["adapter_bytes"]
+        lines += ["", f"Bank: {memory['resident_adapters']} resident adapters (the b=100 set and the 10/100/300 set), "
+                  f"{bank / 1e6:.0f} MB on the device against {own / 1e6:.0f} MB of their own weights "
+                  f"({bank / own:.2f}×); process RSS {memory['rss_gb_all_resident']:.2f} GB with all of them resident."]
     if "http" in result:
         http, engine = result["http"]["http"], result["http"]["engine"]
         lines += ["", "| 64 concurrent requests over 8 tasks | tokens/s | p50 (s) | p99 (s) |", "|---|---|---|---|",
@@ -242,10 +312,12 @@ def markdown(result: dict) -> str:
                   f"| `/v1/generate` to `hub serve` | {http['tokens_per_s']:.1f} | {http['p50_s']:.1f} | "
                   f"{http['p99_s']:.1f} |",
                   f"| HTTP / engine | {http['tokens_per_s'] / engine['tokens_per_s']:.2f} (target ≥ 0.9) | | |"]
-    publish = result["publish"]
-    lines += ["", f"Publish -> served ({publish['count']} publishes, store watched "
-              f"{'with inotify' if publish['inotify'] else 'by polling'}): p50 {publish['p50_ms']:.0f} ms, "
-              f"p99 {publish['p99_ms']:.0f} ms (target p99 ≤ 100 ms)."]
+    lines += [""] + lines_hooks if lines_hooks else []
+    if "publish" in result:
+        publish = result["publish"]
+        lines += ["", f"Publish -> served ({publish['count']} publishes, store watched "
+                  f"{'with inotify' if publish['inotify'] else 'by polling'}): p50 {publish['p50_ms']:.0f} ms, "
+                  f"p99 {publish['p99_ms']:.0f} ms (target p99 ≤ 100 ms)."]
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +327,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--parts", default="memory,scenarios,hooks,http,publish",
+                        help="comma-separated: memory, scenarios, hooks, http, publish")
     parser.add_argument("--rows", type=int, default=ROWS, help="smaller for a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     args = parser.parse_args()
@@ -263,14 +336,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="hub-decode-bench-"))
     folder = random_gpt2_small(work / "gpt2-random")
-    load_before = os.getloadavg()
-    result = {"machine": machine(), "load_before": load_before, **engine_scenarios(folder, args.rounds)}
-    if not args.skip_http:
-        result["http"] = http_vs_engine(folder, work, args.rounds)
-    result["publish"] = publish_latency(folder, work, 20)
-    result["load_after"] = os.getloadavg()
+    parts = {"memory": lambda: bank_memory(folder), "hooks": lambda: hook_times(folder), "scenarios": lambda: engine_scenarios(folder, args.rounds),
+             "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20)}
+    result = {"machine": machine(), "load_before": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_bench.json").write_text(json.dumps(result, indent=1))
+    for part in args.parts.split(","):
+        result[part] = parts[part]()
+        result["load_after"] = os.getloadavg()
+        (args.out / "decode_bench.json").write_text(json.dumps(result, indent=1))  # what is measured so far
     (args.out / "decode_bench.md").write_text(markdown(result))
     print(markdown(result))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Multi-task adapter hub for one shared, frozen GPT-2.")
 
 DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
-StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
+StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store: a folder, or an fsspec URL such as "
+                           "s3://bucket/prefix (env HUB_STORE)")
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
 BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
 TrainBaseOption = typer.Option("gpt2", "--base", envvar="HUB_BASE", show_default=True,
@@ -54,10 +56,10 @@ class ExportFormat(str, Enum):
     adapterhub = "adapterhub"
 
 
-def _store(path: str):
-    from hub.store.catalog import AdapterStore
+def _store(location: str):
+    from hub.store.backends import open_store
 
-    return AdapterStore(path)
+    return open_store(location)
 
 
 def _set_threads(threads: int | None) -> str:
@@ -122,9 +124,21 @@ def train(
     mvcr_pretrain_epochs: Optional[int] = typer.Option(None, "--mvcr-pretrain-epochs",
                                                        help="autoencoder warm-up epochs (default 4)"),
     mvcr_ae_lr: Optional[float] = typer.Option(None, "--mvcr-ae-lr", help="reconstruction lr (default 1e-3)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (torchrun; one "
+                              "GPU each, else gloo on the CPU); --batch-size is per process"),
 ) -> None:
-    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with)."""
+    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
+
+    Data-parallel with `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
     import torch
+
+    from hub.training import distributed
+
+    if nproc > 1 and distributed.launched_world_size() == 1:
+        raise typer.Exit(subprocess.call(distributed.relaunch_command(nproc, sys.argv[1:])))
+    if note := distributed.single_process_accelerate_note():
+        typer.echo(note, err=True)
+    distributed.init_process_group(device)
 
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, describe_trainable, make_trainer
@@ -152,11 +166,16 @@ def train(
     config.max_length = min(config.max_length, backbone.n_positions)
     if train_examples is not None:
         check_subset_size(train_examples, len(training))
+    process = distributed.DataParallel.current(backbone.device)
     trainer = make_trainer(backbone, task, config, out)  # first: it checks and completes the MVCR settings
-    prepare_run_dir(out, config)
-    typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone {backbone.source} "
-               f"on {backbone.device}; {method.value}: {describe_trainable(trainer)}")
+    process.on_main(lambda: prepare_run_dir(out, config))
+    if process.is_main:
+        typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone "
+                   f"{backbone.source} on {backbone.device} ({process.world_size} process(es)); {method.value}: "
+                   f"{describe_trainable(trainer)}")
     trainer.train(training, held_out)
+    if not process.is_main:
+        return
     if method == Method.adapter:
         typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
     else:
@@ -266,6 +285,9 @@ def export(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
     from hub.interop import export_adapterhub
 
     loaded = _store(store).load(ref)  # verifies the checksums first
+    if not isinstance(loaded.path, Path):
+        raise HubError(f"hub export reads a local store; {store} is an object store: publish the run to a local "
+                       f"store (hub publish RUN --store FOLDER) and export from there")
     path = export_adapterhub(loaded.path, out)
     typer.echo(f"exported {loaded.ref} ({export_format.value}) to {path}; load it with:\n"
                f"  task = hub.interop.load_into_adapters(GPT2LMHeadModel.from_pretrained(BASE), '{path}')")
@@ -368,6 +390,14 @@ def serve(
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger request bodies get 413"),
+    ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
+                             "task routed to a replica that holds it (docs/DEPLOY.md)"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="--ray: engine replicas"),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: the cluster to join, auto or "
+                                          "ray://HOST:10001 (default: start a local one)"),
+    max_tasks_per_replica: int = typer.Option(8, "--max-tasks-per-replica", min=1,
+                                              help="--ray: tasks one replica keeps loaded (LRU)"),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", min=0.0, help="--ray: GPUs per engine replica"),
 ) -> None:
     """Serve every published adapter over HTTP, fusing requests of different tasks in one batch."""
     import uvicorn
@@ -375,15 +405,22 @@ def serve(
     from hub.serving.service import ServiceSettings
     from server.app import create_app
 
+    settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
+                               request_timeout=request_timeout, watch_interval=watch_interval,
+                               prefill_chunk=prefill_chunk)
+    if ray:
+        from server.ray_serve import RayServeOptions, serve_on_ray
+
+        options = RayServeOptions(store=store, base=base, device=device, dtype=dtype.value, threads=threads,
+                                  replicas=replicas, max_tasks_per_replica=max_tasks_per_replica,
+                                  replica_gpus=replica_gpus, service=settings, max_body_bytes=max_body_bytes)
+        return serve_on_ray(options, address, host, port)
     threads_used = _set_threads(threads)
     adapter_store = _store(store)
     refs = [s.latest.ref for s in adapter_store.list() if s.versions]
     backbone = _backbone_for(adapter_store, refs, base, device, dtype)
     typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
                f"on {backbone.device}, adapters float32", err=True)
-    settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                               request_timeout=request_timeout, watch_interval=watch_interval,
-                               prefill_chunk=prefill_chunk)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,

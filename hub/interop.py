@@ -15,15 +15,16 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LogitsProcessorList, PreTrainedTokenizerBase
 
-from hub.errors import BackboneMismatchError, HubError
+from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import weights_sha256
 from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS
+from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 
 EXPORT_README = "README.md"
@@ -59,11 +60,15 @@ def prompt_layout(task: Task, example_source: Any) -> dict:
     }
 
 
-def read_version_meta(path: Path) -> dict:
+def read_version_meta(path: Path) -> AdapterMeta:
     """`hub.json` of a store version or an `hub export` folder, else a run export's `adapter_meta.json`."""
-    for filename in (HUB_JSON, ADAPTER_META):
+    for filename, stored in ((HUB_JSON, True), (ADAPTER_META, False)):
         if (path / filename).is_file():
-            return json.loads((path / filename).read_text(encoding="utf-8"))
+            try:
+                data = json.loads((path / filename).read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise IntegrityError(f"{path / filename} is not readable JSON: {err}") from None
+            return AdapterMeta.from_dict(data, str(path / filename), stored=stored)
     raise HubError(f"'{path}' is not a hub adapter folder: it has neither {HUB_JSON} nor {ADAPTER_META}")
 
 
@@ -107,7 +112,7 @@ class AdapterHubTask:
         return self.codec.tokenizer.decode(self.generate_ids(source, max_new_tokens)).strip()
 
 
-def _check_backbone(model: GPT2LMHeadModel, needed: dict) -> None:
+def _check_backbone(model: GPT2LMHeadModel, needed: Mapping[str, Any]) -> None:
     """The architecture always; the weights' sha256 while the model is still plain GPT-2 (no rows added yet)."""
     config = model.config
     shape = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
@@ -129,8 +134,7 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
 
     path = Path(path)
     meta = read_version_meta(path)
-    backbone = meta["backbone"]
-    _check_backbone(model, backbone)
+    _check_backbone(model, meta.backbone)
     if not hasattr(model, "adapters_config"):
         adapters.init(model)
     with quiet_adapter_activation():
@@ -144,9 +148,9 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    task = make_task(meta["task_type"], meta.get("task_config", {}))
+    task = make_task(meta.task_type, dict(meta.task_config))
     codec = TaskCodec(task, tokenizer, first_id, model.config.n_positions)
-    return AdapterHubTask(model, codec, name, backbone["vocab_size"])
+    return AdapterHubTask(model, codec, name, meta.backbone["vocab_size"])
 
 
 def export_adapterhub(version_dir: Path, out: Path) -> Path:
@@ -158,8 +162,8 @@ def export_adapterhub(version_dir: Path, out: Path) -> Path:
         shutil.copyfile(version_dir / filename, out / filename)
     meta = read_version_meta(out)
     (out / EXPORT_README).write_text(
-        f"# {meta['name']}@{meta['version']}: a {meta['task_type']} adapter of the GPT-2 adapter hub\n\n"
-        f"Trained on `{meta['backbone']['source']}`. Load it into a plain transformers + adapters GPT-2:\n\n"
+        f"# {meta.name}@{meta.version}: a {meta.task_type} adapter of the GPT-2 adapter hub\n\n"
+        f"Trained on `{meta.backbone.get('source', '?')}`. Load it into a plain transformers + adapters GPT-2:\n\n"
         "```python\nfrom transformers import GPT2LMHeadModel\nfrom hub.interop import load_into_adapters\n\n"
         "model = GPT2LMHeadModel.from_pretrained(BASE)  # the backbone above\n"
         "task = load_into_adapters(model, THIS_FOLDER)\nprint(task.generate(INPUT))  # greedy, as the hub\n```\n\n"

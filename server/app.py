@@ -156,8 +156,13 @@ def _issues(err: RequestValidationError) -> list[dict]:
 
 def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    hub = HubService(backbone, store, make_task, settings)
-    metrics = ServerMetrics()
+    return build_app(HubService(backbone, store, make_task, settings), max_body_bytes)
+
+
+def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """The routes over a service: `HubService` in this process, or `server.ray_serve.RemoteService`."""
+    metrics = metrics or ServerMetrics()
     hub.on_finished = metrics.observe_finished
 
     @asynccontextmanager
@@ -171,7 +176,7 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
-    add_playground(app, store)
+    add_playground(app, hub.store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
@@ -191,14 +196,13 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
     async def readyz():
         if not hub.ready:
             raise HTTPException(503, "starting or stopping")
-        return {"status": "ready", "tasks": len(hub.engine.adapters)}
+        return {"status": "ready", "tasks": len(hub.task_names())}
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
     async def metrics_route():
-        stats = hub.scheduler.stats()
-        return Response(metrics.render(stats, hub.engine.resident_count()), media_type=metrics.content_type)
+        return Response(metrics.render(hub.stats(), hub.resident_count()), media_type=metrics.content_type)
 
     @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():

@@ -10,8 +10,9 @@ from transformers import GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from cli.main import app
-from hub.errors import BackboneMismatchError
+from hub.errors import BackboneMismatchError, IntegrityError
 from hub.interop import load_into_adapters
+from hub.store.format import AdapterMeta
 from tests.test_evaluation import engine_greedy, store, test_mrs  # noqa: F401 (fixtures)
 
 MAX_NEW = 12
@@ -23,10 +24,20 @@ def hub_tokens(store, tiny_base, test_mrs) -> list[list[int]]:  # noqa: F811
 
 
 def test_the_version_metadata_holds_the_prompt_layout_and_token_types(store):
-    layout = store.show("e2e").meta["layout"]
+    layout = store.show("e2e").meta.layout
     assert layout["prompt"][0] == "<bos_nlg>" and layout["target_marker"] == "<response>"
     assert "typed by the special token that opens its segment" in layout["token_types"]
     assert layout["example"]["segments"][0][0] == "<name>"
+
+
+def test_layout_is_optional_metadata_old_versions_still_read(store):
+    data = store.show("e2e").meta.to_dict()
+    old = {k: v for k, v in data.items() if k != "layout"}
+    assert AdapterMeta.from_dict(old, "hub.json", stored=True).layout is None
+    assert "layout" not in AdapterMeta.from_dict(old, "hub.json", stored=True).to_dict()
+    assert AdapterMeta.from_dict(data, "hub.json", stored=True).to_dict() == data
+    with pytest.raises(IntegrityError, match="layout must be an object"):
+        AdapterMeta.from_dict({**old, "layout": "segments"}, "hub.json", stored=True)
 
 
 def test_a_plain_adapters_model_gives_the_hubs_greedy_tokens(store, tiny_base, test_mrs, hub_tokens):

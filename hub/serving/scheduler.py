@@ -34,6 +34,7 @@ class SchedulerStats:
     waiting: int = 0
     running: int = 0
     steps: int = 0
+    mixed_steps: int = 0  # decode steps whose batch held more than one task
 
 
 class Scheduler:
@@ -49,6 +50,7 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="hub-engine", daemon=True)
         self.steps = 0
+        self.mixed_steps = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -64,7 +66,7 @@ class Scheduler:
             self.wakeup.notify()
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps)
+        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""
@@ -112,6 +114,7 @@ class Scheduler:
                 self.batch.join(joining)
                 self.batch.step()
                 self.steps += 1
+                self.mixed_steps += len({s.adapter.name for s in self.batch.sequences if s.adapter}) > 1
             except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
                 log.exception("decode step failed; isolating the failing sequences")
                 self._isolate(self.batch.all_sequences() + joining)

@@ -20,7 +20,7 @@ from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
 from hub.serving.engine import Engine, ResidentAdapter, Sequence
 from hub.serving.sampling import SamplingParams, sampling_params
-from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
+from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
 from hub.serving.sync import StoreSync, SyncResult
 from hub.store.catalog import AdapterStore
 from hub.task import Task
@@ -126,11 +126,13 @@ class HubService:
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Remove stale staging leftovers, load the store's adapters, start the engine thread."""
-        for path in await self.store_calls(self.store.gc):
-            log.info("removed stale store leftover %s", path)
-        await self.store_calls(self.sync.sync)
+    async def start(self, preload: bool = True) -> None:
+        """Remove stale staging leftovers, load the store's adapters, start the engine thread. Without `preload`
+        the caller loads adapters when it needs them (a Ray replica, `server.ray_serve`)."""
+        if preload:
+            for path in await self.store_calls(self.store.gc):
+                log.info("removed stale store leftover %s", path)
+            await self.store_calls(self.sync.sync)
         self.scheduler.start()
         self.ready = True
         log.info("serving %s", ", ".join(sorted(self.engine.adapters)) or "no adapters yet")
@@ -229,6 +231,12 @@ class HubService:
         skipped += [{"ref": ref, "reason": reason} for ref, reason in self.sync.refused.items() if ref in usable]
         return {"tasks": [describe(resident[name], versions.get(name, [])) for name in sorted(resident)],
                 "skipped": skipped}
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def resident_count(self) -> int:
+        return self.engine.resident_count()
 
     async def reload(self) -> SyncResult:
         return await self.store_calls(self.sync.sync)

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -237,11 +238,11 @@ def _write_json(path: Path, data: dict) -> None:
         f.write("\n")
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _version_key(version: str) -> tuple:
+def version_key(version: str) -> tuple:
     """Integers numerically, then anything else by text: a stable tie-break for equal created_at."""
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
@@ -319,6 +320,59 @@ def read_export(path: Path) -> RunExport:
     return RunExport(path, meta, config, tensors)
 
 
+def loaded_adapter(stored: StoredVersion, backbone: dict | None, adapter_tensors: dict[str, torch.Tensor],
+                   token_tensors: dict[str, torch.Tensor]) -> LoadedAdapter:
+    """A verified version's tensors as a LoadedAdapter, after checking the backbone fingerprint (if given) and
+    the task rows' shape; every store backend ends its `load` here."""
+    if backbone is not None:
+        problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
+        if problem:
+            raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
+    rows = token_tensors.get("rows")
+    k = len(stored.meta.special_tokens)
+    if rows is None or rows.ndim != 2 or rows.shape[0] != k:
+        raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
+    return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, rows)
+
+
+def read_training_log(stored: StoredVersion, read: Callable[[], bytes]) -> dict:
+    """A version's `train_log.json` from `read()` (a file, an object); NotFoundError when it has none."""
+    try:
+        return json.loads(read())
+    except FileNotFoundError:
+        raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
+                            f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
+    except ValueError as e:
+        raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
+
+
+def stage_payload(export: RunExport, name: str, staging: Path) -> dict[str, str]:
+    """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
+    if name == export.trained_name:
+        shutil.copyfile(export.path / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
+        shutil.copyfile(export.path / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+    else:
+        _write_renamed_adapter(export, name, staging)
+    shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+    if (export.path / TRAIN_LOG).is_file():
+        shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
+    files = {}
+    for filename in PAYLOAD_FILES:
+        _fsync_file(staging / filename)
+        files[filename] = sha256_file(staging / filename)
+    return files
+
+
+def _write_renamed_adapter(export: RunExport, name: str, staging: Path) -> None:
+    """Rename the adapter in keys and config so plain ``adapters.load_adapter`` still finds it."""
+    old, new = f".adapters.{export.trained_name}.", f".adapters.{name}."
+    tensors = {k.replace(old, new): v for k, v in export.adapter_tensors.items()}
+    with safe_open(export.path / ADAPTER_WEIGHTS, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, staging / ADAPTER_WEIGHTS, metadata=metadata)
+    _write_json(staging / ADAPTER_CONFIG, {**export.config, "name": name})
+
+
 class AdapterStore:
     """Versioned adapters under one root directory; safe for concurrent publishers and readers."""
 
@@ -346,37 +400,11 @@ class AdapterStore:
         staging = self.root / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            files = self._stage_payload(export, name, staging)
+            files = stage_payload(export, name, staging)
             return self._commit(staging, export.meta, files, name, version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-    def _stage_payload(self, export: RunExport, name: str, staging: Path) -> dict[str, str]:
-        """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
-        if name == export.trained_name:
-            shutil.copyfile(export.path / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
-            shutil.copyfile(export.path / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
-        else:
-            self._write_renamed_adapter(export, name, staging)
-        shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
-        if (export.path / TRAIN_LOG).is_file():
-            shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
-        files = {}
-        for filename in PAYLOAD_FILES:
-            _fsync_file(staging / filename)
-            files[filename] = sha256_file(staging / filename)
-        return files
-
-    @staticmethod
-    def _write_renamed_adapter(export: RunExport, name: str, staging: Path) -> None:
-        """Rename the adapter in keys and config so plain ``adapters.load_adapter`` still finds it."""
-        old, new = f".adapters.{export.trained_name}.", f".adapters.{name}."
-        tensors = {k.replace(old, new): v for k, v in export.adapter_tensors.items()}
-        with safe_open(export.path / ADAPTER_WEIGHTS, framework="pt") as f:
-            metadata = f.metadata()
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata=metadata)
-        _write_json(staging / ADAPTER_CONFIG, {**export.config, "name": name})
 
     def _commit(
         self, staging: Path, meta: AdapterMeta, files: dict[str, str], name: str, version: str | None
@@ -390,7 +418,7 @@ class AdapterStore:
                 if version is None:
                     continue
                 raise HubError(f"adapter {name}@{chosen} already exists; choose another --version")
-            hub = meta.stored_as(name, chosen, _utc_now(), files)
+            hub = meta.stored_as(name, chosen, utc_now(), files)
             _write_json(staging / HUB_JSON, hub.to_dict())
             _fsync_file(staging / HUB_JSON)
             _fsync_dir(staging)
@@ -461,16 +489,8 @@ class AdapterStore:
         """Verify checksums again (and the backbone fingerprint, if given) and read the tensors."""
         stored = self.show(ref)
         self._verify(stored.path, stored.ref, stored.meta)
-        if backbone is not None:
-            problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
-            if problem:
-                raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
-        tensors = load_file(stored.path / ADAPTER_WEIGHTS, device="cpu")
-        rows = load_file(stored.path / TASK_TOKENS, device="cpu").get("rows")
-        k = len(stored.meta.special_tokens)
-        if rows is None or rows.ndim != 2 or rows.shape[0] != k:
-            raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
-        return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, rows)
+        return loaded_adapter(stored, backbone, load_file(stored.path / ADAPTER_WEIGHTS, device="cpu"),
+                              load_file(stored.path / TASK_TOKENS, device="cpu"))
 
     @staticmethod
     def _verify(path: Path, ref: str, meta: AdapterMeta) -> None:
@@ -490,13 +510,7 @@ class AdapterStore:
     def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
         """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
         stored = self.show(ref)
-        try:
-            return stored, json.loads((stored.path / TRAIN_LOG).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
-                                f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
-        except ValueError as e:
-            raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
+        return stored, read_training_log(stored, (stored.path / TRAIN_LOG).read_bytes)
 
     # ---- changing ---------------------------------------------------------------------
 
@@ -588,8 +602,8 @@ class AdapterStore:
                 versions.append(result)
             else:
                 skipped.append(SkippedVersion(name_dir.name, version_dir.name, result))
-        versions.sort(key=lambda v: (v.created_at, _version_key(v.version)))
-        return versions, sorted(skipped, key=lambda k: _version_key(k.version))
+        versions.sort(key=lambda v: (v.created_at, version_key(v.version)))
+        return versions, sorted(skipped, key=lambda k: version_key(k.version))
 
     def _checked_version(self, version_dir: Path) -> StoredVersion | str:
         """The validated version, or why it is skipped; cached until a file of the folder changes."""

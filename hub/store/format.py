@@ -18,7 +18,7 @@ from hub.errors import IntegrityError
 FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 _FINGERPRINT_INTS = ("n_layer", "n_embd", "n_head", "vocab_size")
 _STORE_FIELDS = ("version", "created_at", "files")
-_OPTIONAL_FIELDS = ("adapter_kind",)  # absent in versions written before the field existed
+_OPTIONAL_FIELDS = ("adapter_kind", "layout")  # absent in versions written before the field existed
 
 
 def _frozen(mapping: Mapping) -> Mapping:
@@ -57,6 +57,7 @@ class AdapterMeta:
     metrics: Mapping[str, Any]
     backbone: Mapping[str, Any]
     adapter_kind: str = "vlm"  # `hub.adapters.registry` name of the kind whose bundle this version holds
+    layout: Mapping[str, Any] | None = None  # how prompts and token types are built (`hub.interop.prompt_layout`)
     version: str | None = None
     created_at: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
@@ -81,6 +82,7 @@ class AdapterMeta:
             bottleneck=data["bottleneck"], trainable_params=data["trainable_params"],
             trainable_pct=float(data["trainable_pct"]), metrics=_frozen(data["metrics"]),
             backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", "vlm"),
+            layout=_frozen(data["layout"]) if data.get("layout") is not None else None,
             version=data.get("version"), created_at=data.get("created_at"),
             files=_frozen(data.get("files", {})),
             extra=_frozen({k: v for k, v in data.items() if k not in known}),
@@ -97,7 +99,8 @@ class AdapterMeta:
         """The JSON object to write: unknown keys first, then every field (store-only ones when set)."""
         data = _thaw(self.extra)
         for f in fields(self):
-            if f.name != "extra" and not (f.name in _STORE_FIELDS and not getattr(self, f.name)):
+            unset = (f.name in _STORE_FIELDS and not getattr(self, f.name)) or getattr(self, f.name) is None
+            if f.name != "extra" and not unset:
                 data[f.name] = _thaw(getattr(self, f.name))
         return data
 
@@ -119,6 +122,8 @@ def _field_problems(data: dict, stored: bool) -> list[str]:
     for key in ("task_config", "metrics"):
         if not isinstance(data[key], dict):
             problems.append(f"{key} must be an object")
+    if data.get("layout") is not None and not isinstance(data["layout"], dict):
+        problems.append("layout must be an object")
     tokens = data["special_tokens"]
     if not isinstance(tokens, list) or len(tokens) < 2 or not all(isinstance(t, str) and t for t in tokens):
         problems.append("special_tokens must be a list of at least two non-empty strings")

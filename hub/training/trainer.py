@@ -32,6 +32,7 @@ from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_
 from hub.model.task_tokens import install_task_rows, new_task_rows
 from hub.training.regularizers import build_regularizers, resolve_regularizers
 from hub.training.subset import low_resource_subset
+from hub.training.distributed import DataParallel
 
 @dataclass
 class TrainConfig:
@@ -117,6 +118,11 @@ def encode_all(codec: TaskCodec, examples: list[Example], max_target: int, what:
     return encoded
 
 
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens the loss counts (labels shifted by one, as in `Trainer._loss`)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right padding and no attention mask, as in VLM: pads only follow the sequence and are not labelled."""
 
@@ -141,6 +147,8 @@ class Trainer:
         config.regularizers = resolve_regularizers(config.regularizers, self.model)  # recorded as resolved
         self.regularizers = build_regularizers(config.regularizers, self.model, config.seed)
         self.params = trainable_parameters(self.model) + [p for r in self.regularizers for p in r.parameters()]
+        self.dist = DataParallel.current(backbone.device)
+        self.dist.broadcast_parameters(self.params, config.seed)
         self.codec = TaskCodec(task, backbone.tokenizer, backbone.vocab_size, config.max_length)
         self.pad_id = backbone.tokenizer.eos_token_id or 0
         self.log = TrainLog()
@@ -180,11 +188,13 @@ class Trainer:
         """Token-level loss and perplexity over the held-out examples."""
         self.model.eval()
         total_loss, total_tokens = 0.0, 0
+        encoded = self.dist.shard(encoded)
         for start in range(0, len(encoded), self.config.batch_size * 2):
             batch = collate(encoded[start : start + self.config.batch_size * 2], self.pad_id, self.backbone.device)
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            tokens = labelled_tokens(batch)
             total_loss += float(self._loss(batch)) * tokens
             total_tokens += tokens
+        total_loss, total_tokens = self.dist.sum([total_loss, total_tokens])
         self.model.train()
         loss = total_loss / max(1, total_tokens)
         return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -198,12 +208,13 @@ class Trainer:
         self.example_source = examples[0].source
         self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
         eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
-        steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+        steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * self.dist.world_size))
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or min(steps_per_epoch, total_steps)
         optimizer, schedule = self._optimizer_and_schedule(total_steps)
         self._resume(optimizer, schedule)
-        bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step")
+        bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step",
+                   disable=not self.dist.is_main)
         batches = self._batches(train_set, random.Random(cfg.seed))
         started = time.time()
         with ExitStack() as hooked:
@@ -217,8 +228,9 @@ class Trainer:
                 if self.step % eval_every == 0 or self.step == total_steps:
                     self._eval_and_checkpoint(eval_set, optimizer, schedule, bar)
         bar.close()
-        print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
-              f"{self.log.best_eval_loss:.4f} at step {self.log.best_step}")
+        if self.dist.is_main:
+            print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
+                  f"{self.log.best_eval_loss:.4f} at step {self.log.best_step}")
         return self.log
 
     def _training_subset(self, examples: list[Example]) -> list[Example]:
@@ -232,9 +244,12 @@ class Trainer:
         """One optimiser step over `grad_accum` micro-batches, then each regulariser's own step."""
         loss = 0.0
         for _ in range(self.config.grad_accum):
-            micro = self._loss(collate(next(batches), self.pad_id, self.backbone.device)) / self.config.grad_accum
+            batch = collate(next(batches), self.pad_id, self.backbone.device)
+            micro = self._loss(batch) * self.dist.token_share(labelled_tokens(batch)) / self.config.grad_accum
             micro.backward()
             loss += micro.item()
+        self.dist.sum_gradients(self.params)
+        (loss,) = self.dist.sum([loss])
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         optimizer.step()
         schedule.step()
@@ -263,23 +278,29 @@ class Trainer:
         return patience is not None and sum(e["step"] > best for e in self.log.evals) >= patience
 
     def _batches(self, train_set: list[Encoded], rng: random.Random):
-        """Endless shuffled epochs of micro-batches; skips what a resumed run has already seen."""
+        """Endless shuffled epochs of micro-batches (this process's slice of the global one, `batch_size` per
+        process); skips what a resumed run has already seen."""
         seen = self.step * self.config.grad_accum
+        size = self.config.batch_size * self.dist.world_size
         while True:
             order = list(range(len(train_set)))
             rng.shuffle(order)
-            for start in range(0, len(order) - self.config.batch_size + 1, self.config.batch_size):
+            for start in range(0, len(order) - size + 1, size):
                 if seen > 0:
                     seen -= 1
                     continue
-                yield [train_set[i] for i in order[start : start + self.config.batch_size]]
+                yield [train_set[i] for i in self.dist.shard(order[start : start + size])]
 
     def _eval_and_checkpoint(self, eval_set, optimizer, schedule, bar) -> None:
         result = self.evaluate(eval_set)
         self.log.evals.append(result)
-        bar.write(f"step {self.step}: held-out loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        if self.log.best_eval_loss is None or result["eval_loss"] < self.log.best_eval_loss:
+        new_best = self.log.best_eval_loss is None or result["eval_loss"] < self.log.best_eval_loss
+        if new_best:
             self.log.best_eval_loss, self.log.best_step = result["eval_loss"], self.step
+        if not self.dist.is_main:  # every process keeps the log (early stopping); only rank 0 writes
+            return
+        bar.write(f"step {self.step}: held-out loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+        if new_best:
             self.export(self.run_dir / "best", {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
                                                 "step": self.step})
         self._save_checkpoint(optimizer, schedule)
