@@ -41,8 +41,9 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
+    ctx: typer.Context,
     task_type: str = typer.Argument(..., help="task type: e2e, text2text, ..."),
     data: str = typer.Option(..., "--data", help="HF dataset id, or a local file or folder"),
     name: Optional[str] = typer.Option(None, "--name", help="store name of the adapter (default: the task type)"),
@@ -65,7 +66,9 @@ def train(
     method: Method = typer.Option(Method.adapter, "--method", help="adapter: the VLM adapter; full: full "
                                   "fine-tuning baseline; lora: LoRA baseline, size matched to the adapter's"),
 ) -> None:
-    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with)."""
+    """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
+
+    `sentence_vae` takes more options: hub vae train-options --help."""
     import torch
 
     from hub.model.backbone import load_backbone
@@ -74,6 +77,14 @@ def train(
     from hub.training.trainer import TrainConfig, prepare_run_dir
     from tasks import make_task
 
+    if task_type == "sentence_vae":
+        from cli.vae import train_sentence_vae
+
+        return train_sentence_vae(ctx.args, data=data, name=name, base=base, bottleneck=bottleneck,
+                                  max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                                  eval_every=eval_every, seed=seed, device=device, out=out)
+    if ctx.args:
+        raise HubError(f"unknown option(s) {' '.join(ctx.args)} for task type {task_type!r}")
     options = {k: v for k, v in {"input_field": input_field, "target_field": target_field,
                                  "source_lang": source_lang, "target_lang": target_lang}.items() if v}
     task = make_task(task_type, options)
@@ -141,6 +152,8 @@ def list_adapters(store: str = StoreOption, as_json: bool = typer.Option(False, 
 def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str = StoreOption,
          as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one adapter version's metadata."""
+    from cli.vae import vae_summary
+
     stored = _store(store).show(ref)
     if as_json:
         return _print_json(stored.meta)
@@ -148,7 +161,7 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
     typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
                f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
                f"({meta['trainable_pct']:.2f}% of the backbone)\n"
-               f"  special tokens {' '.join(meta['special_tokens'])}\n"
+               f"  {vae_summary(meta) or 'special tokens ' + ' '.join(meta['special_tokens'])}\n"
                f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
 
 
@@ -245,12 +258,17 @@ def evaluate(
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="beam search only"),
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size"),
     out: Optional[Path] = typer.Option(None, "--out", help="default: runs/eval-NAME-SPLIT"),
+    iw_samples: int = typer.Option(100, "--iw-samples", help="sentence_vae: posterior samples per sentence"),
 ) -> None:
-    """Decode a split with one model and score it with the task's metric (outputs.txt, metrics.json/.md)."""
+    """Decode a split with one model and score it with the task's metric (outputs.txt, metrics.json/.md).
+    Sentence VAEs and lm adapters get perplexity, -ELBO, KL, MI, AU and reconstruction BLEU instead."""
+    from cli.vae import latent_eval
     from hub.evaluation import decode as evaluation
 
     if [ref, run, model].count(None) != 2:
         raise HubError("give exactly one of: an adapter NAME[@VERSION], --run RUN_DIR or --model RUN_DIR")
+    if model is None and latent_eval(ref, run, _store(store) if ref else None, base, device, data, split, limit, iw_samples, out):
+        return
     if model is not None:
         from hub.training.baselines import load_baseline
 
@@ -280,6 +298,11 @@ def list_task_types() -> None:
     for name, cls in sorted(TASK_TYPES.items()):
         d = cls.defaults
         typer.echo(f"{name:<10} b={d.bottleneck:<4} lr={d.lr:g} epochs={d.epochs}  {cls.description}")
+
+
+from cli.vae import vae_app  # noqa: E402  (after the commands it extends)
+
+app.add_typer(vae_app, name="vae")
 
 
 def main() -> None:

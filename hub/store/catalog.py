@@ -3,7 +3,8 @@
 Layout: ``<root>/<name>/<version>/`` holds ``adapter_config.json``, ``adapter.safetensors``
 (AdapterHub format, loadable by plain ``adapters``), ``task_tokens.safetensors`` (tensor
 ``rows`` [k, d]) and ``hub.json`` (the trainer's metadata plus ``name``, ``version``,
-``created_at`` and the sha256 of every payload file). Directories starting with ``.``
+``created_at`` and the sha256 of every payload file). A sentence-VAE bundle (metadata
+``adapter_kind: sentence_vae``, `hub.adapters.vae`) holds ``vae.safetensors`` and ``hub.json``. Directories starting with ``.``
 (``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed.
 """
 
@@ -35,6 +36,11 @@ EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+VAE_KIND = "sentence_vae"
+VAE_WEIGHTS = "vae.safetensors"
+KIND_PAYLOAD_FILES = {VAE_KIND: (VAE_WEIGHTS,)}  # adapter kind -> payload files; VLM adapters: PAYLOAD_FILES
+VAE_REQUIRED_META = ("name", "task_type", "vae", "trainable_params", "trainable_pct", "metrics", "backbone")
 
 REQUIRED_META = (
     "name", "task_type", "task_config", "special_tokens", "eos_token", "bottleneck",
@@ -186,6 +192,15 @@ def adapter_layers(tensors: dict[str, torch.Tensor], name: str) -> list[dict[str
     return result
 
 
+def adapter_kind(meta: dict) -> str:
+    """The kind a stored or exported adapter's metadata names (VLM adapters predate the key)."""
+    return meta.get("adapter_kind", "vlm")
+
+
+def payload_files(meta: dict) -> tuple[str, ...]:
+    return KIND_PAYLOAD_FILES.get(adapter_kind(meta), PAYLOAD_FILES)
+
+
 def export_dir(run_dir: Path) -> Path:
     """A run's `best/` export, or `run_dir` itself when it is an export folder."""
     return run_dir / "best" if (run_dir / "best").is_dir() else run_dir
@@ -292,11 +307,24 @@ def _check_shapes(path: Path, meta: dict, layers: list[dict], rows: torch.Tensor
         )
 
 
+def _read_vae_export(path: Path) -> RunExport:
+    """A sentence-VAE export: metadata and a readable `vae.safetensors` (shapes are checked on loading)."""
+    meta = _read_export_json(path, ADAPTER_META)
+    missing = [k for k in VAE_REQUIRED_META if k not in meta]
+    if missing:
+        raise HubError(f"{ADAPTER_META} in run export '{path}' lacks {', '.join(missing)}")
+    if not (path / VAE_WEIGHTS).is_file():
+        raise HubError(f"run export '{path}' is missing {VAE_WEIGHTS}")
+    return RunExport(path, meta, {"name": meta["name"]}, _read_export_tensors(path, VAE_WEIGHTS))
+
+
 def read_export(path: Path) -> RunExport:
     """Validate a trainer's run export; every problem is a HubError naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise HubError(f"run export '{path}' is not a directory")
+    if (path / ADAPTER_META).is_file() and adapter_kind(_read_export_json(path, ADAPTER_META)) == VAE_KIND:
+        return _read_vae_export(path)
     missing = [f for f in EXPORT_FILES if not (path / f).is_file()]
     if missing:
         raise HubError(
@@ -353,14 +381,18 @@ class AdapterStore:
 
     def _stage_payload(self, export: RunExport, name: str, staging: Path) -> dict[str, str]:
         """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
-        if name == export.trained_name:
+        if adapter_kind(export.meta) != "vlm":
+            for filename in payload_files(export.meta):
+                shutil.copyfile(export.path / filename, staging / filename)
+        elif name == export.trained_name:
             shutil.copyfile(export.path / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
             shutil.copyfile(export.path / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
         else:
             self._write_renamed_adapter(export, name, staging)
-        shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+        if adapter_kind(export.meta) == "vlm":
+            shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
         files = {}
-        for filename in PAYLOAD_FILES:
+        for filename in payload_files(export.meta):
             _fsync_file(staging / filename)
             files[filename] = sha256_file(staging / filename)
         return files
@@ -448,6 +480,9 @@ class AdapterStore:
             problem = fingerprint_mismatch(stored.meta["backbone"], backbone)
             if problem:
                 raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
+        if adapter_kind(stored.meta) == VAE_KIND:
+            tensors = load_file(stored.path / VAE_WEIGHTS, device="cpu")
+            return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, torch.zeros(0, 0))
         tensors = load_file(stored.path / ADAPTER_WEIGHTS, device="cpu")
         rows = load_file(stored.path / TASK_TOKENS, device="cpu").get("rows")
         k = len(stored.meta["special_tokens"])
@@ -463,7 +498,7 @@ class AdapterStore:
                     f"'{stored.ref}' contains {path.name}; refusing pickle files, only safetensors are read"
                 )
         recorded = stored.meta.get("files", {})
-        for filename in PAYLOAD_FILES:
+        for filename in payload_files(stored.meta):
             path = stored.path / filename
             if filename not in recorded or not path.is_file():
                 raise IntegrityError(f"{filename} of '{stored.ref}' is missing")
