@@ -351,3 +351,14 @@ def load_vae(tensors: dict[str, torch.Tensor], meta: dict, model_config) -> Sent
                              f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]}")
     vae.load_state_dict(tensors)
     return vae.eval()
+
+
+def interpolation_path(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` points on the line from `start` to `end` [nz], both ends included: [steps, nz]."""
+    weights = torch.linspace(0, 1, steps, device=start.device, dtype=start.dtype)[:, None]
+    return (1 - weights) * start + weights * end
+
+
+def analogy_point(mu_a: torch.Tensor, mu_b: torch.Tensor, mu_c: torch.Tensor) -> torch.Tensor:
+    """a : b = c : ?  ->  μ(c) + μ(b) − μ(a)."""
+    return mu_c + mu_b - mu_a
