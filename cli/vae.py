@@ -83,7 +83,7 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
     """`hub train sentence_vae`: the shared options of `hub train` plus `parse_train_options(args)`."""
     import torch
 
-    from hub.adapters.vae import default_encoder_layers
+    from hub.adapters.vae import VAEConfig, default_encoder_layers
     from hub.data import load_sentences
     from hub.model.backbone import DEFAULT_BASE, load_backbone
     from hub.store.catalog import validate_name
@@ -98,6 +98,7 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
            "encoder_layers": options.pop("encoder_layers") or default_encoder_layers(model_config.n_layer),
            **{k: options.pop(k) for k in ("pooling", "pooling_temperature", "injection", "kv_projection",
                                           "adapter_site")}}
+    VAEConfig(**vae).validate(model_config.n_layer)
     config = VAETrainConfig.for_recipe(
         recipe, name=validate_name(name or "sentence_vae"), data=data, base=backbone.source, vae=vae, lr=lr,
         batch_size=batch_size, max_length=max_length, max_steps=max_steps, eval_every=eval_every, seed=seed,

@@ -23,7 +23,8 @@ from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_informat
 from hub.model.backbone import Backbone
 from hub.store.catalog import ADAPTER_META, VAE_KIND, VAE_WEIGHTS
 from hub.training.trainer import staging
-from hub.training.vae_objectives import beta_at, delete_tokens, elbo_loss
+from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
+                                        elbo_loss)
 
 RECIPES: dict[str, dict] = {
     # AdaVAE (spec §3): β cyclical 4 × (25 % zero, 25 % ramp), total hinge at 0.5·nz, decoder adapters from T/6.
@@ -71,7 +72,21 @@ class VAETrainConfig:
         """The recipe's defaults, then every option given (None = not given)."""
         if recipe not in RECIPES:
             raise HubError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-        return cls(recipe=recipe, **{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}})
+        return cls(recipe=recipe, **{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}}).validate()
+
+    def validate(self) -> "VAETrainConfig":
+        """Every choice and range checked before a run directory is created."""
+        for value, allowed, what in ((self.beta_schedule, BETA_SCHEDULES, "--beta-schedule"),
+                                     (self.kl_floor, KL_FLOORS, "--kl-floor"),
+                                     (self.kl_normalisation, NORMALISATIONS, "--kl-normalisation")):
+            if value not in allowed:
+                raise HubError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1}
+        bad = [name for name, value in fractions.items() if not 0 <= value < 1]
+        if bad or self.max_steps < 1 or self.batch_size < 1 or self.max_length < 3:
+            raise HubError(f"need 0 <= {', '.join(bad or fractions)} < 1, max_steps and batch_size >= 1, "
+                           f"max_length >= 3")
+        return self
 
     def resumes(self, other: "VAETrainConfig") -> bool:
         return all(getattr(self, k) == getattr(other, k) for k in ("name", "base", "vae", "recipe"))
