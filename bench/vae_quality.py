@@ -4,7 +4,8 @@ Every row trains on the data set's training split for the same steps and batch (
 chosen so its trainable size matches the VAE bundle's), keeps its best held-out checkpoint, and is scored on the
 first `--test-sentences` test sentences by `hub.evaluation.vae_metrics` (the code behind `hub eval`): IW PPL with
 `--iw-samples` samples, −ELBO, Rec, KL, MI, AU, reconstruction BLEU. Rows go into a JSON file (`--results`) as they
-finish and `docs/VAE.md` (+ one KL/AU plot per data set) is rewritten after each, so a partial run still reports.
+finish and `docs/VAE.md` (+ one KL/AU plot per data set) is rewritten after each, so a partial run still reports;
+data sets may run as parallel processes (`--datasets snli` & `--datasets ptb` ...): rows merge under a lock.
 
     python -m bench.vae_quality                                      # every data set and row
     python -m bench.vae_quality --datasets snli --steps 20 --test-sentences 10 --iw-samples 10 \\
@@ -14,6 +15,7 @@ finish and `docs/VAE.md` (+ one KL/AU plot per data set) is rewritten after each
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import time
@@ -112,11 +114,17 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rows": {}}
 
 
-def save(results: dict, path: Path, doc: Path) -> None:
+def save_row(key: str, row: dict, meta: dict, path: Path, doc: Path) -> None:
+    """Add one row to the results file and re-render the doc, under a lock: data sets may run in parallel."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(results, doc))
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        results["meta"] = meta
+        results["rows"][key] = row
+        path.write_text(json.dumps(results, indent=1))
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(render(results, doc))
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -234,23 +242,20 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "VAE.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = load_results(args.results)
-    results["meta"] = {"steps": args.steps, "batch_size": args.batch_size, "test_sentences": args.test_sentences,
-                       "iw_samples": args.iw_samples, "machine": machine(), "note": args.note}
+    meta = {"steps": args.steps, "batch_size": args.batch_size, "test_sentences": args.test_sentences,
+            "iw_samples": args.iw_samples, "machine": machine(), "note": args.note}
     for dataset in args.datasets:
         vae_params = None
         for name in [r for r in ROWS if r in args.rows and r != "lm"] + (["lm"] if "lm" in args.rows else []):
             if name == "lm":
-                known = vae_params or next((r["trainable_params"] for k, r in results["rows"].items()
+                known = vae_params or next((r["trainable_params"] for k, r in load_results(args.results)["rows"].items()
                                             if k.startswith(dataset + "/") and k != f"{dataset}/lm"), None)
                 row = lm_row(dataset, known or 0, args, args.work)
             else:
                 row = vae_row(dataset, name, args, args.work)
                 vae_params = row["trainable_params"]
-            results["rows"][f"{dataset}/{name}"] = row
-            save(results, args.results, args.doc)
+            save_row(f"{dataset}/{name}", row, meta, args.results, args.doc)
             print(f"{dataset}/{name}: PPL {row['ppl']:.2f}, KL {row.get('kl')}, AU {row.get('au')}", flush=True)
-
 
 if __name__ == "__main__":
     main()
