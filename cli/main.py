@@ -21,6 +21,20 @@ DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
 StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
 BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
+ThreadsOption = typer.Option(None, "--threads", min=1,
+                             help="torch threads (default: OMP_NUM_THREADS if set, else the physical cores)")
+
+
+class DType(str, Enum):
+    """The backbone's dtype when serving; adapters always compute in float32."""
+
+    auto = "auto"  # float32 on the CPU, bfloat16 (else float16) on a GPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DTypeOption = typer.Option(DType.auto, "--dtype", help="backbone dtype: auto = float32 on CPU, bfloat16 on GPU")
 
 
 class Method(str, Enum):
@@ -35,6 +49,28 @@ def _store(path: str):
     from hub.store.catalog import AdapterStore
 
     return AdapterStore(path)
+
+
+def _set_threads(threads: int | None) -> str:
+    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else the physical cores (two trainings
+    side by side with a thread per logical core each run several times slower). Returns what was chosen."""
+    import psutil
+    import torch
+
+    if threads:
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        threads, why = psutil.cpu_count(logical=False) or os.cpu_count() or 1, "physical cores"
+    torch.set_num_threads(threads)
+    return f"{threads} torch threads ({why})"
+
+
+def _torch_dtype(dtype: DType):
+    import torch
+
+    return None if dtype is DType.auto else getattr(torch, dtype.value)
 
 
 def _print_json(data) -> None:
@@ -172,12 +208,12 @@ def rm(ref: str = typer.Argument(..., help="NAME (all versions) or NAME@VERSION"
         typer.echo(f"removed {removed}")
 
 
-def _backbone_for(store, refs: list[str], base: str | None, device: str):
+def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
     """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on."""
     from hub.model.backbone import load_backbone, resolve_base
 
     trained_on = store.show(refs[0]).meta["backbone"] if refs and not base else None
-    return load_backbone(resolve_base(base, trained_on), device)
+    return load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
 
 
 @app.command()
@@ -192,18 +228,25 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None),
+    min_tokens: int = typer.Option(0, "--min-tokens", min=0, help="no end token before this many tokens"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="decode to --max-new-tokens"),
+    threads: Optional[int] = ThreadsOption,
+    dtype: DType = DTypeOption,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate with one task adapter (KV cache; stops at the task's end token)."""
-    from hub.serving.engine import Engine, SamplingParams
+    from hub.serving.engine import Engine
+    from hub.serving.sampling import sampling_params
     from tasks import make_task
 
+    _set_threads(threads)
     adapter_store = _store(store)
-    backbone = _backbone_for(adapter_store, [task], base, device)
+    backbone = _backbone_for(adapter_store, [task], base, device, dtype)
     engine = Engine(backbone, make_task)
     resident = engine.add_adapter(adapter_store.load(task, backbone.fingerprint))
-    params = SamplingParams(max_new_tokens=max_new_tokens or resident.task.defaults.max_new_tokens,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    params = sampling_params(resident.task.defaults.max_new_tokens, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             min_tokens=min_tokens, ignore_eos=ignore_eos)
     sequence = engine.run([engine.new_sequence(resident.name, text, params)])[0]
     if as_json:
         return _print_json({"task": resident.name, "version": resident.version, "text": sequence.text.strip(),
@@ -225,17 +268,26 @@ def serve(
     max_resident: Optional[int] = typer.Option(None, "--max-resident", help="adapters on the device (LRU)"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds"),
     watch_interval: float = typer.Option(0.5, "--watch-interval", help="store polling period, 0 = off"),
+    prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
+                                      help="prompt tokens per row and step; longer prompts prefill in chunks"),
+    threads: Optional[int] = ThreadsOption,
+    dtype: DType = DTypeOption,
 ) -> None:
     """Serve every published adapter over HTTP, fusing requests of different tasks in one batch."""
     import uvicorn
 
-    from server.app import ServerSettings, create_app
+    from hub.serving.service import ServiceSettings
+    from server.app import create_app
 
+    threads_used = _set_threads(threads)
     adapter_store = _store(store)
     refs = [s.latest.ref for s in adapter_store.list()]
-    backbone = _backbone_for(adapter_store, refs, base, device)
-    settings = ServerSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                              request_timeout=request_timeout, watch_interval=watch_interval)
+    backbone = _backbone_for(adapter_store, refs, base, device, dtype)
+    typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
+               f"on {backbone.device}, adapters float32", err=True)
+    settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
+                               request_timeout=request_timeout, watch_interval=watch_interval,
+                               prefill_chunk=prefill_chunk)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(backbone, adapter_store, settings), host=host, port=port, log_level="info")

@@ -1,4 +1,4 @@
-"""HTTP layer: FastAPI routes and their schemas over the core's engine, scheduler and store.
+"""HTTP layer: FastAPI routes and their schemas over `hub.serving.service.HubService`.
 
 Every published adapter is servable by name; requests for different tasks share one decode batch.
 """
@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -21,25 +19,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from hub.model.backbone import Backbone
-from hub.serving.engine import Engine, ResidentAdapter, SamplingParams, Sequence
 from hub.errors import CapacityError, HubError, NotFoundError
-from hub.serving.scheduler import QueueFullError, Scheduler
+from hub.model.backbone import Backbone
+from hub.serving.sequence import Sequence
+from hub.serving.service import (GenerationFailedError, Handle, HubService, RequestTimeoutError,
+                                 ServiceSettings)
 from hub.store.catalog import AdapterStore
-from hub.serving.sync import StoreSync
 from server.prometheus import ServerMetrics
 from tasks import make_task
-
-log = logging.getLogger("hub.server")
-
-
-@dataclass
-class ServerSettings:
-    max_batch: int = 32
-    max_queue: int = 256
-    max_resident: int | None = None
-    request_timeout: float = 120.0
-    watch_interval: float = 0.5
 
 
 # -- schemas ----------------------------------------------------------------------------------------------------
@@ -52,6 +39,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    min_tokens: int = Field(0, ge=0, description="no EOS or stop string before this many tokens (vLLM)")
+    ignore_eos: bool = Field(False, description="decode to max_new_tokens whatever EOS says (vLLM)")
     stream: bool = False
 
 
@@ -78,6 +67,8 @@ class OpenAIRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
+    min_tokens: int = Field(0, ge=0, description="vLLM's extra parameter: no EOS or stop before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's extra parameter: decode to max_tokens")
 
 
 class CompletionRequest(OpenAIRequest):
@@ -97,101 +88,18 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-class Hub:
-    """What the routes share: engine, scheduler, store, metrics."""
-
-    def __init__(self, backbone: Backbone, store: AdapterStore, settings: ServerSettings):
-        self.settings = settings
-        self.store = store
-        self.engine = Engine(backbone, make_task, max_resident=settings.max_resident)
-        self.scheduler = Scheduler(self.engine, settings.max_batch, settings.max_queue)
-        self.metrics = ServerMetrics()
-        self.sync = StoreSync(store, self.engine)
-        self.ready = False
-
-    async def submit(self, task: str | None, source, params: SamplingParams, prompt_text: str | None = None):
-        """Encode, enqueue, and return the sequence and the queue of its updates."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[Sequence] = asyncio.Queue()
-        sequence = await run_in_threadpool(self.engine.new_sequence, task, source, params, prompt_text)
-        sequence.on_update = lambda s: loop.call_soon_threadsafe(updates.put_nowait, s)
-        try:
-            self.scheduler.submit(sequence)
-        except QueueFullError:
-            if sequence.adapter is not None:
-                self.engine.release(sequence.adapter)
-            raise
-        return sequence, updates
-
-    async def follow(self, request: Request, sequence: Sequence, updates: asyncio.Queue) -> AsyncIterator[str]:
-        """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out."""
-        deadline = time.monotonic() + self.settings.request_timeout
-        sent, next_check = 0, 0.0
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(updates.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    pass
-                now = time.monotonic()
-                if now > deadline:
-                    raise HTTPException(504, f"request timed out after {self.settings.request_timeout:g}s")
-                if now > next_check:
-                    next_check = now + 0.25
-                    if await request.is_disconnected():
-                        return
-                done = sequence.finished  # read first: text read after it is complete when done
-                ready = _stable_text(sequence, done)
-                if len(ready) > sent:
-                    yield ready[sent:]
-                    sent = len(ready)
-                if done:
-                    self.metrics.observe_finished(sequence)
-                    if sequence.finish_reason == "error":
-                        raise HTTPException(500, "generation failed; the server log has the details")
-                    return
-        finally:
-            if not sequence.finished:
-                sequence.cancelled = True
-
-
-async def _watch_store(hub: Hub) -> None:
-    """Poll the store; newly published versions become servable without a restart."""
-    interval = hub.settings.watch_interval
-    while interval > 0:
-        await asyncio.sleep(interval)
-        try:
-            if hub.sync.changed():
-                await run_in_threadpool(hub.sync.sync)
-        except Exception:  # keep watching whatever one sync met
-            log.exception("store sync failed")
-
-
-def _stable_text(sequence: Sequence, done: bool) -> str:
-    """Text safe to send: all of it once done, else without a trailing partial UTF-8 character or a
-    possible beginning of a stop string."""
-    text = sequence.text
-    if done:
-        return text
-    hold = max((len(s) - 1 for s in sequence.params.stop), default=0)
-    text = text[: len(text) - hold] if hold else text
-    return text.rstrip("\ufffd")
-
-
-def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings | None = None) -> FastAPI:
-    hub = Hub(backbone, store, settings or ServerSettings())
+def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None) -> FastAPI:
+    hub = HubService(backbone, store, make_task, settings)
+    metrics = ServerMetrics()
+    hub.on_finished = metrics.observe_finished
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(hub.sync.sync)
-        hub.scheduler.start()
-        watch = asyncio.create_task(_watch_store(hub))
-        hub.ready = True
-        log.info("serving %s", ", ".join(sorted(hub.engine.adapters)) or "no adapters yet")
+        await run_in_threadpool(hub.start)
+        watch = asyncio.create_task(hub.watch_store())
         yield
-        hub.ready = False
         watch.cancel()
-        await run_in_threadpool(hub.scheduler.stop)  # drains running and waiting sequences
+        await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.state.hub = hub
@@ -200,7 +108,7 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
     async def hub_error(request: Request, err: HubError):
         if isinstance(err, CapacityError):
             return JSONResponse({"detail": str(err)}, status_code=429, headers={"Retry-After": "1"})
-        return JSONResponse({"detail": str(err)}, status_code=404 if isinstance(err, NotFoundError) else 422)
+        return JSONResponse({"detail": str(err)}, status_code=_status(err))
 
     @app.get("/healthz")
     async def healthz():
@@ -213,28 +121,25 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
         return {"status": "ready", "tasks": len(hub.engine.adapters)}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics_route():
         stats = hub.scheduler.stats()
-        return Response(hub.metrics.render(stats, hub.engine.resident_count()), media_type=hub.metrics.content_type)
+        return Response(metrics.render(stats, hub.engine.resident_count()), media_type=metrics.content_type)
 
     @app.get("/v1/tasks")
     async def list_tasks():
-        with hub.engine.lock:
-            resident = dict(hub.engine.adapters)
-        versions = {s.name: [v.version for v in s.versions] for s in hub.store.list()}
-        return {"tasks": [_describe(resident[name], versions.get(name, [])) for name in sorted(resident)]}
+        return {"tasks": await run_in_threadpool(hub.list_tasks)}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request):
-        adapter = hub.engine.resolve(body.task)
-        params = SamplingParams(max_new_tokens=body.max_new_tokens or adapter.task.defaults.max_new_tokens,
-                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                seed=body.seed, stop=tuple(body.stop))
-        sequence, updates = await hub.submit(body.task, body.input, params)
-        hub.metrics.requests.labels(task=body.task).inc()
+        params = hub.params(body.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                            top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+        handle = await hub.submit(body.task, body.input, params)
+        metrics.requests.labels(task=body.task).inc()
         if body.stream:
-            return _sse(_generate_events(hub, request, sequence, updates))
-        text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+            return _sse(_generate_events(hub, request, handle))
+        text = await _complete(hub, request, handle)
+        sequence = handle.sequence
         return GenerateResponse(task=sequence.adapter.name, version=sequence.adapter.version, text=text,
                                 finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence))
 
@@ -242,18 +147,17 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "adapter-hub"}
-            for name in sorted(hub.engine.adapters)]}
+            for name in hub.task_names()]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        return await _openai(hub, request, body, "text_completion", body.model, prompt, body.max_tokens)
+        return await _openai(hub, metrics, request, body, "text_completion", prompt, body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = hub.engine.resolve(body.model)
-        source = adapter.task.parse_chat([m.model_dump() for m in body.messages])
-        return await _openai(hub, request, body, "chat.completion", body.model, source,
+        source = hub.resolve(body.model).task.parse_chat([m.model_dump() for m in body.messages])
+        return await _openai(hub, metrics, request, body, "chat.completion", source,
                              body.max_completion_tokens or body.max_tokens)
 
     def admin(authorization: str | None = Header(None)) -> None:
@@ -266,22 +170,31 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServerSettings
 
     @app.post("/v1/admin/reload", dependencies=[Depends(admin)])
     async def reload():
-        changes = await run_in_threadpool(hub.sync.sync)
+        changes = await run_in_threadpool(hub.reload)
         return {"loaded": changes.loaded, "unloaded": changes.unloaded, "refused": changes.refused}
 
     @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)])
     async def unload(name: str):
-        await run_in_threadpool(hub.sync.unload, name)
+        await run_in_threadpool(hub.unload, name)
         return {"unloaded": name}
 
     return app
 
 
-def _describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
-    meta = adapter.meta
-    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta["task_type"],
-            "bottleneck": meta["bottleneck"], "trainable_pct": meta["trainable_pct"],
-            "resident": adapter.slot is not None}
+def _status(err: HubError) -> int:
+    if isinstance(err, RequestTimeoutError):
+        return 504
+    if isinstance(err, GenerationFailedError):
+        return 500
+    return 404 if isinstance(err, NotFoundError) else 422
+
+
+def _stream(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[str]:
+    return hub.stream(handle, request.is_disconnected)
+
+
+async def _complete(hub: HubService, request: Request, handle: Handle) -> str:
+    return await hub.complete(handle, request.is_disconnected)
 
 
 def _single(prompts: list[str]) -> str:
@@ -302,30 +215,32 @@ def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _generate_events(hub: Hub, request: Request, sequence: Sequence, updates) -> AsyncIterator[dict]:
-    async for piece in hub.follow(request, sequence, updates):
+async def _generate_events(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[dict]:
+    sequence = handle.sequence
+    async for piece in _stream(hub, request, handle):
         yield {"text": piece}
     if sequence.finished:
         yield {"finish_reason": sequence.finish_reason, "usage": _usage(sequence).model_dump(),
                "task": sequence.adapter.name, "version": sequence.adapter.version}
 
 
-async def _openai(hub: Hub, request: Request, body, kind: str, model: str, source, max_tokens: int | None):
+async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, body, kind: str, source,
+                  max_tokens: int | None):
     """Shared body of /v1/completions and /v1/chat/completions."""
-    adapter = hub.engine.resolve(model)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    params = SamplingParams(max_new_tokens=max_tokens or adapter.task.defaults.max_new_tokens,
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
-    sequence, updates = await hub.submit(model, source, params)
-    hub.metrics.requests.labels(task=model).inc()
+    model = body.model
+    params = hub.params(model, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        seed=body.seed, stop=body.stop, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
+    handle = await hub.submit(model, source, params)
+    sequence = handle.sequence
+    metrics.requests.labels(task=model).inc()
     head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": f"{adapter.name}"}
+            "created": int(time.time()), "model": f"{sequence.adapter.name}"}
     choice = (lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": finish}) if kind == "chat.completion" else \
              (lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     if body.stream:
-        return _sse(_openai_events(hub, request, sequence, updates, head, kind))
-    text = "".join([piece async for piece in hub.follow(request, sequence, updates)])
+        return _sse(_openai_events(hub, request, handle, head, kind))
+    text = await _complete(hub, request, handle)
     return {**head, "object": kind, "choices": [choice(text, _openai_finish(sequence))],
             "usage": {**_usage(sequence).model_dump(),
                       "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)}}
@@ -335,7 +250,8 @@ def _openai_finish(sequence: Sequence) -> str:
     return "length" if sequence.finish_reason == "length" else "stop"
 
 
-async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates, head: dict, kind: str):
+async def _openai_events(hub: HubService, request: Request, handle: Handle, head: dict, kind: str):
+    sequence = handle.sequence
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(text: str | None, finish: str | None) -> dict:
@@ -348,7 +264,7 @@ async def _openai_events(hub: Hub, request: Request, sequence: Sequence, updates
     if kind == "chat.completion":
         yield {**head, "object": chunk_kind,
                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for piece in hub.follow(request, sequence, updates):
+    async for piece in _stream(hub, request, handle):
         yield chunk(piece, None)
     if sequence.finished:
         yield chunk(None, _openai_finish(sequence))

@@ -1,16 +1,23 @@
-"""The adapter math: the formula by hand, `adapters`' SeqBn = the fused per-row path, mixed batches, slot 0."""
+"""The adapter math: the formula by hand, `adapters`' SeqBn = the grouped per-row path, mixed batches, slot 0,
+memory at each adapter's own rank, hooks that come off, and a second adapter kind plugged in from here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import adapters
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hub.adapters.vlm import AdapterBank, AdapterWeights, adapter_parameter_count, stack_layers, vlm_adapter, vlm_adapter_config
+from hub.adapters import registry
+from hub.adapters.base import AdapterKind, KindRuntime, RowState
+from hub.adapters.vlm import (AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
+                              vlm_adapter_config)
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import LoadedAdapter, adapter_layers
@@ -98,12 +105,10 @@ def test_library_adapter_equals_the_formula_by_hand(tiny_base, ids):
 
 
 def engine_logits(engine: Engine, ids: torch.Tensor, slots: list[int], types=None) -> torch.Tensor:
-    engine.hooks.rows = engine.bank.gather(torch.tensor(slots))
-    try:
-        with torch.no_grad():
-            return engine.backbone.model(input_ids=ids, token_type_ids=types).logits
-    finally:
-        engine.hooks.rows = None
+    """Logits of one forward with row b on the VLM adapter in `slots[b]` (0: the plain base)."""
+    runtime = engine.runtimes["vlm"]
+    with torch.no_grad(), engine.applying([(runtime, runtime.make_plan([RowState(s) for s in slots]))]):
+        return engine.backbone.model(input_ids=ids, token_type_ids=types).logits
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +143,10 @@ def test_mixed_batch_equals_each_request_alone(tiny_base, engine):
                 (None, None), ("mix-a", "name[Alimentum], area[city centre], familyFriendly[no]")]
 
     def sequences():
-        return [engine.new_sequence(task, source, SamplingParams(max_new_tokens=12), prompt_text="The cat sat")
+        made = [engine.new_sequence(task, source, SamplingParams(max_new_tokens=12), prompt_text="The cat sat")
                 for task, source in requests]
+        assert all(engine.bind(s) for s in made)
+        return made
 
     together = engine.run(sequences())
     alone = [engine.run([s])[0] for s in sequences()]
@@ -154,36 +161,157 @@ def test_mixed_batch_equals_each_request_alone(tiny_base, engine):
     types = [[0] * (width - len(s.prompt_ids)) + (s.prompt_types or [no_type] * len(s.prompt_ids)) for s in batch]
     mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in batch])
     slots = [s.adapter.slot if s.adapter else 0 for s in batch]
-    engine.hooks.rows = engine.bank.gather(torch.tensor(slots))
-    with torch.no_grad():
+    with torch.no_grad(), engine.applying(engine.plans(batch)):
         mixed = engine.backbone.model(input_ids=torch.tensor(rows), token_type_ids=torch.tensor(types),
                                       attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-    engine.hooks.rows = None
     for i, s in enumerate(batch):
         single = engine_logits(engine, torch.tensor([s.prompt_ids]), [slots[i]],
                                torch.tensor([s.prompt_types]) if s.prompt_types else None)[0, -1]
         assert (mixed[i] - single).abs().max() <= 1e-4
-    for s in batch + together + alone:
-        if s.adapter and not s.finished:
-            engine.release(s.adapter)
+    for s in batch:
+        engine.release(s)
+    assert engine.adapters["mix-a"].in_use == engine.adapters["mix-b"].in_use == 0
 
 
-def test_bank_padding_is_exact():
-    bank = AdapterBank(n_layer=2, hidden_size=8, device=torch.device("cpu"), dtype=torch.float32, capacity=2)
-    g = torch.Generator().manual_seed(0)
-    small = AdapterWeights(*(torch.randn(shape, generator=g) for shape in
-                             [(2, 8), (2, 8), (2, 8, 3), (2, 3), (2, 3, 8), (2, 8)]))
-    large = AdapterWeights(*(torch.randn(shape, generator=g) for shape in
-                             [(2, 8), (2, 8), (2, 8, 20), (2, 20), (2, 20, 8), (2, 8)]))
-    a, b = bank.add(small), bank.add(large)  # the second grows the rank and the capacity
-    h = torch.randn(3, 4, 8)
-    rows = bank.gather(torch.tensor([a, b, 0]))
-    fused = vlm_adapter(h, rows.map(lambda t: t[:, 1]), 1e-5)
-    assert torch.allclose(fused[0], vlm_adapter(h[:1], small.map(lambda t: t[1]), 1e-5)[0], atol=1e-6)
-    assert torch.allclose(fused[1], vlm_adapter(h[1:2], large.map(lambda t: t[1]), 1e-5)[0], atol=1e-6)
-    assert torch.equal(fused[2], h[2])
-    bank.remove(a)
-    assert bank.add(small) == a
+class Blocks(nn.Module):
+    """A stand-in model for a kind's runtime: `transformer.h` blocks that return their input as a tuple."""
+
+    class Block(nn.Module):
+        def forward(self, h):
+            return (h,)
+
+    def __init__(self, n_layer: int):
+        super().__init__()
+        self.config = SimpleNamespace(layer_norm_epsilon=1e-5)
+        self.transformer = nn.Module()
+        self.transformer.h = nn.ModuleList(self.Block() for _ in range(n_layer))
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h):
+        return [block(h)[0] for block in self.transformer.h]
+
+
+def random_weights(n_layer: int, d: int, rank: int, g: torch.Generator) -> AdapterWeights:
+    shapes = [(n_layer, d), (n_layer, d), (n_layer, d, rank), (n_layer, rank), (n_layer, rank, d), (n_layer, d)]
+    return AdapterWeights(*(torch.randn(shape, generator=g) for shape in shapes))
+
+
+def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
+    """Rows of a b=3 and a b=20 adapter and a plain row, in mixed order: each row gets its own adapter's
+    formula; the runtime holds exactly the adapters' bytes (nothing padded to the larger rank)."""
+    model, g = Blocks(n_layer=2), torch.Generator().manual_seed(0)
+    runtime = VlmRuntime(model)
+    small, large = random_weights(2, 8, 3, g), random_weights(2, 8, 20, g)
+    a, b = runtime.add(small), runtime.add(large)
+    assert runtime.resident_bytes() == 4 * sum(t.numel() for w in (small, large) for t in vars(w).values())
+    h = torch.randn(4, 5, 8)
+    with runtime.active(runtime.make_plan([RowState(b), RowState(a), RowState(), RowState(b)])):
+        out = model(h)[1]  # block 1 sees the unchanged input here: each block's hook acts on its own output
+    by_formula = lambda w, rows: vlm_adapter(h[rows], w.map(lambda t: t[1]), 1e-5)  # noqa: E731
+    assert torch.allclose(out[[0, 3]], by_formula(large, [0, 3]), atol=1e-5)
+    assert torch.allclose(out[[1]], by_formula(small, [1]), atol=1e-5)
+    assert torch.equal(out[2], h[2])
+    with runtime.active(runtime.make_plan(None, a)):  # one adapter for every row, any batch size
+        assert torch.allclose(model(h)[0], vlm_adapter(h, small.map(lambda t: t[0]), 1e-5), atol=1e-5)
+    runtime.remove(a)
+    assert runtime.add(small) == a
+    runtime.close()
+    assert all(not block._forward_hooks for block in model.transformer.h)
+
+
+def test_engines_take_their_hooks_off_the_model(tiny_base):
+    """No engine stacks hooks on a shared backbone: closing one restores the plain model exactly."""
+    backbone = load_backbone(str(tiny_base), "cpu")
+    ids = torch.tensor([[5, 17, 300, 42]])
+    with torch.no_grad():
+        plain = backbone.model(ids).logits
+    for seed in (1, 2):
+        with Engine(backbone, make_task) as engine:
+            engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=seed), "t"))
+            assert sum(len(b._forward_hooks) for b in backbone.model.transformer.h) == backbone.model.config.n_layer
+            engine.run([engine.new_sequence("t", "name[The Eagle]", SamplingParams(max_new_tokens=3))])
+    assert all(not b._forward_hooks for b in backbone.model.transformer.h)
+    with torch.no_grad():
+        assert torch.equal(backbone.model(ids).logits, plain)
+
+
+class ShiftKind(AdapterKind):
+    """A second adapter kind, defined only here: adds a learned vector to each block's output."""
+
+    name = "shift-test"
+
+    def load(self, loaded, config) -> torch.Tensor:
+        return loaded.adapter_tensors["shift"]  # [L, d]
+
+    def parameter_count(self, bundle) -> int:
+        return bundle.numel()
+
+    def runtime(self, model) -> KindRuntime:
+        return ShiftRuntime(model)
+
+
+class ShiftRuntime(KindRuntime):
+    def __init__(self, model):
+        super().__init__(model)
+        self.shifts: dict[int, torch.Tensor] = {}
+        for layer, block in enumerate(model.transformer.h):
+            self.hooks.add(block, lambda module, args, output, layer=layer: self.apply(layer, output))
+
+    def add(self, bundle) -> int:
+        slot = len(self.shifts) + 1
+        self.shifts[slot] = bundle
+        return slot
+
+    def remove(self, slot: int) -> None:
+        del self.shifts[slot]
+
+    def make_plan(self, rows, slot=0):
+        return [r.slot for r in rows] if rows is not None else None
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.shifts.values())
+
+    def apply(self, layer: int, output):
+        if self.plan is None:
+            return output
+        zero = torch.zeros_like(output[0][0, 0])
+        shift = torch.stack([self.shifts[s][layer] if s else zero for s in self.plan])[:, None]
+        return (output[0] + shift,) + tuple(output[1:])
+
+
+@pytest.fixture
+def shift_kind():
+    registry.register(ShiftKind())
+    yield
+    registry.unregister(ShiftKind.name)
+
+
+def test_a_second_adapter_kind_plugs_in_without_touching_the_engine(tiny_base, shift_kind):
+    backbone = load_backbone(str(tiny_base), "cpu")
+    config = backbone.model.config
+    template = loaded(adapters_model(tiny_base, 10), "t", seed=3)
+    direction = torch.randn(config.n_layer, config.n_embd, generator=torch.Generator().manual_seed(0))
+
+    def shift_adapter(name: str, scale: float):
+        return dataclasses.replace(template, name=name, meta={**template.meta, "adapter_kind": "shift-test"},
+                                   adapter_tensors={"shift": direction * scale})
+
+    mr = "name[The Eagle], food[French]"
+    with Engine(backbone, make_task) as engine:
+        engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=9), "vlm"))
+        assert engine.add_adapter(shift_adapter("shifted", 3.0)).parameter_count == config.n_layer * config.n_embd
+        engine.add_adapter(shift_adapter("unshifted", 0.0))
+        requests = [("shifted", mr), ("unshifted", mr), ("vlm", mr), (None, None), ("shifted", "name[Zizzi]")]
+
+        def sequences():
+            return [engine.new_sequence(t, src, SamplingParams(max_new_tokens=8), prompt_text="The cat")
+                    for t, src in requests]
+
+        together = [s.output_ids for s in engine.run(sequences())]
+        assert together == [engine.run([s])[0].output_ids for s in sequences()]
+        assert together[0] != together[1], "the shift kind's weights change the output"
+        assert set(engine.runtimes) == {"vlm", "shift-test"}
+    assert all(not b._forward_hooks for b in backbone.model.transformer.h)
 
 
 def test_parameter_share_for_gpt2_small_at_bottleneck_100():

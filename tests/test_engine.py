@@ -1,4 +1,5 @@
-"""The engine and scheduler: joins between steps, per-row stopping and sampling, cancellation, limits, tiers."""
+"""The engine and scheduler: joins between steps, per-row stopping and sampling, cancellation, limits, tiers,
+waiting for a busy slot, chunked prefill, min_tokens / ignore_eos, incremental text."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import threading
 import pytest
 import torch
 
-from hub.model.backbone import load_backbone
-from hub.serving.engine import Engine, SamplingParams
 from hub.errors import HubError, NotFoundError
+from hub.model.backbone import load_backbone
+from hub.serving.batch import DecodeBatch
+from hub.serving.detokenize import IncrementalText
+from hub.serving.engine import Engine
+from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import QueueFullError, Scheduler
 from tasks import make_task
 from tests.test_adapter import adapters_model, loaded
@@ -132,5 +136,88 @@ def test_replacing_a_version_keeps_running_sequences_on_the_old_one(tiny_base):
     assert old.retired and old.slot is not None, "still used by a running sequence"
     engine.run([running])
     assert old.slot is None and engine.adapters["t"].version == "2"
-    assert torch.equal(engine.bank.weights.up_bias[engine.adapters["t"].slot, 0],
+    assert torch.equal(engine.runtimes["vlm"].slots[engine.adapters["t"].slot][0].up_bias,
                        new.adapter_tensors["transformer.h.0.output_adapters.adapters.t.adapter_up.bias"])
+
+
+def test_min_tokens_and_ignore_eos_fix_output_lengths(engine):
+    """Adapter "b" ends after one token here; vLLM's min_tokens and ignore_eos keep it going."""
+    plain = engine.run([greedy(engine, "b", MRS[0], 20)])[0]
+    assert plain.finish_reason == "stop" and len(plain.output_ids) < 5, "the test needs an early EOS"
+    at_least = engine.new_sequence("b", MRS[0], sampling_params(max_new_tokens=20, min_tokens=5))
+    no_eos = engine.new_sequence("b", MRS[0], sampling_params(max_new_tokens=12, ignore_eos=True))
+    engine.run([at_least, no_eos])
+    assert len(at_least.output_ids) >= 5
+    assert no_eos.finish_reason == "length" and len(no_eos.output_ids) == 12
+    with pytest.raises(HubError, match="min_tokens"):
+        sampling_params(max_new_tokens=4, min_tokens=5)
+
+
+def test_stop_strings_count_only_after_min_tokens(engine):
+    plain = engine.run([greedy(engine, "c", MRS[0], 12)])[0]
+    word = engine.decode_text(plain.output_ids[1:2]).strip()
+    assert plain.text.find(word) < 6, "the stop string occurs early in the plain text"
+    late = engine.run([engine.new_sequence("c", MRS[0], sampling_params(max_new_tokens=12, stop=word,
+                                                                          min_tokens=6))])[0]
+    assert len(late.output_ids) >= 6 and late.text.startswith(plain.text[:6])
+
+
+def test_a_request_for_a_non_resident_adapter_waits_for_a_busy_slot(tiny_base):
+    """One resident slot, held by a long sequence: a request for another adapter queues (no 429) and runs
+    once the slot frees, with the output it has alone."""
+    engine = Engine(load_backbone(str(tiny_base), "cpu"), make_task, max_resident=1)
+    for i, name in enumerate(["x", "y"]):
+        engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=40 + i), name, seed=i))
+    expected = engine.run([greedy(engine, "y", MRS[1], 4)])[0].output_ids
+    scheduler = Scheduler(engine, max_batch=4)
+    long = greedy(engine, "x", MRS[0], 30)
+    finished_at, done, later = {}, threading.Event(), []
+
+    def on_update(seq):
+        if seq is long and len(seq.output_ids) == 2:  # x holds the only slot now
+            later.append(greedy(engine, "y", MRS[1], 4))
+            later[0].on_update = on_update
+            scheduler.submit(later[0])
+        if seq.finished:
+            finished_at[seq.id] = scheduler.steps
+            done.set() if len(finished_at) == 2 else None
+
+    long.on_update = on_update
+    scheduler.start()
+    scheduler.submit(long)
+    assert done.wait(60)
+    scheduler.stop(10)
+    short = later[0]
+    assert long.finish_reason == "length" and short.output_ids == expected
+    assert finished_at[short.id] > finished_at[long.id], "y waited for x's slot"
+    assert engine.adapters["x"].in_use == engine.adapters["y"].in_use == 0
+
+
+def test_long_prompts_prefill_in_chunks_while_running_rows_decode(engine):
+    long_mr = "name[The Mill], customer rating[5 out of 5], area[riverside], food[Italian], near[Café Sicilia]"
+    solo = [engine.run([greedy(engine, t, mr, 8)])[0].output_ids for t, mr in (("a", MRS[0]), ("b", long_mr))]
+    batch = DecodeBatch(engine, prefill_chunk=4)
+    running, joining = greedy(engine, "a", MRS[0], 8), greedy(engine, "b", long_mr, 8)
+    assert engine.bind(running) and engine.bind(joining) and len(joining.prompt_ids) > 12
+    batch.join([running])
+    batch.step()
+    batch.join([joining])
+    decoded_while_prefilling = 0
+    while batch.prefilling:
+        before = len(running.output_ids)
+        batch.step()
+        decoded_while_prefilling += len(running.output_ids) - before
+    assert decoded_while_prefilling >= 2
+    while batch.busy:
+        batch.step()
+    assert [running.output_ids, joining.output_ids] == solo
+
+
+def test_incremental_text_equals_decoding_everything(engine):
+    tokenizer = engine.backbone.tokenizer
+    ids = tokenizer.encode("Café Rouge, 日本語 and 🙂 near the riverside.")
+    text = IncrementalText(tokenizer)
+    for n in range(1, len(ids) + 1):
+        partial = text.extend(ids[:n])
+        assert "\ufffd" not in partial and tokenizer.decode(ids).startswith(partial)
+    assert text.extend(ids) == text.final(ids) == tokenizer.decode(ids)

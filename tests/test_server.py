@@ -2,8 +2,8 @@
 `openai` client), with adapters published into its store through the CLI while it runs.
 
 Three server processes, each started once: the main one (admin token set, fast store watching) serves most tests
-in file order; a second without an admin token, with a one-place queue and one resident adapter, checks 403, 429
-and LRU eviction; a third is stopped with SIGTERM while requests are in flight. Every loop here is bounded and
+in file order; a second without an admin token, with a one-place queue and one resident adapter, checks 403, 429,
+LRU eviction and waiting for a busy slot; a third is stopped with SIGTERM while requests are in flight. Every loop here is bounded and
 every process is stopped at teardown.
 """
 
@@ -284,6 +284,20 @@ def test_generate_returns_text_with_usage(client):
     assert 0 < body["usage"]["completion_tokens"] <= 8
     if body["finish_reason"] == "length":
         assert body["usage"]["completion_tokens"] == 8
+
+
+def test_min_tokens_and_ignore_eos_on_every_route(client, openai_client):
+    fixed = gen(client, max_new_tokens=9, ignore_eos=True).json()
+    assert fixed["finish_reason"] == "length" and fixed["usage"]["completion_tokens"] == 9
+    assert gen(client, max_new_tokens=12, min_tokens=7).json()["usage"]["completion_tokens"] >= 7
+    completion = openai_client.completions.create(model="e2e", prompt=MR, max_tokens=9, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 9 and completion.choices[0].text == fixed["text"]
+    chat = openai_client.chat.completions.create(model="e2e", messages=[{"role": "user", "content": MR}],
+                                                 max_tokens=12, extra_body={"min_tokens": 7})
+    assert chat.usage.completion_tokens >= 7
+    too_many = gen(client, max_new_tokens=4, min_tokens=5)
+    assert too_many.status_code == 422 and "min_tokens" in too_many.json()["detail"]
 
 
 def test_greedy_generation_is_deterministic(client):
@@ -618,18 +632,20 @@ def test_lru_eviction_serves_every_task_from_one_resident_slot(small_server, cli
         assert metric_samples(small)[("hub_resident_adapters", ())] == 1
 
 
-def test_busy_resident_slots_answer_429_with_retry_after(small_server):
+def test_a_request_for_a_busy_slot_waits_in_the_queue(small_server):
+    """One resident slot, held by a decoding e2e request: a request for another adapter waits (as in vLLM)
+    instead of being refused, and is served once the slot frees."""
     with small_server.client() as small:
         body = {"task": "e2e", "input": SHORT_MR, "max_new_tokens": 100, "stream": True}
         with small.stream("POST", "/v1/generate", json=body) as stream:
             lines = stream.iter_lines()
             next(line for line in lines if line.startswith("data: "))  # e2e holds the only slot while decoding
-            busy = gen(small, OTHER, max_new_tokens=4)
+            waited = gen(small, OTHER, max_new_tokens=4)
             rest = [line for line in lines if line.startswith("data: ")]
         assert json.loads(rest[-1][len("data: "):])["finish_reason"] in ("stop", "length")
-        assert busy.status_code == 429, busy.text
-        assert busy.headers["retry-after"]
-        assert gen(small, OTHER, max_new_tokens=4).status_code == 200  # free again
+        assert waited.status_code == 200, waited.text
+        assert 0 < waited.json()["usage"]["completion_tokens"] <= 4
+        assert [t["name"] for t in small.get("/v1/tasks").json()["tasks"] if t["resident"]] == [OTHER]
 
 
 @pytest.fixture(scope="module")

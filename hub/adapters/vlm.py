@@ -4,23 +4,25 @@ One adapter per GPT-2 block, on the block output (after the FFN residual add):
 
     A(h) = h + W_up · ReLU(W_down · LN_a(h) + b_d) + b_u
 
-Training builds it with AdapterHub `adapters` (`vlm_adapter_config`); serving applies `vlm_adapter` with
-weights gathered per row from an `AdapterBank`, so rows of one batch may use different adapters. A test
-proves both give the same logits.
+Training builds it with AdapterHub `adapters` (`vlm_adapter_config`); serving (`VlmRuntime`) applies the same
+formula with rows grouped by adapter: each step reads each distinct adapter's weights once, at that adapter's
+own bottleneck (nothing is padded to the largest rank in use), and rows of one batch may use different
+adapters. Tests prove the library, the formula and the grouped path give the same logits.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from adapters import SeqBnConfig
+from torch import nn
 
+from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
 from hub.errors import HubError
+from hub.store.catalog import adapter_layers
 
 
 def vlm_adapter_config(hidden_size: int, bottleneck: int) -> SeqBnConfig:
@@ -82,115 +84,117 @@ def stack_layers(layers: list[dict[str, torch.Tensor]]) -> AdapterWeights:
     )
 
 
-def identity_weights(n_layer: int, hidden_size: int, rank: int, **like) -> AdapterWeights:
-    """Slot 0: W_up = 0 and b_u = 0 make A(h) = h exactly."""
-    zeros = lambda *shape: torch.zeros(*shape, **like)  # noqa: E731
-    return AdapterWeights(
-        ln_weight=torch.ones(n_layer, hidden_size, **like),
-        ln_bias=zeros(n_layer, hidden_size),
-        down_weight=zeros(n_layer, hidden_size, rank),
-        down_bias=zeros(n_layer, rank),
-        up_weight=zeros(n_layer, rank, hidden_size),
-        up_bias=zeros(n_layer, hidden_size),
-    )
+@dataclass(frozen=True)
+class LayerWeights:
+    """One adapter at one layer in `nn.Linear` layout, ready for `F.linear`: down [r, d], up [d, r]."""
+
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    up: torch.Tensor
+    up_bias: torch.Tensor
+
+    @classmethod
+    def from_adapter(cls, w: AdapterWeights, layer: int, device: torch.device) -> "LayerWeights":
+        put = lambda t: t[layer].to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
+        return cls(put(w.ln_weight), put(w.ln_bias), put(w.down_weight.transpose(-1, -2)), put(w.down_bias),
+                   put(w.up_weight.transpose(-1, -2)), put(w.up_bias))
+
+    def delta(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """A(h) - h, computed in fp32 whatever the backbone's dtype, returned in h's dtype."""
+        x = F.layer_norm(h.float(), h.shape[-1:], self.ln_weight, self.ln_bias, eps)
+        z = torch.relu_(F.linear(x, self.down, self.down_bias))
+        return F.linear(z, self.up, self.up_bias).to(h.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
 
 
-def pad_rank(w: AdapterWeights, rank: int) -> AdapterWeights:
-    """Zero-pad the bottleneck to `rank`: exact for ReLU (zero columns give ReLU(0) = 0, zero rows add 0)."""
-    extra = rank - w.down_bias.shape[-1]
-    if extra < 0:
-        raise ValueError("cannot shrink an adapter's bottleneck")
-    return AdapterWeights(
-        ln_weight=w.ln_weight,
-        ln_bias=w.ln_bias,
-        down_weight=F.pad(w.down_weight, (0, extra)),
-        down_bias=F.pad(w.down_bias, (0, extra)),
-        up_weight=F.pad(w.up_weight, (0, 0, 0, extra)),
-        up_bias=w.up_bias,
-    )
+@dataclass(frozen=True)
+class VlmPlan:
+    """Rows grouped by slot for one batch. `groups` pairs a slot with its row indices (None: every row of
+    the batch); `index` is the groups' rows concatenated, where the deltas are added back."""
+
+    groups: tuple[tuple[int, torch.Tensor | None], ...]
+    index: torch.Tensor | None
 
 
-class AdapterBank:
-    """Slots of stacked adapter weights, [S, L, ...]; slot 0 is the identity (plain base model).
+class VlmRuntime(KindRuntime):
+    """Resident VLM adapters, each stored once at its own bottleneck in fp32, and one hook per GPT-2 block.
 
-    Bottlenecks smaller than the bank's rank are zero-padded; the bank grows its rank and capacity as needed.
+    Memory is exactly the resident adapters' weights: no slot is padded to another adapter's rank and nothing
+    is regrown by concatenation. Per step and layer, each distinct adapter in the batch runs one LN, two
+    `F.linear` over its own rows; every other row passes unchanged.
     """
 
-    def __init__(self, n_layer: int, hidden_size: int, device: torch.device, dtype: torch.dtype, capacity: int = 8):
-        self.n_layer, self.hidden_size = n_layer, hidden_size
-        self.like = {"device": device, "dtype": dtype}
-        self.rank = 1
-        self.weights = identity_weights(n_layer, hidden_size, self.rank, **self.like).map(
-            lambda t: t.unsqueeze(0).repeat(capacity, *([1] * t.dim()))
-        )
-        self.free = list(range(1, capacity))
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.eps = model.config.layer_norm_epsilon
+        self.device = next(model.parameters()).device
+        self.slots: dict[int, list[LayerWeights]] = {}
+        for layer, block in enumerate(model.transformer.h):
+            self.hooks.add(block, self._hook(layer))
 
-    @property
-    def capacity(self) -> int:
-        return self.weights.ln_weight.shape[0]
-
-    def _grow(self, rank: int, capacity: int) -> None:
-        old_capacity = self.capacity
-        weights = pad_rank(self.weights, rank)
-        extra = identity_weights(self.n_layer, self.hidden_size, rank, **self.like).map(
-            lambda t: t.unsqueeze(0).repeat(capacity - old_capacity, *([1] * t.dim()))
-        )
-        self.weights = AdapterWeights(
-            *(torch.cat([getattr(weights, f.name), getattr(extra, f.name)]) for f in fields(AdapterWeights))
-        )
-        self.free.extend(range(old_capacity, capacity))
-        self.rank = rank
-
-    def add(self, layers: AdapterWeights) -> int:
-        """Copy an adapter ([L, ...] weights) into a free slot and return the slot id."""
-        rank = max(self.rank, layers.down_bias.shape[-1])
-        if rank > self.rank or not self.free:
-            self._grow(rank, self.capacity * 2 if not self.free else self.capacity)
-        slot = self.free.pop(0)
-        padded = pad_rank(layers.map(lambda t: t.to(**self.like)), self.rank)
-        for f in fields(AdapterWeights):
-            getattr(self.weights, f.name)[slot].copy_(getattr(padded, f.name))
+    def add(self, bundle: AdapterWeights) -> int:
+        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
+        self.slots[slot] = [LayerWeights.from_adapter(bundle, layer, self.device)
+                            for layer in range(bundle.ln_weight.shape[0])]
         return slot
 
     def remove(self, slot: int) -> None:
-        """Reset a slot to the identity and make it free again."""
-        if slot == 0 or slot in self.free:
+        if slot not in self.slots:
             raise ValueError(f"slot {slot} is not in use")
-        identity = identity_weights(self.n_layer, self.hidden_size, self.rank, **self.like)
-        for f in fields(AdapterWeights):
-            getattr(self.weights, f.name)[slot].copy_(getattr(identity, f.name))
-        self.free.append(slot)
-        self.free.sort()
+        del self.slots[slot]
 
-    def gather(self, slot_ids: torch.Tensor) -> AdapterWeights:
-        """Per-row weights [B, L, ...]: one index op per bank tensor for the whole model."""
-        return self.weights.map(lambda t: t.index_select(0, slot_ids))
+    def resident_bytes(self) -> int:
+        return sum(layer.nbytes() for layers in self.slots.values() for layer in layers)
 
-
-class FusedAdapterHooks:
-    """Forward hooks that apply per-row adapters at every GPT-2 block output of a plain `GPT2LMHeadModel`."""
-
-    def __init__(self, model: torch.nn.Module, bank: AdapterBank):
-        self.bank = bank
-        self.eps = model.config.layer_norm_epsilon
-        self.rows: AdapterWeights | None = None
-        for i, block in enumerate(model.transformer.h):
-            block.register_forward_hook(self._hook(i))
+    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan:
+        if rows is None:
+            return VlmPlan(((slot, None),) if slot != NO_SLOT else (), None)
+        by_slot: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.slot != NO_SLOT:
+                by_slot.setdefault(row.slot, []).append(i)
+        if len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(rows):
+            return VlmPlan(((next(iter(by_slot)), None),), None)
+        groups = tuple((s, torch.tensor(ix, device=self.device)) for s, ix in by_slot.items())
+        index = torch.cat([ix for _, ix in groups]) if groups else None
+        return VlmPlan(groups, index)
 
     def _hook(self, layer: int):
         def apply(module, args, output):
-            if self.rows is None:
+            plan: VlmPlan | None = self.plan
+            if not plan or not plan.groups:
                 return output
-            w = self.rows.map(lambda t: t[:, layer])
-            return (vlm_adapter(output[0], w, self.eps),) + tuple(output[1:])
+            h = output[0]
+            if plan.index is None:  # one adapter for the whole batch
+                h = h + self.slots[plan.groups[0][0]][layer].delta(h, self.eps)
+            else:
+                deltas = [self.slots[slot][layer].delta(h.index_select(0, rows), self.eps)
+                          for slot, rows in plan.groups]
+                h = h.index_add(0, plan.index, torch.cat(deltas))
+            return (h,) + tuple(output[1:])
 
         return apply
 
-    @contextmanager
-    def active(self, slot_ids: torch.Tensor) -> Iterator[None]:
-        """Within the block, row b of every forward uses the adapter in slot `slot_ids[b]`."""
-        self.rows = self.bank.gather(slot_ids)
-        try:
-            yield
-        finally:
-            self.rows = None
+
+class VlmKind(AdapterKind):
+    """VLM residual adapters in AdapterHub's SeqBn format (`adapter.safetensors`)."""
+
+    name = "vlm"
+
+    def load(self, loaded, config) -> AdapterWeights:
+        weights = stack_layers(adapter_layers(loaded.adapter_tensors, loaded.name))
+        layers, d = weights.ln_weight.shape
+        if (layers, d) != (config.n_layer, config.n_embd):
+            raise HubError(f"adapter {loaded.ref} has {layers} layers of d={d}; "
+                           f"the backbone has {config.n_layer} layers of d={config.n_embd}")
+        return weights
+
+    def parameter_count(self, bundle: AdapterWeights) -> int:
+        return sum(getattr(bundle, f.name).numel() for f in fields(AdapterWeights))
+
+    def runtime(self, model: nn.Module) -> VlmRuntime:
+        return VlmRuntime(model)

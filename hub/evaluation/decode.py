@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from hub.model.backbone import Backbone, load_backbone, resolve_base
-from hub.serving.engine import Engine, left_pad
+from hub.serving.batch import left_pad
+from hub.serving.engine import Engine
 from hub.errors import BackboneMismatchError
 from hub.evaluation.metrics import group_by_mr, load_metric
 from hub.store.catalog import TASK_TOKENS, AdapterStore, LoadedAdapter, export_dir, fingerprint_mismatch, read_export
@@ -179,9 +180,8 @@ def engine_task_model(backbone: Backbone, loaded: LoadedAdapter, label: str, sto
     """An adapter on the serving engine; its slot's rows are active (for the whole batch) during `generate()`."""
     engine = Engine(backbone, make_task)
     resident = engine.add_adapter(loaded)
-    slot = torch.tensor([resident.slot], device=backbone.device)
     return TaskModel(backbone.model, resident.codec, backbone.vocab_size, label,
-                     activate=lambda: engine.hooks.active(slot), store_ref=store_ref)
+                     activate=lambda: engine.applying_to_all(resident), store_ref=store_ref)
 
 
 def from_store(store: AdapterStore, ref: str, backbone: Backbone) -> TaskModel:

@@ -1,7 +1,9 @@
 """Iteration-level scheduling: one bounded queue for every task, one engine thread, one forward per step.
 
 Between decode steps waiting sequences join the running batch (up to `max_batch`), and finished or
-cancelled ones leave. Callers submit from any thread and learn of progress through `Sequence.on_update`.
+cancelled ones leave. A sequence whose adapter cannot be made resident (every slot busy) stays in the queue
+until a slot frees, as vLLM does; only a full queue refuses a request. Callers submit from any thread and
+learn of progress through `Sequence.on_update`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hub.serving.engine import DecodeBatch, Engine, Sequence
 from hub.errors import CapacityError
+from hub.serving.batch import DecodeBatch
+from hub.serving.engine import Engine, Sequence
 
 log = logging.getLogger("hub.serving.scheduler")
+
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per row and step
 
 
 class QueueFullError(CapacityError):
@@ -31,12 +36,14 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
-        self.batch = DecodeBatch(engine)
+        self.batch = DecodeBatch(engine, prefill_chunk)
         self.wakeup = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="hub-engine", daemon=True)
@@ -46,16 +53,17 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence; a refused one (queue full, shutting down) has given its adapter back."""
         with self.wakeup:
-            if self.stopping:
-                raise QueueFullError("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({self.max_queue} waiting requests); retry shortly")
+            if self.stopping or len(self.waiting) >= self.max_queue:
+                self.engine.release(sequence)
+                raise QueueFullError("the server is shutting down" if self.stopping else
+                                     f"the queue is full ({self.max_queue} waiting requests); retry shortly")
             self.waiting.append(sequence)
             self.wakeup.notify()
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.waiting), len(self.batch.sequences), self.steps)
+        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""
@@ -65,47 +73,47 @@ class Scheduler:
         self.thread.join(timeout)
 
     def _take_waiting(self) -> list[Sequence]:
+        """Waiting sequences that fit the batch and whose adapters could be made resident, in queue order."""
         with self.wakeup:
-            while not self.waiting and not self.batch.sequences and not self.stopping:
+            while not self.waiting and not self.batch.busy and not self.stopping:
                 self.wakeup.wait()
-            room = self.max_batch - len(self.batch.sequences)
-            taken = []
-            while self.waiting and len(taken) < room:
+            room = self.max_batch - len(self.batch.all_sequences())
+            taken, kept = [], deque()
+            while self.waiting:
                 sequence = self.waiting.popleft()
                 if sequence.cancelled:
-                    self._finish_unstarted(sequence)
-                else:
+                    self._finish(sequence, "cancelled")
+                elif len(taken) < room and self.engine.bind(sequence):
                     taken.append(sequence)
+                else:
+                    kept.append(sequence)
+            self.waiting = kept
             return taken
 
-    def _finish_unstarted(self, sequence: Sequence) -> None:
-        sequence.finish_reason = "cancelled"
-        if sequence.adapter is not None:
-            self.engine.release(sequence.adapter)
-        if sequence.on_update:
-            sequence.on_update(sequence)
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        """End a sequence that is not (or no longer) in the batch."""
+        if not sequence.finished:
+            sequence.finish_reason = reason
+            self.engine.release(sequence)
+            sequence.notify()
 
     @torch.inference_mode()
     def _loop(self) -> None:
         while True:
             joining = self._take_waiting()
-            if self.stopping and not joining and not self.batch.sequences and not self.waiting:
+            if self.stopping and not joining and not self.batch.busy and not self.waiting:
                 return
+            if not joining and not self.batch.busy:  # every waiting adapter's slot is busy elsewhere: wait
+                with self.wakeup:
+                    self.wakeup.wait(0.01)
+                continue
             try:
-                with self.engine.lock:
-                    self.batch.join(joining)
-                    self.batch.step()
+                self.batch.join(joining)
+                self.batch.step()
                 self.steps += 1
             except Exception:  # a failed step must not stop the server: fail its sequences, keep serving
-                log.exception("decode step failed; failing %d sequences", len(self.batch.sequences) + len(joining))
-                self._fail(self.batch.sequences + joining)
-                self.batch = DecodeBatch(self.engine)
-
-    def _fail(self, sequences: list[Sequence]) -> None:
-        for sequence in {s.id: s for s in sequences}.values():
-            if not sequence.finished:
-                sequence.finish_reason = "error"
-                if sequence.adapter is not None:
-                    self.engine.release(sequence.adapter)
-                if sequence.on_update:
-                    sequence.on_update(sequence)
+                failed = self.batch.all_sequences() + joining
+                log.exception("decode step failed; failing %d sequences", len(failed))
+                for sequence in {s.id: s for s in failed}.values():
+                    self._finish(sequence, "error")
+                self.batch = DecodeBatch(self.engine, self.prefill_chunk)

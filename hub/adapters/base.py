@@ -1,0 +1,89 @@
+"""The adapter-kind interface: what the engine needs of any kind of adapter, and nothing kind-specific.
+
+A kind (VLM residual adapters today; a sentence VAE with per-row z prefixes next) says
+  * how its bundle loads from a `LoadedAdapter` (the store-to-engine hand-off) and how many parameters it has;
+  * how it lives on a backbone (`KindRuntime`): resident bundles in slots, the hooks it installs (removed on
+    `close`), and how a batch's rows map to what those hooks apply.
+The engine holds one runtime per kind in use. Each forward, every runtime gets a plan built from the batch's
+`RowState`s; rows of other kinds (and plain-base rows) carry slot 0, which every kind treats as "leave alone".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from hub.model.hooks import HookSet
+
+NO_SLOT = 0  # a row this kind leaves alone: the plain base model, or another kind's adapter
+
+
+@dataclass
+class RowState:
+    """What one running row needs from its adapter kind: its slot, and kind-specific tensors (a z vector,
+    extra KV entries) that the kind's runtime fills in and reads; empty for kinds that need none."""
+
+    slot: int = NO_SLOT
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AdapterKind(ABC):
+    """One kind of adapter: its name in the store's metadata, bundle loading and parameter count."""
+
+    name: str
+
+    @abstractmethod
+    def load(self, loaded, config) -> Any:
+        """The kind's bundle (CPU tensors) from a `hub.store.catalog.LoadedAdapter`, checked against the
+        backbone's `GPT2Config`; raises HubError when it does not fit."""
+
+    @abstractmethod
+    def parameter_count(self, bundle) -> int:
+        """Parameters of one bundle (task-token rows not included)."""
+
+    @abstractmethod
+    def runtime(self, model: nn.Module) -> "KindRuntime":
+        """Install this kind on `model` (hooks with handles) and return the live runtime."""
+
+
+class KindRuntime(ABC):
+    """A kind installed on one backbone: resident bundles by slot, and hooks that apply the active plan."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.hooks = HookSet()
+        self.plan: Any = None  # what the hooks apply during the current forward; None: do nothing
+
+    @abstractmethod
+    def add(self, bundle) -> int:
+        """Put a bundle on the device; returns its slot (never NO_SLOT)."""
+
+    @abstractmethod
+    def remove(self, slot: int) -> None:
+        """Free a slot's device memory."""
+
+    @abstractmethod
+    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> Any:
+        """What the hooks need for a batch: per-row states, or (rows None) `slot` applied to every row
+        whatever the batch size. Built once per batch membership, reused every step."""
+
+    @abstractmethod
+    def resident_bytes(self) -> int:
+        """Device bytes held for resident bundles."""
+
+    @contextmanager
+    def active(self, plan: Any) -> Iterator[None]:
+        self.plan = plan
+        try:
+            yield
+        finally:
+            self.plan = None
+
+    def close(self) -> None:
+        """Remove every hook this kind installed; the model is as it was."""
+        self.hooks.remove()

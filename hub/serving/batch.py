@@ -1,0 +1,228 @@
+"""A running decode batch: sequences of any task with their merged KV cache, one forward per step.
+
+New sequences are prefilled on their own (left-padded) and merged into the running batch once their prompt
+is in the cache. A prompt longer than `prefill_chunk` tokens is prefilled over several steps (chunked
+prefill), so the running sequences keep decoding meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from hub.model.task_tokens import mask_task_logits
+from hub.serving.sampling import sample
+from hub.serving.sequence import Sequence
+
+if TYPE_CHECKING:
+    from hub.serving.engine import Engine
+
+
+def left_pad(prompts: list[tuple[list[int], list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Batched inference inputs from (ids, types) pairs: left padding (id and type 0) and an attention mask."""
+    width = max(len(ids) for ids, _ in prompts)
+    pad = lambda values: [0] * (width - len(values)) + values  # noqa: E731
+    tensor = lambda rows: torch.tensor(rows, device=device)  # noqa: E731
+    return {"input_ids": tensor([pad(ids) for ids, _ in prompts]),
+            "token_type_ids": tensor([pad(types) for _, types in prompts]),
+            "attention_mask": tensor([pad([1] * len(ids)) for ids, _ in prompts])}
+
+
+@dataclass
+class Prefill:
+    """Sequences whose prompts are being written into their own cache, `done` columns so far."""
+
+    sequences: list[Sequence]
+    inputs: dict[str, torch.Tensor]
+    has_types: bool
+    plans: list
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+
+class DecodeBatch:
+    """Running sequences with their merged KV cache; each `step` is one forward pass over all of them."""
+
+    def __init__(self, engine: "Engine", prefill_chunk: int | None = None):
+        self.engine = engine
+        self.model = engine.backbone.model
+        self.device = engine.backbone.device
+        self.prefill_chunk = prefill_chunk  # prompt tokens per row and step; None: whole prompts at once
+        self.sequences: list[Sequence] = []
+        self.prefilling: list[Prefill] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, T] 1 = real token
+        self.plans: list | None = None  # the kinds' plans for `sequences`; None after a membership change
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sequences or self.prefilling)
+
+    def all_sequences(self) -> list[Sequence]:
+        return self.sequences + [s for p in self.prefilling for s in p.sequences]
+
+    def join(self, sequences: list[Sequence]) -> None:
+        """Start prefilling (bound) sequences; without a chunk limit they join the batch now."""
+        if not sequences:
+            return
+        no_type = [self.engine.no_type_id]
+        inputs = left_pad([(s.prompt_ids, s.prompt_types or no_type * len(s.prompt_ids)) for s in sequences],
+                          self.device)
+        self.prefilling.append(Prefill(list(sequences), inputs, any(s.prompt_types for s in sequences),
+                                       self.engine.plans(sequences)))
+        if self.prefill_chunk is None:
+            self._prefill_next()
+
+    def step(self) -> None:
+        """One prefill chunk (if any prompt is waiting), then one decode step for every running sequence."""
+        self._prefill_next()
+        self._drop_finished()
+        if not self.sequences:
+            return
+        last = torch.tensor([s.output_ids[-1] for s in self.sequences], device=self.device)[:, None]
+        has_types = any(s.prompt_types for s in self.sequences)
+        types = torch.tensor([s.prompt_types[-1] if s.prompt_types else self.engine.no_type_id
+                              for s in self.sequences], device=self.device)[:, None] if has_types else None
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if self.plans is None:
+            self.plans = self.engine.plans(self.sequences)
+        logits = self._forward(last, types, self.mask, self.cache, self.plans)
+        self._advance(logits, self.sequences)
+        self._drop_finished()
+
+    def _prefill_next(self) -> None:
+        if not self.prefilling:
+            return
+        job = self.prefilling[0]
+        end = job.width if self.prefill_chunk is None else min(job.width, job.done + self.prefill_chunk)
+        columns = slice(job.done, end)
+        types = job.inputs["token_type_ids"][:, columns] if job.has_types else None
+        logits = self._forward(job.inputs["input_ids"][:, columns], types, job.inputs["attention_mask"][:, :end],
+                               job.cache, job.plans)
+        job.done = end
+        if end == job.width:
+            self.prefilling.pop(0)
+            self._merge(job.sequences, job.cache, job.inputs["attention_mask"])
+            self._advance(logits, job.sequences)
+
+    def _forward(self, ids, types, mask, cache, plans: list) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        with self.engine.applying(plans):
+            out = self.model(input_ids=ids, token_type_ids=types, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _merge(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append new rows: left-pad the shorter side's keys/values and mask to a common length."""
+        self.plans = None
+        if not self.sequences:
+            self.sequences, self.cache, self.mask = list(sequences), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))  # noqa: E731
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([left(old.keys, 2), left(new.keys, 2)])
+            old.values = torch.cat([left(old.values, 2), left(new.values, 2)])
+        self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
+        self.sequences += sequences
+
+    def _advance(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
+        """Choose each row's next token from its last-position logits."""
+        logits = self._mask_task_tokens(logits, rows)
+        greedy = logits.argmax(-1).tolist()
+        now = time.monotonic()
+        for seq, row_logits, token in zip(rows, logits, greedy):
+            if seq.params.temperature > 0:
+                token = sample(row_logits, seq.params, seq.generator)
+            seq.first_token_at = seq.first_token_at or now
+            self._append(seq, token)
+
+    def _mask_task_tokens(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+        """Only a row's own EOS may be chosen among the task tokens, not as the first token (VLM rule), not
+        before `min_tokens` and never with `ignore_eos`."""
+        eos = torch.tensor([s.eos_id for s in rows], device=logits.device)[:, None]
+        allowed = torch.tensor([not s.params.ignore_eos and len(s.output_ids) >= max(1, s.params.min_tokens)
+                                for s in rows], device=logits.device)[:, None]
+        return mask_task_logits(logits, self.engine.backbone.vocab_size, eos, allowed)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        if token == seq.eos_id:
+            seq.finish_reason = "stop"
+        else:
+            seq.output_ids.append(token)
+            seq.text = self._visible(seq, seq.detokenizer.extend(seq.output_ids))
+            if self._cut_at_stop(seq):
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_new_tokens:
+                seq.finish_reason = "length"
+            elif len(seq.prompt_ids) + len(seq.output_ids) >= self.engine.backbone.n_positions:
+                seq.finish_reason = "length"
+        if seq.cancelled and not seq.finished:
+            seq.finish_reason = "cancelled"
+        if seq.finished:  # the exact text, with a last character the incremental text may hold back
+            seq.text = self._visible(seq, seq.detokenizer.final(seq.output_ids))
+            self._cut_at_stop(seq)
+        seq.notify()
+
+    @staticmethod
+    def _visible(seq: Sequence, text: str) -> str:
+        """A task's target follows its marker after a layout space, which is not part of the answer."""
+        return text.lstrip() if seq.adapter is not None else text
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence) -> bool:
+        """Cut the text before the first stop string that appears after `min_tokens` tokens (as vLLM: text
+        before that point is never searched); True if one was found. Only the new tail is searched."""
+        stops = seq.params.stop
+        if not stops:
+            return False
+        if not seq.params.may_stop(len(seq.output_ids)):
+            seq.stop_scan = len(seq.text)
+            return False
+        cut = min((i for i in (seq.text.find(s, seq.stop_scan) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = seq.text[:cut]
+            return True
+        seq.stop_scan = max(seq.stop_scan, len(seq.text) - max(map(len, stops)) + 1)
+        return False
+
+    def _finish_cancelled(self) -> None:
+        for seq in self.sequences:
+            if seq.cancelled and not seq.finished:
+                seq.finish_reason = "cancelled"
+                seq.notify()
+
+    def _drop_finished(self) -> None:
+        self._finish_cancelled()
+        keep = [i for i, s in enumerate(self.sequences) if not s.finished]
+        if len(keep) == len(self.sequences):
+            return
+        for seq in self.sequences:
+            if seq.finished:
+                self.engine.release(seq)
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        self.sequences = [self.sequences[i] for i in keep]
+        self.plans = None
+        if not keep:
+            self.cache, self.mask = None, self.mask[:0, :0]
+            return
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Drop leading columns that are padding in every remaining row."""
+        lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]

@@ -1,0 +1,88 @@
+"""Sampling parameters: the one place a request's fields become `SamplingParams`, and the token choice.
+
+Field names follow vLLM's (`min_tokens`, `ignore_eos`) so benchmarks and users can fix output lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hub.errors import HubError
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding; temperature 0 is greedy. Before `min_tokens` tokens neither EOS nor a stop
+    string ends a sequence; with `ignore_eos` only length (or a stop string) does."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise HubError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise HubError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise HubError(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                           f"not {self.min_tokens}")
+
+    def may_stop(self, generated: int) -> bool:
+        """Whether EOS or a stop string may end a sequence that has `generated` tokens so far."""
+        return generated >= self.min_tokens
+
+
+def sampling_params(default_max_new_tokens: int | None = None, *, max_new_tokens: int | None = None,
+                    temperature: float | None = 0.0, top_p: float | None = 1.0, top_k: int | None = 0,
+                    seed: int | None = None, stop: str | list[str] | tuple[str, ...] | None = None,
+                    min_tokens: int | None = 0, ignore_eos: bool | None = False) -> SamplingParams:
+    """A request's fields (None: not given) -> validated `SamplingParams`; every route and the CLI use this.
+
+    `default_max_new_tokens` is the task's default length (the engine's default for the plain base model).
+    """
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or default_max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=0.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        seed=seed,
+        stop=stops,
+        min_tokens=min_tokens or 0,
+        ignore_eos=bool(ignore_eos),
+    )
+    params.validate()
+    return params
+
+
+def new_generator(params: SamplingParams) -> torch.Generator | None:
+    """A row's own random stream (reproducible with `seed`); None for greedy rows."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Temperature, top-k and nucleus (top-p) sampling for one row, reproducible with its own generator."""
+    logits = logits.float().cpu() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = logits.sort(descending=True)
+        probs = ordered.softmax(-1)
+        outside = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(0, order, ordered.masked_fill(outside, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

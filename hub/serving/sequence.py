@@ -1,0 +1,89 @@
+"""What the engine decodes: resident adapters and sequences (one request each)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from hub.adapters.base import RowState
+from hub.serving.detokenize import IncrementalText
+from hub.serving.sampling import SamplingParams
+from hub.task import Task, TaskCodec
+
+
+@dataclass
+class ResidentAdapter:
+    """A published adapter known to the engine; `slot` is None while it waits on the CPU.
+
+    `encoder` numbers the task's special tokens from the base vocabulary on (relative ids), so a request is
+    tokenized before, and whether or not, its adapter has rows in the token table; the batch shifts them by
+    `row_offset` when the sequence joins.
+    """
+
+    name: str
+    version: str
+    task: Task
+    meta: dict
+    kind: str
+    bundle: Any  # the kind's weights on the CPU, the copy that comes back after eviction
+    rows: torch.Tensor  # task-token rows [k, d] on the CPU
+    encoder: TaskCodec
+    parameter_count: int
+    slot: int | None = None
+    row_offset: int = 0
+    in_use: int = 0
+    retired: bool = False  # replaced or unloaded: freed once no sequence uses it
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def codec(self) -> TaskCodec:
+        """Absolute ids (the current rows of the token table): valid while the adapter stays resident."""
+        first = min(self.encoder.token_ids.values()) + self.row_offset
+        return TaskCodec(self.task, self.encoder.tokenizer, first, self.encoder.max_length)
+
+
+_sequence_ids = itertools.count(1)
+
+
+@dataclass
+class Sequence:
+    """One request being decoded. `on_update` is called from the engine thread after every step.
+
+    Until the sequence joins a batch, task-token ids in `prompt_ids`, `prompt_types` and `eos_id` are
+    relative (see `ResidentAdapter.encoder`); `bound` says they were shifted to the token table's rows.
+    """
+
+    adapter: ResidentAdapter | None  # None: the plain base model
+    prompt_ids: list[int]
+    prompt_types: list[int] | None
+    params: SamplingParams
+    eos_id: int
+    id: int = field(default_factory=lambda: next(_sequence_ids))
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    on_update: Callable[["Sequence"], None] | None = None
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    row: RowState = field(default_factory=RowState)
+    bound: bool = False
+    released: bool = False
+    detokenizer: IncrementalText | None = None
+    stop_scan: int = 0  # stop strings are searched for in `text` from here on
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def notify(self) -> None:
+        if self.on_update:
+            self.on_update(self)
