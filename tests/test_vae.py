@@ -72,23 +72,38 @@ def test_block_output_site_is_the_vlm_formula(backbone):
     assert not model.transformer.h[0]._forward_hooks  # the adapter hooks came off
 
 
-def test_ffn_parallel_site_adds_f_of_the_post_attention_stream(backbone):
+@pytest.mark.parametrize("pass_name", ["decoder", "encoder"])
+def test_ffn_parallel_site_adds_f_of_the_post_attention_stream(backbone, pass_name):
+    """x ← x + mlp(ln_2 x) + f(x): the decoder's hooks and the encoder's in-line blocks give the hand value."""
     model, vae = backbone.model, make_vae(backbone, adapter_site="ffn_parallel")
     block = model.transformer.h[0]
     ids, mask = batch(backbone)
     seen = {}
     hooks = [block.ln_2.register_forward_pre_hook(lambda m, args: seen.update(r=args[0])),
              block.mlp.register_forward_hook(lambda m, args, out: seen.update(m=out)),
-             block.register_forward_hook(lambda m, args, out: seen.update(y=out[0]))]
+             model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.update(y=args[0]))]
     try:
-        vae.encoder_states(model, ids, mask)
+        if pass_name == "decoder":
+            vae.decoder_logits(model, ids, mask, torch.randn(2, 4))
+            w = vae.decoder_adapters.weights().map(lambda t: t[0])
+        else:  # the encoder calls the parts' forward directly: recompute them from its block-0 input
+            h = vae.encoder_states(model, ids, mask)
+            w = vae.encoder_adapters.weights().map(lambda t: t[0])
     finally:
-        for h in hooks:
-            h.remove()
-    w = vae.encoder_adapters.weights().map(lambda t: t[0])
-    hand_f = torch.relu(seen["r"] @ w.down_weight + w.down_bias) @ w.up_weight + w.up_bias
-    torch.testing.assert_close(ffn_parallel_adapter(seen["r"], w), hand_f)
-    torch.testing.assert_close(seen["y"], seen["r"] + seen["m"] + hand_f, rtol=1e-5, atol=1e-5)
+        for handle in hooks:
+            handle.remove()
+    hand_f = lambda r: torch.relu(r @ w.down_weight + w.down_bias) @ w.up_weight + w.up_bias  # noqa: E731
+    if pass_name == "decoder":
+        torch.testing.assert_close(ffn_parallel_adapter(seen["r"], w), hand_f(seen["r"]))
+        torch.testing.assert_close(seen["y"], seen["r"] + seen["m"] + hand_f(seen["r"]), rtol=1e-5, atol=1e-5)
+    else:
+        assert not seen  # no hook fired in the encoder
+        t = model.transformer
+        x0 = t.wte(ids) + t.wpe((mask.cumsum(-1) - 1).clamp(min=0))
+        key_padding = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        x = x0 + block.attn(block.ln_1(x0), attention_mask=key_padding)[0]
+        expected = t.ln_f(x + block.mlp(block.ln_2(x)) + hand_f(x))
+        torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["latent_attn", "mean", "max"])

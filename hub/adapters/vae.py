@@ -6,8 +6,9 @@
     decoder  all blocks, causal, with the decoder adapter set; z enters as a one-slot KV prefix in every layer
              (AdaVAE `add_attn`), as a vector added to every input embedding (Optimus), or both
 
-Nothing of GPT-2 is trained or changed, its LayerNorms included: adapters and injection are forward hooks whose
-handles are removed when the pass ends (`SentenceVAE.encoder_pass`, `.decoder_pass`). Adapter formulas:
+Nothing of GPT-2 is trained or changed, its LayerNorms included. The encoder calls the blocks' parts itself with
+its adapters in line; the decoder's adapters and injection are forward hooks whose handles are removed when the
+pass ends (`SentenceVAE.decoder_pass`); serving applies them per row (`VaeRuntime`). Adapter formulas:
 
     block_output  (default; the hub's VLM adapter, `hub.adapters.vlm.vlm_adapter`)  h ← A(h) after each block
     ffn_parallel  (AdaVAE)  x ← x + mlp(ln_2 x) + f(x),  f(x) = W_up·ReLU(W_down·x + b_d) + b_u, no LN
@@ -232,17 +233,29 @@ class SentenceVAE(nn.Module):
         return self.mu(rep), self.logvar(rep)
 
     def encoder_states(self, model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`ln_f` of the first k blocks run bidirectionally (each token sees every real token) [B, T, d]."""
+        """`ln_f` of the first k blocks run bidirectionally (each token sees every real token) [B, T, d].
+
+        The blocks' parts are called directly (`.forward`), with the encoder adapters applied in line: no hook
+        is registered or fired, so an encode pass may run while the serving engine decodes on the same model."""
         require_sdpa(model)
         transformer = model.transformer
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        h = transformer.drop(transformer.wte(ids) + transformer.wpe(positions))
+        embedded = transformer.wte(ids) + transformer.wpe(positions)
+        h = F.dropout(embedded, transformer.drop.p, self.training)
         key_padding = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
-        blocks = transformer.h[: self.config.encoder_layers]
-        with self.encoder_adapters.attached(blocks, self.config.adapter_site, self.eps):
-            for block in blocks:
-                h = block(h, attention_mask=key_padding)[0]
-        return transformer.ln_f(h)
+        weights = self.encoder_adapters.weights()
+        for layer, block in enumerate(transformer.h[: self.config.encoder_layers]):
+            h = self._encoder_block(block, h, key_padding, weights.map(lambda t: t[layer]))
+        return transformer.ln_f.forward(h)
+
+    def _encoder_block(self, block: nn.Module, h: torch.Tensor, key_padding: torch.Tensor,
+                       w: AdapterWeights) -> torch.Tensor:
+        """GPT2Block's pre-LN residual computation (attention, then MLP) with this layer's encoder adapter."""
+        x = h + block.attn.forward(block.ln_1.forward(h), attention_mask=key_padding)[0]
+        mlp = block.mlp.forward(block.ln_2.forward(x))
+        if self.config.adapter_site == "ffn_parallel":
+            return x + mlp + ffn_parallel_adapter(x, w)
+        return vlm_adapter(x + mlp, w, self.eps)
 
     # -- decoder --------------------------------------------------------------------------------------------
     def decoder_logits(self, model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor,
