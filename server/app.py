@@ -26,6 +26,7 @@ from hub.serving.service import (GenerationFailedError, Handle, HubService, Requ
                                  ServiceSettings)
 from hub.store.catalog import AdapterStore
 from server.prometheus import ServerMetrics
+from server.vae import vae_router
 from tasks import make_task
 
 
@@ -103,6 +104,7 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.state.hub = hub
+    app.include_router(vae_router(hub))
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):

@@ -21,6 +21,9 @@ from torch import nn
 from hub.model.hooks import HookSet
 
 NO_SLOT = 0  # a row this kind leaves alone: the plain base model, or another kind's adapter
+# `RowState.extra` keys the decode batch itself reads: one extra key/value per layer ([L, H, 1, d_head] each),
+# written into the row's cache before its prompt and visible to every query (a latent slot, e.g. a VAE's z).
+PREFIX_KEYS, PREFIX_VALUES = "prefix_keys", "prefix_values"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class AdapterKind(ABC):
     """One kind of adapter: its name in the store's metadata, bundle loading and parameter count."""
 
     name: str
+    text_input_error: str | None = None  # why this kind's adapters take no text prompt (None: they do)
 
     @abstractmethod
     def load(self, loaded, config) -> Any:

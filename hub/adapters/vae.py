@@ -19,6 +19,7 @@ position id 1 (Optimus' `past_length = 1`); training, scoring and serving all de
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel
 
+from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
 from hub.adapters.vlm import AdapterWeights, vlm_adapter
 from hub.errors import HubError
 
@@ -375,3 +377,133 @@ def interpolation_path(start: torch.Tensor, end: torch.Tensor, steps: int) -> to
 def analogy_point(mu_a: torch.Tensor, mu_b: torch.Tensor, mu_c: torch.Tensor) -> torch.Tensor:
     """a : b = c : ?  ->  μ(c) + μ(b) − μ(a)."""
     return mu_c + mu_b - mu_a
+
+
+# -- serving: the `sentence_vae` adapter kind (`hub.adapters.base`) ---------------------------------------------
+
+EMBEDDING_OFFSET = "embedding_offset"
+
+
+@dataclass
+class ResidentVae:
+    """A bundle on the device: the module (encoder, heads, injector) and its decoder adapters per layer."""
+
+    vae: SentenceVAE
+    decoder: list  # `hub.adapters.vlm.LayerWeights` per block
+
+
+@dataclass(frozen=True)
+class VaePlan:
+    """Decoder adapters grouped by slot (as `VlmPlan`) and the rows' embedding offsets [B, d] (None: none)."""
+
+    groups: tuple[tuple[int, torch.Tensor | None], ...]
+    index: torch.Tensor | None
+    embedding: torch.Tensor | None
+
+
+class VaeRuntime(KindRuntime):
+    """Resident sentence VAEs on the engine's backbone. Per decode step, rows of a VAE get its decoder adapters
+    (block-output site, `LayerWeights.delta`) and their own z's embedding offset; their z's KV prefix is in the
+    batch's cache from the prefill on (`latent_row_state`, `hub.serving.batch`). Other rows pass unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.eps = model.config.layer_norm_epsilon
+        self.device = next(model.parameters()).device
+        self.slots: dict[int, ResidentVae] = {}
+        for layer, block in enumerate(model.transformer.h):
+            self.hooks.add(block, self._block_hook(layer))
+        self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
+
+    def add(self, bundle: SentenceVAE) -> int:
+        from hub.adapters.vlm import LayerWeights
+
+        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
+        vae = copy.deepcopy(bundle).to(self.device)  # the bundle stays on the CPU for eviction
+        weights = vae.decoder_adapters.weights().map(lambda t: t.detach())
+        self.slots[slot] = ResidentVae(vae, [LayerWeights.from_adapter(weights, layer, self.device)
+                                             for layer in range(weights.ln_weight.shape[0])])
+        return slot
+
+    def remove(self, slot: int) -> None:
+        if slot not in self.slots:
+            raise ValueError(f"slot {slot} is not in use")
+        del self.slots[slot]
+
+    def resident_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for r in self.slots.values() for p in r.vae.parameters())
+
+    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VaePlan:
+        if rows is None:
+            return VaePlan(((slot, None),) if slot != NO_SLOT else (), None, None)
+        by_slot: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.slot != NO_SLOT:
+                by_slot.setdefault(row.slot, []).append(i)
+        groups = tuple((s, torch.tensor(ix, device=self.device)) for s, ix in by_slot.items())
+        index = torch.cat([ix for _, ix in groups]) if groups else None
+        offsets = [row.extra.get(EMBEDDING_OFFSET) for row in rows]
+        embedding = None
+        if any(o is not None for o in offsets):
+            d = self.model.config.n_embd
+            embedding = torch.stack([o.to(self.device) if o is not None else torch.zeros(d, device=self.device)
+                                     for o in offsets])
+        return VaePlan(groups, index, embedding)
+
+    def _block_hook(self, layer: int):
+        def apply(module, args, output):
+            plan: VaePlan | None = self.plan
+            if not plan or not plan.groups:
+                return output
+            h = output[0]
+            if plan.index is None:
+                h = h + self.slots[plan.groups[0][0]].decoder[layer].delta(h, self.eps)
+            else:
+                deltas = [self.slots[slot].decoder[layer].delta(h.index_select(0, rows), self.eps)
+                          for slot, rows in plan.groups]
+                h = h.index_add(0, plan.index, torch.cat(deltas))
+            return (h,) + tuple(output[1:])
+
+        return apply
+
+    def _embedding_hook(self, module, args):
+        plan: VaePlan | None = self.plan
+        if not plan or plan.embedding is None:
+            return None
+        return (args[0] + plan.embedding[:, None].to(args[0].dtype),)
+
+
+class VaeKind(AdapterKind):
+    """Sentence VAE bundles (`vae.safetensors`, metadata `adapter_kind: sentence_vae`)."""
+
+    name = "sentence_vae"
+    text_input_error = ("it is a sentence VAE: use POST /v1/vae/{task}/encode, /decode, /reconstruct, /sample, "
+                        "/interpolate or /analogy (CLI: hub vae ...)")
+
+    def load(self, loaded, config) -> SentenceVAE:
+        vae = load_vae(loaded.adapter_tensors, loaded.meta, config)
+        if vae.config.adapter_site != "block_output":
+            raise HubError(f"sentence VAE {loaded.ref} uses {vae.config.adapter_site} adapters, which fused "
+                           f"serving does not apply; train it with --adapter-site block_output")
+        return vae
+
+    def parameter_count(self, bundle: SentenceVAE) -> int:
+        return sum(p.numel() for p in bundle.parameters())
+
+    def runtime(self, model: nn.Module) -> VaeRuntime:
+        return VaeRuntime(model)
+
+
+@torch.no_grad()
+def latent_row_state(vae: SentenceVAE, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What one decode row carries for its z [nz]: per-layer prefix keys/values [L, H, 1, d_head] and the
+    embedding offset [d] (each only when the VAE injects that way)."""
+    extra = {}
+    prefix = vae.injector.prefix(z[None])
+    if prefix is not None:
+        extra[PREFIX_KEYS] = torch.stack([k[0] for k, _ in prefix])
+        extra[PREFIX_VALUES] = torch.stack([v[0] for _, v in prefix])
+    offset = vae.injector.embedding_offset(z[None])
+    if offset is not None:
+        extra[EMBEDDING_OFFSET] = offset[0]
+    return extra

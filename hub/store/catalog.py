@@ -482,7 +482,8 @@ class AdapterStore:
                 raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
         if adapter_kind(stored.meta) == VAE_KIND:
             tensors = load_file(stored.path / VAE_WEIGHTS, device="cpu")
-            return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, torch.zeros(0, 0))
+            no_rows = torch.zeros(0, stored.meta["backbone"]["n_embd"])  # a VAE adds no task tokens
+            return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, no_rows)
         tensors = load_file(stored.path / ADAPTER_WEIGHTS, device="cpu")
         rows = load_file(stored.path / TASK_TOKENS, device="cpu").get("rows")
         k = len(stored.meta["special_tokens"])
