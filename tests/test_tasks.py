@@ -28,7 +28,7 @@ MULTI30K = DATA / "multi30k"
 IWSLT14 = DATA / "iwslt14_de_en"
 IWSLT_TOY = DATA / "iwslt_toy_joeynmt"
 COQA_SAMPLE = Path(__file__).parent / "fixtures" / "coqa_sample.json"
-METRICS = Path(__file__).resolve().parents[1] / "hub" / "metrics"
+METRICS = Path(__file__).resolve().parents[1] / "hub" / "evaluation" / "metrics"
 FIRST_ID = 8192  # the stand-in's vocabulary size: task tokens come after it
 
 
