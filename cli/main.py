@@ -12,15 +12,13 @@ from typing import Optional
 
 import typer
 
+from cli.options import BaseOption, DeviceOption, StoreOption
+from cli.vae import vae_app
 from hub.errors import HubError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-task adapter hub for one shared, frozen GPT-2.")
 
-DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
-StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store folder (env HUB_STORE)")
-DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
-BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
 ThreadsOption = typer.Option(None, "--threads", min=1,
                              help="torch threads (default: OMP_NUM_THREADS if set, else the physical cores)")
 
@@ -351,8 +349,6 @@ def list_task_types() -> None:
         d = cls.defaults
         typer.echo(f"{name:<10} b={d.bottleneck:<4} lr={d.lr:g} epochs={d.epochs}  {cls.description}")
 
-
-from cli.vae import vae_app  # noqa: E402  (after the commands it extends)
 
 app.add_typer(vae_app, name="vae")
 

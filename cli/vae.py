@@ -11,6 +11,7 @@ import typer
 from typer.exceptions import TyperException
 from typer.main import TyperGroup
 
+from cli.options import BaseOption, DeviceOption, StoreOption
 from hub.errors import HubError
 
 vae_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -164,3 +165,80 @@ def latent_eval(ref: str | None, run: Path | None, store, base: str | None, devi
         typer.echo(f"recorded in the metadata of {store.show(ref).ref}")
     typer.echo(f"metrics in {out / 'metrics.json'}")
     return True
+
+
+# -- hub vae encode | decode | sample | interpolate -----------------------------------------------------------
+
+TaskOption = typer.Option(..., "--task", help="sentence VAE adapter NAME or NAME@VERSION")
+MaxNewTokens = typer.Option(None, "--max-new-tokens")
+Temperature = typer.Option(0.0, help="0 = greedy")
+Seed = typer.Option(None, help="sampling seed (prior samples and temperature > 0)")
+
+
+def _served(task: str, store: str, base: str | None, device: str):
+    """An engine with the one VAE on its backbone, and that VAE's operations."""
+    from cli.main import _backbone_for, _store
+    from hub.serving.engine import Engine
+    from hub.serving.vae import VaeOps
+    from tasks import make_task
+
+    adapter_store = _store(store)
+    backbone = _backbone_for(adapter_store, [task], base, device)
+    engine = Engine(backbone, make_task)
+    name = engine.add_adapter(adapter_store.load(task, backbone.fingerprint)).name
+    return engine, VaeOps(engine, name)
+
+
+def _decode(engine, ops, z, max_new_tokens: int | None, temperature: float, seed: int | None) -> list[str]:
+    from hub.serving.sampling import sampling_params
+
+    params = sampling_params(ops.adapter.task.defaults.max_new_tokens, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)
+    return [s.text.strip() for s in engine.run(ops.sequences(z, params))]
+
+
+@vae_app.command()
+def encode(texts: list[str] = typer.Argument(..., help="sentences"), task: str = TaskOption,
+           store: str = StoreOption,
+           base: Optional[str] = BaseOption, device: str = DeviceOption) -> None:
+    """μ and log σ² of each sentence (JSON)."""
+    _, ops = _served(task, store, base, device)
+    codes = ops.encode(texts)
+    typer.echo(json.dumps({"task": ops.task, "nz": ops.nz, "mu": codes.mu, "logvar": codes.logvar}))
+
+
+@vae_app.command()
+def decode(z: str = typer.Argument(..., help="JSON list of latent vectors, e.g. '[[0.1, ...]]'"),
+           task: str = TaskOption, max_new_tokens: Optional[int] = MaxNewTokens, temperature: float = Temperature,
+           seed: Optional[int] = Seed, store: str = StoreOption,
+           base: Optional[str] = BaseOption, device: str = DeviceOption) -> None:
+    """Decode latent vectors into sentences, one per line."""
+    try:
+        vectors = json.loads(z)
+    except ValueError as err:
+        raise HubError(f"z must be a JSON list of vectors: {err}") from None
+    if not isinstance(vectors, list) or not all(isinstance(v, list) for v in vectors):
+        raise HubError("z must be a JSON list of vectors (lists of numbers)")
+    engine, ops = _served(task, store, base, device)
+    typer.echo("\n".join(_decode(engine, ops, ops.check_z(vectors), max_new_tokens, temperature, seed)))
+
+
+@vae_app.command()
+def sample(task: str = TaskOption, n: int = typer.Option(5, "-n", help="sentences to sample from the prior"),
+           max_new_tokens: Optional[int] = MaxNewTokens, temperature: float = Temperature,
+           seed: Optional[int] = Seed, store: str = StoreOption,
+           base: Optional[str] = BaseOption, device: str = DeviceOption) -> None:
+    """Decode z ~ N(0, I), one sentence per line."""
+    engine, ops = _served(task, store, base, device)
+    typer.echo("\n".join(_decode(engine, ops, ops.prior(n, ops.nz, seed), max_new_tokens, temperature, seed)))
+
+
+@vae_app.command()
+def interpolate(a: str = typer.Argument(...), b: str = typer.Argument(...), task: str = TaskOption,
+                steps: int = typer.Option(5, help="points from μ(a) to μ(b), both included"),
+                max_new_tokens: Optional[int] = MaxNewTokens, temperature: float = Temperature,
+                seed: Optional[int] = Seed, store: str = StoreOption,
+                base: Optional[str] = BaseOption, device: str = DeviceOption) -> None:
+    """The sentences along the line from μ(a) to μ(b), one per line."""
+    engine, ops = _served(task, store, base, device)
+    typer.echo("\n".join(_decode(engine, ops, ops.path(a, b, steps), max_new_tokens, temperature, seed)))

@@ -173,3 +173,23 @@ def test_bad_requests_get_clear_4xx(client, route, body, status, words):
     response = client.post(route, json=body)
     assert response.status_code == status, response.text
     assert words in json.dumps(response.json()), response.text
+
+
+def test_cli_vae_commands(store, tiny_base):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    common = ["--task", "vae", "--store", str(store.root), "--base", str(tiny_base), "--device", "cpu"]
+    run = lambda *args: CliRunner().invoke(app, ["vae", *args, *common])  # noqa: E731
+    encoded = run("encode", "a man walks a dog .", "a cat sleeps .")
+    assert encoded.exit_code == 0, encoded.output
+    mu = json.loads(encoded.output)["mu"]
+    assert len(mu) == 2 and len(mu[0]) == NZ
+    decoded = run("decode", json.dumps(mu), "--max-new-tokens", "4")
+    assert decoded.exit_code == 0 and len(decoded.output.strip().splitlines()) <= 2, decoded.output
+    assert run("sample", "-n", "3", "--seed", "1", "--max-new-tokens", "4").exit_code == 0
+    path = run("interpolate", "a man walks .", "a cat sleeps .", "--steps", "3", "--max-new-tokens", "4")
+    assert path.exit_code == 0, path.output
+    wrong = CliRunner().invoke(app, ["vae", "decode", "[[1.0]]", *common])
+    assert wrong.exit_code != 0 and f"nz = {NZ}" in str(wrong.exception)
