@@ -44,11 +44,15 @@ ROW_LABELS = {"lm": "(i) lm adapter", "adavae": "(ii) --recipe adavae", "two-pha
 SHOWN_PATHS = 5
 
 
-def vae_row(dataset: str, recipe: str, args, work: Path) -> dict:
-    data = str(SHARED / DATASETS[dataset])
-    run_dir = work / f"{dataset}-{recipe}"
+def fresh_run(dataset: str, row: str, work: Path):
+    """The data path, an emptied run directory and a freshly loaded stand-in for one row."""
+    run_dir = work / f"{dataset}-{row}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    backbone = load_backbone(str(BASE), "cpu", dtype=torch.float32)
+    return str(SHARED / DATASETS[dataset]), run_dir, load_backbone(str(BASE), "cpu", dtype=torch.float32)
+
+
+def vae_row(dataset: str, recipe: str, args, work: Path) -> dict:
+    data, run_dir, backbone = fresh_run(dataset, recipe, work)
     c = backbone.model.config
     vae = {"nz": 32, "encoder_layers": round(2 * c.n_layer / 3), "bottleneck": c.n_embd // 6}
     config = VAETrainConfig.for_recipe(recipe, name=f"{dataset}-{recipe}", data=data, base=str(BASE), vae=vae,
@@ -88,10 +92,7 @@ def latent_walks(model, backbone, sentences: list[str], seed: int) -> dict:
 
 def lm_row(dataset: str, vae_params: int, args, work: Path) -> dict:
     """The `lm` adapter with the bottleneck whose size is nearest the VAE bundle's."""
-    data = str(SHARED / DATASETS[dataset])
-    run_dir = work / f"{dataset}-lm"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    backbone = load_backbone(str(BASE), "cpu", dtype=torch.float32)
+    data, run_dir, backbone = fresh_run(dataset, "lm", work)
     c = backbone.model.config
     bottleneck = min(range(1, 4 * c.n_embd), key=lambda b: abs(adapter_parameter_count(c.n_layer, c.n_embd, b)
                                                                  + 2 * c.n_embd - vae_params))

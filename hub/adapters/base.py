@@ -62,14 +62,23 @@ class KindRuntime(ABC):
         self.model = model
         self.hooks = HookSet()
         self.plan: Any = None  # what the hooks apply during the current forward; None: do nothing
+        self.slots: dict[int, Any] = {}  # slot -> the kind's device copy of a bundle
 
     @abstractmethod
     def add(self, bundle) -> int:
         """Put a bundle on the device; returns its slot (never NO_SLOT)."""
 
-    @abstractmethod
+    def claim(self, resident: Any) -> int:
+        """Store a device copy in the lowest free slot."""
+        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
+        self.slots[slot] = resident
+        return slot
+
     def remove(self, slot: int) -> None:
         """Free a slot's device memory."""
+        if slot not in self.slots:
+            raise ValueError(f"slot {slot} is not in use")
+        del self.slots[slot]
 
     @abstractmethod
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> Any:

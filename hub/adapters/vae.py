@@ -30,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel
 
 from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
-from hub.adapters.vlm import AdapterWeights, vlm_adapter
+from hub.adapters.vlm import AdapterWeights, VlmPlan, add_deltas, device_layers, group_rows, vlm_adapter
 from hub.errors import HubError
 
 POOLINGS = ("latent_attn", "mean", "max")
@@ -394,10 +394,9 @@ class ResidentVae:
 
 @dataclass(frozen=True)
 class VaePlan:
-    """Decoder adapters grouped by slot (as `VlmPlan`) and the rows' embedding offsets [B, d] (None: none)."""
+    """Decoder adapters grouped by slot (a `VlmPlan`) and the rows' embedding offsets [B, d] (None: none)."""
 
-    groups: tuple[tuple[int, torch.Tensor | None], ...]
-    index: torch.Tensor | None
+    adapters: VlmPlan
     embedding: torch.Tensor | None
 
 
@@ -410,58 +409,36 @@ class VaeRuntime(KindRuntime):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
-        self.slots: dict[int, ResidentVae] = {}
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._block_hook(layer))
         self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
 
     def add(self, bundle: SentenceVAE) -> int:
-        from hub.adapters.vlm import LayerWeights
-
-        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
         vae = copy.deepcopy(bundle).to(self.device)  # the bundle stays on the CPU for eviction
         weights = vae.decoder_adapters.weights().map(lambda t: t.detach())
-        self.slots[slot] = ResidentVae(vae, [LayerWeights.from_adapter(weights, layer, self.device)
-                                             for layer in range(weights.ln_weight.shape[0])])
-        return slot
-
-    def remove(self, slot: int) -> None:
-        if slot not in self.slots:
-            raise ValueError(f"slot {slot} is not in use")
-        del self.slots[slot]
+        return self.claim(ResidentVae(vae, device_layers(weights, self.device)))
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for r in self.slots.values() for p in r.vae.parameters())
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VaePlan:
+        adapters = group_rows(rows, slot, self.device)
         if rows is None:
-            return VaePlan(((slot, None),) if slot != NO_SLOT else (), None, None)
-        by_slot: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            if row.slot != NO_SLOT:
-                by_slot.setdefault(row.slot, []).append(i)
-        groups = tuple((s, torch.tensor(ix, device=self.device)) for s, ix in by_slot.items())
-        index = torch.cat([ix for _, ix in groups]) if groups else None
+            return VaePlan(adapters, None)
         offsets = [row.extra.get(EMBEDDING_OFFSET) for row in rows]
         embedding = None
         if any(o is not None for o in offsets):
             d = self.model.config.n_embd
             embedding = torch.stack([o.to(self.device) if o is not None else torch.zeros(d, device=self.device)
                                      for o in offsets])
-        return VaePlan(groups, index, embedding)
+        return VaePlan(adapters, embedding)
 
     def _block_hook(self, layer: int):
         def apply(module, args, output):
             plan: VaePlan | None = self.plan
-            if not plan or not plan.groups:
+            if not plan or not plan.adapters.groups:
                 return output
-            h = output[0]
-            if plan.index is None:
-                h = h + self.slots[plan.groups[0][0]].decoder[layer].delta(h, self.eps)
-            else:
-                deltas = [self.slots[slot].decoder[layer].delta(h.index_select(0, rows), self.eps)
-                          for slot, rows in plan.groups]
-                h = h.index_add(0, plan.index, torch.cat(deltas))
+            h = add_deltas(output[0], plan.adapters, lambda slot: self.slots[slot].decoder[layer], self.eps)
             return (h,) + tuple(output[1:])
 
         return apply

@@ -132,52 +132,55 @@ class VlmRuntime(KindRuntime):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
-        self.slots: dict[int, list[LayerWeights]] = {}
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
-        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
-        self.slots[slot] = [LayerWeights.from_adapter(bundle, layer, self.device)
-                            for layer in range(bundle.ln_weight.shape[0])]
-        return slot
-
-    def remove(self, slot: int) -> None:
-        if slot not in self.slots:
-            raise ValueError(f"slot {slot} is not in use")
-        del self.slots[slot]
+        return self.claim(device_layers(bundle, self.device))
 
     def resident_bytes(self) -> int:
         return sum(layer.nbytes() for layers in self.slots.values() for layer in layers)
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan:
-        if rows is None:
-            return VlmPlan(((slot, None),) if slot != NO_SLOT else (), None)
-        by_slot: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            if row.slot != NO_SLOT:
-                by_slot.setdefault(row.slot, []).append(i)
-        if len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(rows):
-            return VlmPlan(((next(iter(by_slot)), None),), None)
-        groups = tuple((s, torch.tensor(ix, device=self.device)) for s, ix in by_slot.items())
-        index = torch.cat([ix for _, ix in groups]) if groups else None
-        return VlmPlan(groups, index)
+        return group_rows(rows, slot, self.device)
 
     def _hook(self, layer: int):
         def apply(module, args, output):
             plan: VlmPlan | None = self.plan
             if not plan or not plan.groups:
                 return output
-            h = output[0]
-            if plan.index is None:  # one adapter for the whole batch
-                h = h + self.slots[plan.groups[0][0]][layer].delta(h, self.eps)
-            else:
-                deltas = [self.slots[slot][layer].delta(h.index_select(0, rows), self.eps)
-                          for slot, rows in plan.groups]
-                h = h.index_add(0, plan.index, torch.cat(deltas))
+            h = add_deltas(output[0], plan, lambda slot: self.slots[slot][layer], self.eps)
             return (h,) + tuple(output[1:])
 
         return apply
+
+
+def device_layers(bundle: AdapterWeights, device: torch.device) -> list[LayerWeights]:
+    """An adapter's weights per layer on `device`, ready for `LayerWeights.delta`."""
+    return [LayerWeights.from_adapter(bundle, layer, device) for layer in range(bundle.ln_weight.shape[0])]
+
+
+def group_rows(rows: list[RowState] | None, slot: int, device: torch.device) -> VlmPlan:
+    """Rows grouped by their slot (rows None: `slot` on every row); NO_SLOT rows are left out."""
+    if rows is None:
+        return VlmPlan(((slot, None),) if slot != NO_SLOT else (), None)
+    by_slot: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.slot != NO_SLOT:
+            by_slot.setdefault(row.slot, []).append(i)
+    if len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(rows):
+        return VlmPlan(((next(iter(by_slot)), None),), None)
+    groups = tuple((s, torch.tensor(ix, device=device)) for s, ix in by_slot.items())
+    index = torch.cat([ix for _, ix in groups]) if groups else None
+    return VlmPlan(groups, index)
+
+
+def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float) -> torch.Tensor:
+    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`."""
+    if plan.index is None:  # one adapter for the whole batch
+        return h + layer_of(plan.groups[0][0]).delta(h, eps)
+    deltas = [layer_of(slot).delta(h.index_select(0, rows), eps) for slot, rows in plan.groups]
+    return h.index_add(0, plan.index, torch.cat(deltas))
 
 
 class VlmKind(AdapterKind):

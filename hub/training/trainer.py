@@ -240,30 +240,18 @@ class Trainer:
             self.on_eval(self, result)
 
     def _save_checkpoint(self, optimizer, schedule) -> None:
-        state = {
-            "step": self.step,
-            "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "log": asdict(self.log),
-        }
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir / "checkpoint.pt")
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_checkpoint(self.run_dir, self.step, trainable, optimizer, schedule, asdict(self.log))
 
     def _resume(self, optimizer, schedule) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        if not path.exists():
+        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+        if state is None:
             return
-        state = torch.load(path, map_location=self.backbone.device, weights_only=True)
         params = dict(self.model.named_parameters())
         for name, value in state["trainable"].items():
             params[name].data.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         self.step = state["step"]
         self.log = TrainLog(**state["log"])
-        print(f"resuming {self.run_dir} from step {self.step}")
 
     def export(self, out_dir: Path, metrics: dict) -> None:
         """Write the adapter in the store's input format (`hub.store.catalog.EXPORT_FILES`), atomically replacing `out_dir`."""
@@ -311,6 +299,28 @@ def staging(out_dir: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, schedule,
+                    log: dict) -> None:
+    """`checkpoint.pt`: what a run needs to resume, replaced atomically."""
+    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "log": log}
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) -> dict | None:
+    """Restore the optimizer and schedule from `checkpoint.pt` and return the state (None: a fresh run)."""
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    print(f"resuming {run_dir} from step {state['step']}")
+    return state
 
 
 def write_log(run_dir: Path, log: TrainLog) -> None:

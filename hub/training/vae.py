@@ -22,7 +22,7 @@ from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
 from hub.store.catalog import ADAPTER_META, VAE_KIND, VAE_WEIGHTS
-from hub.training.trainer import staging
+from hub.training.trainer import load_checkpoint, save_checkpoint, staging
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         elbo_loss)
 
@@ -276,22 +276,13 @@ class VAETrainer:
             print(f"phase 1 stopped at step {self.step}: held-out reconstruction no longer improves")
 
     def _save_checkpoint(self, optimizer, schedule) -> None:
-        state = {"step": self.step, "vae": self.vae.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "log": asdict(self.log)}
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir / "checkpoint.pt")
+        save_checkpoint(self.run_dir, self.step, self.vae.state_dict(), optimizer, schedule, asdict(self.log))
 
     def _resume(self, optimizer, schedule) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        if not path.exists():
-            return
-        state = torch.load(path, map_location=self.backbone.device, weights_only=True)
-        self.vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        self.step, self.log = state["step"], VAETrainLog(**state["log"])
-        print(f"resuming {self.run_dir} from step {self.step}")
+        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+        if state is not None:
+            self.vae.load_state_dict(state["trainable"])
+            self.step, self.log = state["step"], VAETrainLog(**state["log"])
 
     def export(self, out_dir: Path, metrics: dict) -> None:
         """The bundle (`vae.safetensors`) and its metadata, atomically replacing `out_dir`."""
