@@ -414,7 +414,8 @@ class VaeRuntime(KindRuntime):
         self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
 
     def add(self, bundle: SentenceVAE) -> int:
-        vae = copy.deepcopy(bundle).to(self.device)  # the bundle stays on the CPU for eviction
+        dtype = next(self.model.parameters()).dtype  # the encoder runs on the backbone's own dtype
+        vae = copy.deepcopy(bundle).to(device=self.device, dtype=dtype)  # the bundle stays on the CPU
         weights = vae.decoder_adapters.weights().map(lambda t: t.detach())
         return self.claim(ResidentVae(vae, device_layers(weights, self.device)))
 
