@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import tempfile
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hub.adapters.vlm import vlm_adapter_config
 from hub.store.catalog import LoadedAdapter
+from hub.store.format import AdapterMeta
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
@@ -39,13 +41,13 @@ def random_adapter(name: str, config: GPT2Config, bottleneck: int, task_type: st
               "adapter_down.1.bias": (b,), "adapter_up.weight": (d, b), "adapter_up.bias": (d,)}
     tensors = {adapter_key(i, name, part): torch.randn(shape, generator=g) * 0.02 + (part == "adapter_down.0.weight")
                for i in range(config.n_layer) for part, shape in shapes.items()}
-    meta = {"task_type": task_type, "task_config": {}, "bottleneck": b, "trainable_pct": 0.0}
+    meta = AdapterMeta.unpublished(name, task_type, tuple(f"<t{i}>" for i in range(max(num_rows, 2))), b)
     return LoadedAdapter(name, "1", meta, None, tensors, torch.randn(num_rows, d, generator=g) * 0.02)
 
 
 def add_to_adapters_model(model, adapter: LoadedAdapter) -> None:
     """Add the same adapter to a model run by the `adapters` library (for the library baselines)."""
-    model.add_adapter(adapter.name, config=vlm_adapter_config(model.config.n_embd, adapter.meta["bottleneck"]))
+    model.add_adapter(adapter.name, config=vlm_adapter_config(model.config.n_embd, adapter.meta.bottleneck))
     state = model.state_dict()
     with torch.no_grad():
         for key, value in adapter.adapter_tensors.items():
@@ -61,3 +63,32 @@ def machine() -> str:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def write_export(folder: Path, adapter: LoadedAdapter, task, fingerprint: dict) -> Path:
+    """A random adapter as a trainer's run export (the input of `AdapterStore.publish`)."""
+    from safetensors.torch import save_file
+
+    from hub.store.catalog import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter.adapter_tensors, str(folder / ADAPTER_WEIGHTS))
+    save_file({"rows": adapter.token_rows.contiguous()}, str(folder / TASK_TOKENS))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({"name": adapter.name, "config": {"architecture": "bottleneck"}}))
+    params = sum(t.numel() for t in adapter.adapter_tensors.values()) + adapter.token_rows.numel()
+    meta = {**adapter.meta.to_dict(), "name": adapter.name, "special_tokens": list(task.special_tokens),
+            "eos_token": task.eos, "trainable_params": params, "metrics": {}, "backbone": fingerprint}
+    (folder / ADAPTER_META).write_text(json.dumps(meta))
+    return folder
+
+
+def timed_run(engine, sequences: list) -> tuple[float, list[float]]:
+    """Decode the sequences together; the wall time and each request's latency (its finish time)."""
+    import time
+
+    finished: dict[int, float] = {}
+    for s in sequences:
+        s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
+    start = time.perf_counter()
+    engine.run(sequences)
+    return time.perf_counter() - start, [finished[s.id] - start for s in sequences]

@@ -70,11 +70,12 @@ async def load(url: str, clients: int, seconds: float, tasks: list[str]) -> dict
     return stats
 
 
-def start_server(store: Path, base: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(store: Path, base: str, port: int, log: Path, extra: list[str] = (),
+                 ready_timeout_s: float = 120) -> subprocess.Popen:
     command = [sys.executable, "-m", "hub", "serve", "--store", str(store), "--base", base, "--device", "cpu",
-               "--port", str(port), "--max-batch", "32"]
+               "--port", str(port), "--max-batch", "32", *extra]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(240):
+    for _ in range(int(ready_timeout_s * 2)):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return server
@@ -87,14 +88,20 @@ def start_server(store: Path, base: str, port: int, log: Path) -> subprocess.Pop
     raise SystemExit("server did not become ready")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_arguments(doc: str, clients: int, seconds: float) -> argparse.ArgumentParser:
+    """The options of a load benchmark: backbone, trained run, closed-loop clients, duration, output folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--run", type=Path, required=True, help="a trained e2e run (its best/ is published)")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=clients)
+    parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    return parser
+
+
+def main() -> None:
+    parser = load_arguments(__doc__, clients=64, seconds=60)
+    parser.add_argument("--tasks", type=int, default=8)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hub-load-"))

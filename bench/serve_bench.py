@@ -27,9 +27,10 @@ import torch
 from adapters.composition import BatchSplit
 from transformers import GPT2LMHeadModel
 
-from bench.common import add_to_adapters_model, machine, percentile, random_adapter, random_gpt2_small
+from bench.common import add_to_adapters_model, machine, percentile, random_adapter, random_gpt2_small, timed_run
 from hub.model.backbone import load_backbone
-from hub.serving.engine import Engine, SamplingParams
+from hub.serving.engine import Engine
+from hub.serving.sampling import sampling_params
 from tasks import make_task
 
 PROMPT_TOKENS, NEW_TOKENS, BOTTLENECK = 32, 16, 100
@@ -47,7 +48,7 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 def run_engine(engine: Engine, tasks: list[str | None], prompt_ids: list[list[int]]) -> dict:
     """All requests submitted together, decoded in fused batches; per-request latency = its finish time."""
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    params = sampling_params(max_new_tokens=NEW_TOKENS)
     sequences = []
     for task, ids in zip(tasks, prompt_ids):
         if task is None:
@@ -55,14 +56,8 @@ def run_engine(engine: Engine, tasks: list[str | None], prompt_ids: list[list[in
         else:
             source = engine.decode_text(ids[: PROMPT_TOKENS - 3])  # + BOS, source and target markers = 32
             sequences.append(engine.new_sequence(task, source, params))
-    finished: dict[int, float] = {}
-    for s in sequences:
-        s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
-    start = time.perf_counter()
-    engine.run(sequences)
-    wall = time.perf_counter() - start
-    return _result(wall, [finished[s.id] - start for s in sequences], sum(len(s.output_ids) for s in sequences),
-                   [len(s.prompt_ids) for s in sequences])
+    wall, latencies = timed_run(engine, sequences)
+    return _result(wall, latencies, sum(len(s.output_ids) for s in sequences), [len(s.prompt_ids) for s in sequences])
 
 
 def _result(wall: float, latencies: list[float], tokens: int, prompt_lengths: list[int]) -> dict:

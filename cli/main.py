@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from cli.options import BaseOption, DeviceOption, StoreOption
+from cli.options import BaseOption, DeviceOption, StoreOption, TrainBaseOption
 from cli.vae import vae_app
 from hub.errors import HubError
 
@@ -43,10 +44,16 @@ class Method(str, Enum):
     lora = "lora"
 
 
-def _store(path: str):
-    from hub.store.catalog import AdapterStore
+class ExportFormat(str, Enum):
+    """What `hub export` writes: `adapterhub`, a folder plain transformers + adapters load (`hub.interop`)."""
 
-    return AdapterStore(path)
+    adapterhub = "adapterhub"
+
+
+def _store(location: str):
+    from hub.store.backends import open_store
+
+    return open_store(location)
 
 
 def _set_threads(threads: int | None) -> str:
@@ -81,7 +88,7 @@ def train(
     task_type: str = typer.Argument(..., help="task type: e2e, text2text, ..."),
     data: str = typer.Option(..., "--data", help="HF dataset id, or a local file or folder"),
     name: Optional[str] = typer.Option(None, "--name", help="store name of the adapter (default: the task type)"),
-    base: Optional[str] = BaseOption,
+    base: str = TrainBaseOption,
     bottleneck: Optional[int] = typer.Option(None, help="adapter bottleneck (default: the task's VLM value)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default: the task's)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps; overrides --epochs"),
@@ -99,11 +106,22 @@ def train(
     target_lang: Optional[str] = typer.Option(None, "--target-lang", help="translate: target language code"),
     method: Method = typer.Option(Method.adapter, "--method", help="adapter: the VLM adapter; full: full "
                                   "fine-tuning baseline; lora: LoRA baseline, size matched to the adapter's"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (torchrun; one "
+                              "GPU each, else gloo on the CPU); --batch-size is per process"),
 ) -> None:
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
 
-    `sentence_vae` takes more options: hub vae train-options --help."""
+    `sentence_vae` takes more options: hub vae train-options --help. Data-parallel with
+    `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
     import torch
+
+    from hub.training import distributed
+
+    if nproc > 1 and distributed.launched_world_size() == 1:
+        raise typer.Exit(subprocess.call(distributed.relaunch_command(nproc, sys.argv[1:])))
+    if note := distributed.single_process_accelerate_note():
+        typer.echo(note, err=True)
+    distributed.init_process_group(device)
 
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, describe_trainable, make_trainer
@@ -128,17 +146,22 @@ def train(
         bottleneck=bottleneck or d.bottleneck, lr=lr or default_lr(task, method.value),
         batch_size=batch_size or d.batch_size, grad_accum=grad_accum or d.grad_accum,
         max_length=max_length or d.max_length, epochs=epochs or d.epochs, max_steps=max_steps, eval_every=eval_every,
-        seed=seed, base=base or os.environ.get("HUB_BASE", "gpt2"), method=method.value,
+        seed=seed, base=base, method=method.value,
     )
     train_examples = task.load_examples(data, "train")
     eval_examples = task.load_examples(data, "validation")
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
-    prepare_run_dir(out, config)
+    process = distributed.DataParallel.current(backbone.device)
+    process.on_main(lambda: prepare_run_dir(out, config))
     trainer = make_trainer(backbone, task, config, out)
-    typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone {backbone.source} "
-               f"on {backbone.device}; {method.value}: {describe_trainable(trainer)}")
+    if process.is_main:
+        typer.echo(f"{len(train_examples)} training / {len(eval_examples)} held-out examples; backbone "
+                   f"{backbone.source} on {backbone.device} ({process.world_size} process(es)); {method.value}: "
+                   f"{describe_trainable(trainer)}")
     trainer.train(train_examples, eval_examples)
+    if not process.is_main:
+        return
     if method == Method.adapter:
         typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
     else:
@@ -167,36 +190,73 @@ def publish(
 @app.command("list")
 def list_adapters(store: str = StoreOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """List published adapters and their versions."""
-    rows = [
-        {"name": s.name, "versions": [v.version for v in s.versions], "latest": s.latest.version,
-         "task_type": s.latest.meta["task_type"], "bottleneck": s.latest.meta["bottleneck"],
-         "trainable_pct": round(s.latest.meta["trainable_pct"], 3)}
-        for s in _store(store).list()
-    ]
+    rows = [_list_row(s) for s in _store(store).list()]
     if as_json:
         return _print_json(rows)
     if not rows:
         typer.echo(f"no adapters in {store}")
     for r in rows:
-        typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
-                   f"versions {', '.join(r['versions'])}")
+        if r["versions"]:
+            typer.echo(f"{r['name']:<24} {r['task_type']:<10} b={r['bottleneck']:<4} {r['trainable_pct']:.2f}%  "
+                       f"versions {', '.join(r['versions'])}")
+        for skipped in r["skipped"]:
+            typer.echo(f"{r['name']:<24} skipped {skipped['version'] or '(all)'}: {skipped['reason']}")
+
+
+def _list_row(summary) -> dict:
+    """One `hub list` row: the newest usable version's metadata, and every skipped version with its reason."""
+    skipped = [{"version": k.version, "reason": k.reason} for k in summary.skipped]
+    row = {"name": summary.name, "versions": [v.version for v in summary.versions], "skipped": skipped}
+    if summary.versions:
+        meta = summary.latest.meta
+        row.update(latest=summary.latest.version, task_type=meta.task_type, bottleneck=meta.bottleneck,
+                   trainable_pct=round(meta.trainable_pct, 3))
+    return row
 
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str = StoreOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one adapter version's metadata."""
+         as_json: bool = typer.Option(False, "--json"),
+         plot: bool = typer.Option(False, "--plot", help="also write the training curve (its train_log.json) as PNG"),
+         plot_out: Optional[Path] = typer.Option(None, "--plot-out", help="PNG path (default NAME-VERSION-curve.png)"),
+         ) -> None:
+    """Show one adapter version's metadata (and, with --plot, draw its training curve)."""
     from cli.vae import vae_summary
 
     stored = _store(store).show(ref)
-    if as_json:
-        return _print_json(stored.meta)
     meta = stored.meta
-    typer.echo(f"{stored.ref}  ({meta['task_type']}, created {meta['created_at']})\n"
-               f"  bottleneck {meta['bottleneck']}, {meta['trainable_params']:,} trainable parameters "
-               f"({meta['trainable_pct']:.2f}% of the backbone)\n"
-               f"  {vae_summary(meta) or 'special tokens ' + ' '.join(meta['special_tokens'])}\n"
-               f"  backbone {meta['backbone']['source']}\n  metrics {json.dumps(meta['metrics'])}")
+    if as_json:
+        _print_json(meta.to_dict())
+    else:
+        typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
+                   f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
+                   f"({meta.trainable_pct:.2f}% of the backbone)\n"
+                   f"  {vae_summary(meta) or 'special tokens ' + ' '.join(meta.special_tokens)}\n"
+                   f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
+    if plot:
+        from hub.plots import training_curve_png, write_png
+
+        stored, log = _store(store).training_log(stored.ref)
+        path = write_png(training_curve_png(log, f"{stored.ref}: training curve"),
+                         plot_out or Path(f"{stored.name}-{stored.version}-curve.png"))
+        typer.echo(f"training curve written to {path}", err=as_json)
+
+
+@app.command("export")
+def export(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+           out: Path = typer.Option(..., "--out", help="folder to write (new or empty)"),
+           export_format: ExportFormat = typer.Option(ExportFormat.adapterhub, "--format"),
+           store: str = StoreOption) -> None:
+    """Export a stored version for use outside the hub: load it with hub.interop.load_into_adapters."""
+    from hub.interop import export_adapterhub
+
+    loaded = _store(store).load(ref)  # verifies the checksums first
+    if not isinstance(loaded.path, Path):
+        raise HubError(f"hub export reads a local store; {store} is an object store: publish the run to a local "
+                       f"store (hub publish RUN --store FOLDER) and export from there")
+    path = export_adapterhub(loaded.path, out)
+    typer.echo(f"exported {loaded.ref} ({export_format.value}) to {path}; load it with:\n"
+               f"  task = hub.interop.load_into_adapters(GPT2LMHeadModel.from_pretrained(BASE), '{path}')")
 
 
 @app.command()
@@ -206,12 +266,37 @@ def rm(ref: str = typer.Argument(..., help="NAME (all versions) or NAME@VERSION"
         typer.echo(f"removed {removed}")
 
 
-def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
-    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on."""
-    from hub.model.backbone import load_backbone, resolve_base
+store_app = typer.Typer(no_args_is_help=True, help="Store maintenance.")
+app.add_typer(store_app, name="store")
 
-    trained_on = store.show(refs[0]).meta["backbone"] if refs and not base else None
-    return load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
+
+@store_app.command("gc")
+def store_gc(store: str = StoreOption,
+             older_than: float = typer.Option(3600.0, "--older-than", help="seconds; younger leftovers may be a "
+                                              "publish in progress")) -> None:
+    """Remove staging and trash folders left by killed publishes and removals."""
+    removed = _store(store).gc(older_than)
+    for path in removed:
+        typer.echo(f"removed {path}")
+    typer.echo(f"{len(removed)} leftovers removed from {store}")
+
+
+def _backbone_for(store, refs: list[str], base: str | None, device: str, dtype: DType = DType.auto):
+    """The --base given, else HUB_BASE, else the backbone the (first) adapter was trained on, which must then
+    match that adapter's recorded fingerprint (hub.json names the path; the weights must be the same)."""
+    from hub.errors import BackboneMismatchError
+    from hub.model.backbone import load_backbone, resolve_base
+    from hub.store.catalog import fingerprint_mismatch
+
+    base = base or os.environ.get("HUB_BASE")
+    stored = store.show(refs[0]) if refs and not base else None
+    trained_on = dict(stored.meta.backbone) if stored else None
+    backbone = load_backbone(resolve_base(base, trained_on), device, dtype=_torch_dtype(dtype))
+    problem = trained_on and fingerprint_mismatch(trained_on, backbone.fingerprint)
+    if problem:
+        raise BackboneMismatchError(f"the backbone named in {stored.ref}'s hub.json is not the one it was trained "
+                                    f"on: the adapter {problem}. Pass the right one with --base")
+    return backbone
 
 
 @app.command()
@@ -270,6 +355,15 @@ def serve(
                                       help="prompt tokens per row and step; longer prompts prefill in chunks"),
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger request bodies get 413"),
+    ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
+                             "task routed to a replica that holds it (docs/DEPLOY.md)"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="--ray: engine replicas"),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: the cluster to join, auto or "
+                                          "ray://HOST:10001 (default: start a local one)"),
+    max_tasks_per_replica: int = typer.Option(8, "--max-tasks-per-replica", min=1,
+                                              help="--ray: tasks one replica keeps loaded (LRU)"),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", min=0.0, help="--ray: GPUs per engine replica"),
 ) -> None:
     """Serve every published adapter over HTTP, fusing requests of different tasks in one batch."""
     import uvicorn
@@ -277,18 +371,26 @@ def serve(
     from hub.serving.service import ServiceSettings
     from server.app import create_app
 
-    threads_used = _set_threads(threads)
-    adapter_store = _store(store)
-    refs = [s.latest.ref for s in adapter_store.list()]
-    backbone = _backbone_for(adapter_store, refs, base, device, dtype)
-    typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
-               f"on {backbone.device}, adapters float32", err=True)
     settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
                                request_timeout=request_timeout, watch_interval=watch_interval,
                                prefill_chunk=prefill_chunk)
+    if ray:
+        from server.ray_serve import RayServeOptions, serve_on_ray
+
+        options = RayServeOptions(store=store, base=base, device=device, dtype=dtype.value, threads=threads,
+                                  replicas=replicas, max_tasks_per_replica=max_tasks_per_replica,
+                                  replica_gpus=replica_gpus, service=settings, max_body_bytes=max_body_bytes)
+        return serve_on_ray(options, address, host, port)
+    threads_used = _set_threads(threads)
+    adapter_store = _store(store)
+    refs = [s.latest.ref for s in adapter_store.list() if s.versions]
+    backbone = _backbone_for(adapter_store, refs, base, device, dtype)
+    typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
+               f"on {backbone.device}, adapters float32", err=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(backbone, adapter_store, settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,
+                log_level="info")
 
 
 @app.command("eval")

@@ -13,6 +13,7 @@ from typer.main import TyperGroup
 
 from cli.options import BaseOption, DeviceOption, StoreOption
 from hub.errors import HubError
+from hub.store.format import AdapterMeta
 
 vae_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Sentence VAEs: encode sentences, decode latent vectors, sample, interpolate.")
@@ -58,14 +59,14 @@ def train_options(
     return options
 
 
-def vae_summary(meta: dict) -> str | None:
+def vae_summary(meta: AdapterMeta) -> str | None:
     """`hub show`'s line for a sentence VAE (None for other kinds)."""
-    if meta["task_type"] != "sentence_vae":
+    if meta.vae is None:
         return None
-    vae = meta["vae"]
+    vae = meta.vae
     return (f"sentence VAE: nz {vae['nz']}, encoder {vae['encoder_layers']} blocks, pooling {vae['pooling']}, "
             f"injection {vae['injection']} ({vae['kv_projection']}), adapters {vae['adapter_site']}, "
-            f"recipe {meta.get('recipe')}; parts {meta.get('parts')}")
+            f"recipe {meta.extra.get('recipe')}; parts {meta.extra.get('parts')}")
 
 
 def parse_train_options(args: list[str]) -> dict:
@@ -115,15 +116,15 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
     typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
 
 
-def evaluate_latent_model(meta: dict, task_model_or_vae, backbone, data: str, split: str, limit: int | None,
+def evaluate_latent_model(meta: AdapterMeta, task_model_or_vae, backbone, data: str, split: str, limit: int | None,
                           iw_samples: int, out: Path) -> dict:
     """IW/exact PPL, −ELBO, Rec, KL, MI, AU and reconstruction BLEU of a VAE (or PPL of an lm adapter)."""
     from hub.data import load_sentences
     from hub.evaluation.vae_metrics import evaluate_lm, evaluate_vae
 
     sentences = load_sentences(data, split)[:limit]
-    max_length = meta.get("max_length") or meta.get("training", {}).get("max_length") or 32
-    if meta["task_type"] == "lm":
+    max_length = meta.max_length or meta.extra.get("training", {}).get("max_length") or 32
+    if meta.task_type == "lm":
         metrics = evaluate_lm(task_model_or_vae, sentences, max_length)
     else:
         metrics = evaluate_vae(task_model_or_vae, backbone.model, backbone.tokenizer, sentences, iw_samples,
@@ -146,16 +147,16 @@ def latent_eval(ref: str | None, run: Path | None, store, base: str | None, devi
     from hub.store.catalog import export_dir, read_export
 
     meta = store.show(ref).meta if ref else read_export(export_dir(run)).meta
-    if meta["task_type"] not in LATENT_TASK_TYPES:
+    if meta.task_type not in LATENT_TASK_TYPES:
         return False
-    backbone = load_backbone(resolve_base(base, meta["backbone"]), device)
-    if meta["task_type"] == "lm":
+    backbone = load_backbone(resolve_base(base, dict(meta.backbone)), device)
+    if meta.task_type == "lm":
         model = evaluation.from_store(store, ref, backbone) if ref else evaluation.from_run(run, base, device)
     else:
         if ref:
             tensors = store.load(ref, backbone.fingerprint).adapter_tensors
         else:
-            evaluation.check_backbone(f"run '{run}'", meta["backbone"], backbone)
+            evaluation.check_backbone(f"run '{run}'", dict(meta.backbone), backbone)
             tensors = read_export(export_dir(run)).adapter_tensors
         model = load_vae(tensors, meta, backbone.model.config).to(backbone.device)
     out = out or Path("runs") / f"eval-{(ref or Path(run).name).replace('@', '-')}-{split}"

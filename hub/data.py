@@ -3,7 +3,8 @@
 Every source yields plain records (dicts). A folder's files are matched to splits by name (`train*`,
 `dev*`/`valid*`/`val*`, `test*`); with no training file the validation file is trained on and a held-out
 part of it (grouped, so related records stay together) becomes the validation split. A single file is
-training data with a held-out validation part; a task may ask for its last part to be the test split too.
+training data with a held-out validation part, and all of it is the test split when that is asked for
+(`hub eval NAME --data test.jsonl`); a task may instead ask for its last part to be the test split.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def load_records(
     if path.is_file():
         if test_fraction is not None:
             return ordered_split(check(read_file(path), path), split, group, test_fraction)
-        return _split_one_file(check(read_file(path), path), split, group, path)
+        return _split_one_file(check(read_file(path), path), split, group)
     if path.is_dir():
         return _split_folder(path, split, group, check)
     if _looks_like_path(data):
@@ -135,10 +136,11 @@ def _looks_like_path(data: str) -> bool:
     return data.startswith((".", "/", "~")) or Path(data).suffix in FILE_SUFFIXES or data.count("/") > 1
 
 
-def _split_one_file(records: list[dict], split: str, group, path: Path) -> list[dict]:
-    """One file is the training data; validation is a held-out part of it; it has no test split."""
+def _split_one_file(records: list[dict], split: str, group) -> list[dict]:
+    """Training: the file less a held-out part, which is the validation split. Test: the whole file (a file given
+    to `hub eval` is the test data)."""
     if split == "test":
-        raise HubError(f"{path} is a single file; pass a test file or a folder with a test* file for the test split")
+        return records
     train, validation = holdout(records, group)
     return train if split == "train" else validation
 

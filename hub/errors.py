@@ -19,3 +19,7 @@ class BackboneMismatchError(HubError):
 
 class CapacityError(HubError):
     """The server is at a limit (queue, resident adapters); the request may be retried shortly."""
+
+
+class UnavailableError(HubError):
+    """Something the server depends on (the adapter store) did not answer in time; retry later."""

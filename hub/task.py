@@ -75,6 +75,9 @@ class Task(ABC):
     defaults: ClassVar[TaskDefaults]
     description: ClassVar[str]
     metric: ClassVar[str]  # the `hub.evaluation.metrics` module that scores it (references: `Example.target`)
+    # Whether serving may cut a too-long input as training does (the task defines how, e.g. summarize's 400-token
+    # article); else a request whose input does not fit is refused with the limit.
+    truncates_input: ClassVar[bool] = False
 
     def __init__(self, **config: Any):
         if config:
@@ -99,6 +102,11 @@ class Task(ABC):
     @abstractmethod
     def prompt_segments(self, source: Any) -> list[Segment]:
         """Segments after BOS; the last one's marker opens the target."""
+
+    def fit_to_targets(self, target_lengths: list[int]) -> None:
+        """Called by the trainer with the training targets' token counts (EOS included); a task whose outputs
+        vary in length may derive its generation defaults from them (text2text does). Its `config()` then
+        records them, so serving and `hub eval` use the same defaults."""
 
     def parse_input(self, value: Any) -> Any:
         """Turn a request's `input` (text or JSON) into a source; text by default."""
@@ -164,19 +172,36 @@ class TaskCodec:
 
     def encode_prompt(self, source: Any, reserve: int = 0) -> tuple[list[int], list[int]]:
         """Prompt ids and types, ending with the target marker; `reserve` positions are kept free."""
+        ids, types, _ = self.encode_request(source, reserve, refuse_cuts=False)
+        return ids, types
+
+    def encode_request(self, source: Any, reserve: int, refuse_cuts: bool) -> tuple[list[int], list[int], int]:
+        """`encode_prompt` plus the number of input tokens cut to fit; with `refuse_cuts`, an input that would be
+        cut is a HubError that states the limit instead (serving never answers a silently shortened input)."""
         segments = self.task.prompt_segments(source)
-        pieces = [(self._marker_id(s.marker), _cut(self._text_ids(s.text), s.max_tokens, s.keep_end), s)
-                  for s in segments]
-        total = 1 + sum(1 + len(text) for _, text, _ in pieces)
+        full = [(self._marker_id(s.marker), self._text_ids(s.text), s) for s in segments]
+        pieces = [(marker, _cut(text, s.max_tokens, s.keep_end), s) for marker, text, s in full]
+        total = 1 + sum(1 + len(text) for _, text, _ in full)
         over = total + reserve - self.max_length
-        if over > 0:
-            pieces = self._truncate(pieces, over)
+        if refuse_cuts and (over > 0 or any(len(a[1]) != len(b[1]) for a, b in zip(pieces, full))):
+            raise HubError(
+                f"input is too long: prompt ({total} tokens) and answer ({reserve} tokens) are over the limit of "
+                f"{self.max_length} tokens{self._caps_note(segments)}; shorten the input or lower max_new_tokens"
+            )
+        cut_total = 1 + sum(1 + len(text) for _, text, _ in pieces)
+        if cut_total + reserve > self.max_length:
+            pieces = self._truncate(pieces, cut_total + reserve - self.max_length)
         bos = self.token_ids[self.task.bos]
         ids, types = [bos], [bos]
         for marker, text, _ in pieces:
             ids += [marker] + text
             types += [marker] * (1 + len(text))
-        return ids, types
+        return ids, types, total - len(ids)
+
+    @staticmethod
+    def _caps_note(segments: list[Segment]) -> str:
+        caps = sorted({s.max_tokens for s in segments if s.max_tokens})
+        return f" (and each input part in {'/'.join(map(str, caps))} tokens)" if caps else ""
 
     def _truncate(self, pieces: list, over: int) -> list:
         """Cut truncatable segments in order, each to one token at most, until `over` tokens are gone."""

@@ -7,39 +7,57 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from hub.errors import CapacityError, HubError, NotFoundError
+from hub.errors import CapacityError, HubError, NotFoundError, UnavailableError
 from hub.model.backbone import Backbone
+from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
 from hub.serving.sequence import Sequence
 from hub.serving.service import (GenerationFailedError, Handle, HubService, RequestTimeoutError,
                                  ServiceSettings)
 from hub.store.catalog import AdapterStore
+from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
+from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
 from server.vae import vae_router
 from tasks import make_task
 
+log = logging.getLogger("hub.server")
+
 
 # -- schemas ----------------------------------------------------------------------------------------------------
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT - 1)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted and ignored).
+UNSUPPORTED_OPENAI_FIELDS = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+                             "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+                             "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+
+
 class GenerateRequest(BaseModel):
     task: str = Field(..., description="adapter name")
     input: str | dict = Field(..., description="the task input (text, or an object for structured tasks)")
     max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
     min_tokens: int = Field(0, ge=0, description="no EOS or stop string before this many tokens (vLLM)")
     ignore_eos: bool = Field(False, description="decode to max_new_tokens whatever EOS says (vLLM)")
     stream: bool = False
@@ -48,6 +66,8 @@ class GenerateRequest(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    input_tokens_dropped: int = Field(0, description="tokens cut from a too-long input by a task that truncates "
+                                                     "(summarize, coqa, persona); other tasks refuse with 422")
 
 
 class GenerateResponse(BaseModel):
@@ -56,20 +76,43 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: str
     usage: Usage
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a message, or for a request that does not match its schema, one issue per field."""
+
+    detail: str | list[ValidationIssue]
 
 
 class OpenAIRequest(BaseModel):
     """Fields shared by the OpenAI-compatible routes; `model` is the task name."""
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
+    stop: StopString | StopList | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     min_tokens: int = Field(0, ge=0, description="vLLM's extra parameter: no EOS or stop before this many tokens")
     ignore_eos: bool = Field(False, description="vLLM's extra parameter: decode to max_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported_fields(cls, data: Any) -> Any:
+        """Answer 422 naming an OpenAI field this server does not implement rather than silently ignoring it."""
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"'{name}' is not supported by this server; leave it out")
+        return data
 
 
 class CompletionRequest(OpenAIRequest):
@@ -89,22 +132,53 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None) -> FastAPI:
-    hub = HubService(backbone, store, make_task, settings)
-    metrics = ServerMetrics()
+def _error_responses(*codes: int) -> dict:
+    """OpenAPI entries for the error statuses a route can answer; every one has an `ErrorBody`."""
+    descriptions = {400: "malformed request", 401: "missing or wrong admin token", 403: "admin routes disabled",
+                    404: "unknown task or adapter", 413: "body over --max-body-bytes", 422: "invalid request",
+                    429: "queue full or adapters busy (see Retry-After)", 500: "generation failed",
+                    503: "starting, stopping, or the store did not answer", 504: "request timed out"}
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
+
+
+BODY_ERRORS = (400, 413, 422)
+GENERATION_ERRORS = (*BODY_ERRORS, 404, 429, 500, 503, 504)
+ADMIN_ERRORS = (401, 403, 503)
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                         "description": "JSON, or server-sent events with `stream: true`"}}
+
+
+def _issues(err: RequestValidationError) -> list[dict]:
+    """Validation errors as JSON-safe issues: no echo of the input (it may hold NaN or invalid Unicode)."""
+    safe = lambda v: v if isinstance(v, int) else str(v).encode("utf-8", "backslashreplace").decode()  # noqa: E731
+    return [{"loc": [safe(part) for part in e.get("loc", ())], "msg": safe(e.get("msg", "invalid")),
+             "type": safe(e.get("type", "value_error"))} for e in err.errors()]
+
+
+def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    return build_app(HubService(backbone, store, make_task, settings), max_body_bytes)
+
+
+def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """The routes over a service: `HubService` in this process, or `server.ray_serve.RemoteService`."""
+    metrics = metrics or ServerMetrics()
     hub.on_finished = metrics.observe_finished
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(hub.start)
+        await hub.start()
         watch = asyncio.create_task(hub.watch_store())
         yield
         watch.cancel()
         await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
     app.include_router(vae_router(hub))
+    add_playground(app, hub.store)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, err: HubError):
@@ -112,26 +186,34 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
             return JSONResponse({"detail": str(err)}, status_code=429, headers={"Retry-After": "1"})
         return JSONResponse({"detail": str(err)}, status_code=_status(err))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        return JSONResponse({"detail": _issues(err)}, status_code=422)
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_error_responses(503))
     async def readyz():
         if not hub.ready:
             raise HTTPException(503, "starting or stopping")
-        return {"status": "ready", "tasks": len(hub.engine.adapters)}
+        return {"status": "ready", "tasks": len(hub.task_names())}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics_route():
-        stats = hub.scheduler.stats()
-        return Response(metrics.render(stats, hub.engine.resident_count()), media_type=metrics.content_type)
+        return Response(metrics.render(hub.stats(), hub.resident_count()), media_type=metrics.content_type)
 
-    @app.get("/v1/tasks")
+    @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():
-        return {"tasks": await run_in_threadpool(hub.list_tasks)}
+        listing = await hub.list_tasks()
+        return {**listing, "tasks": [{**task, "training_curve": training_curve_url(task["name"])}
+                                     for task in listing["tasks"]]}
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
         params = hub.params(body.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
@@ -139,11 +221,12 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
         handle = await hub.submit(body.task, body.input, params)
         metrics.requests.labels(task=body.task).inc()
         if body.stream:
-            return _sse(_generate_events(hub, request, handle))
+            return _sse(_generate_events(hub, request, handle), openai=False)
         text = await _complete(hub, request, handle)
         sequence = handle.sequence
         return GenerateResponse(task=sequence.adapter.name, version=sequence.adapter.version, text=text,
-                                finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence))
+                                finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence),
+                                warnings=_warnings(sequence))
 
     @app.get("/v1/models")
     async def models():
@@ -151,12 +234,12 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "adapter-hub"}
             for name in hub.task_names()]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
         return await _openai(hub, metrics, request, body, "text_completion", prompt, body.max_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         source = hub.resolve(body.model).task.parse_chat([m.model_dump() for m in body.messages])
         return await _openai(hub, metrics, request, body, "chat.completion", source,
@@ -166,16 +249,17 @@ def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSetting
         token = os.environ.get("HUB_ADMIN_TOKEN")
         if not token:
             raise HTTPException(403, "admin routes are disabled: set HUB_ADMIN_TOKEN on the server")
-        if not authorization or not secrets.compare_digest(authorization, f"Bearer {token}"):
+        if not _bearer_matches(authorization, token):
             raise HTTPException(401, "missing or wrong 'Authorization: Bearer <HUB_ADMIN_TOKEN>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/v1/admin/reload", dependencies=[Depends(admin)])
+    @app.post("/v1/admin/reload", dependencies=[Depends(admin)], responses=_error_responses(*ADMIN_ERRORS))
     async def reload():
-        changes = await run_in_threadpool(hub.reload)
+        changes = await hub.reload()
         return {"loaded": changes.loaded, "unloaded": changes.unloaded, "refused": changes.refused}
 
-    @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)])
+    @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)],
+                responses=_error_responses(*ADMIN_ERRORS, 404))
     async def unload(name: str):
         await run_in_threadpool(hub.unload, name)
         return {"unloaded": name}
@@ -188,7 +272,18 @@ def _status(err: HubError) -> int:
         return 504
     if isinstance(err, GenerationFailedError):
         return 500
+    if isinstance(err, UnavailableError):
+        return 503
     return 404 if isinstance(err, NotFoundError) else 422
+
+
+def _bearer_matches(authorization: str | None, token: str) -> bool:
+    """`Bearer <token>`, the scheme in any case (RFC 7235); compared as bytes, so any header value is safe."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = credentials.strip().encode("utf-8", "surrogateescape")
+    return secrets.compare_digest(given, token.encode("utf-8"))
 
 
 def _stream(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[str]:
@@ -206,13 +301,36 @@ def _single(prompts: list[str]) -> str:
 
 
 def _usage(sequence: Sequence) -> Usage:
-    return Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.output_ids))
+    return Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.output_ids),
+                 input_tokens_dropped=sequence.input_tokens_dropped)
 
 
-def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+def _warnings(sequence: Sequence) -> list[str]:
+    if not sequence.input_tokens_dropped:
+        return []
+    return [f"the input was too long: {sequence.input_tokens_dropped} of its tokens were cut to fit the "
+            f"{sequence.adapter.task.type_name} task's limits (the model saw {len(sequence.prompt_ids)} tokens)"]
+
+
+def _sse_event(event: dict | str) -> str:
+    return f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+
+
+def _sse(events: AsyncIterator[dict], openai: bool) -> StreamingResponse:
+    """A server-sent event stream. After the first byte the status line is gone, so an error becomes the last
+    event, `{"error": {"message", "code"}}`; OpenAI routes always end with `[DONE]`."""
     async def encode():
-        async for event in events:
-            yield f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield _sse_event(event)
+        except Exception as err:  # the stream has started: report, whatever it is, in the stream
+            status, message = (err.status_code, err.detail) if isinstance(err, HTTPException) else \
+                (_status(err), str(err)) if isinstance(err, HubError) else (500, "generation failed")
+            if status >= 500:
+                log.error("stream ended by an error: %r", err)
+            yield _sse_event({"error": {"message": message, "code": status}})
+        if openai:
+            yield _sse_event("[DONE]")
 
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -223,7 +341,7 @@ async def _generate_events(hub: HubService, request: Request, handle: Handle) ->
         yield {"text": piece}
     if sequence.finished:
         yield {"finish_reason": sequence.finish_reason, "usage": _usage(sequence).model_dump(),
-               "task": sequence.adapter.name, "version": sequence.adapter.version}
+               "task": sequence.adapter.name, "version": sequence.adapter.version, "warnings": _warnings(sequence)}
 
 
 async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, body, kind: str, source,
@@ -241,11 +359,12 @@ async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, bod
                                     "finish_reason": finish}) if kind == "chat.completion" else \
              (lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     if body.stream:
-        return _sse(_openai_events(hub, request, handle, head, kind))
+        return _sse(_openai_events(hub, request, handle, head, kind), openai=True)
     text = await _complete(hub, request, handle)
     return {**head, "object": kind, "choices": [choice(text, _openai_finish(sequence))],
             "usage": {**_usage(sequence).model_dump(),
-                      "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)}}
+                      "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)},
+            "warnings": _warnings(sequence)}
 
 
 def _openai_finish(sequence: Sequence) -> str:
@@ -270,4 +389,3 @@ async def _openai_events(hub: HubService, request: Request, handle: Handle, head
         yield chunk(piece, None)
     if sequence.finished:
         yield chunk(None, _openai_finish(sequence))
-        yield "[DONE]"

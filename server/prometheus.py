@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from hub.serving.engine import Sequence
@@ -28,11 +30,10 @@ class ServerMetrics:
         self.per_token = Histogram("hub_time_per_output_token_seconds", "decode time per generated token",
                                    ["task"], buckets=LATENCY_BUCKETS, registry=r)
 
-    def observe_finished(self, sequence: Sequence) -> None:
-        import time
-
+    def observe_finished(self, sequence: Sequence, reason: str) -> None:
+        """Count a request that ended: `reason` is its finish reason, or cancelled/timeout when it was left."""
         task = sequence.adapter.name if sequence.adapter else "base"
-        self.finished.labels(task=task, reason=sequence.finish_reason).inc()
+        self.finished.labels(task=task, reason=reason).inc()
         self.tokens.labels(task=task).inc(len(sequence.output_ids))
         self.prompt_tokens.labels(task=task).inc(len(sequence.prompt_ids))
         if sequence.first_token_at is not None:

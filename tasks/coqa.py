@@ -88,6 +88,7 @@ class CoQATask(ConversationTask):
                             max_length=2 + DOCUMENT_MAX_TOKENS + 3 * (1 + TURN_MAX_TOKENS) + 1 + TURN_MAX_TOKENS + 1,
                             max_target_length=TURN_MAX_TOKENS, max_new_tokens=TURN_MAX_TOKENS)
     metric = "coqa"
+    truncates_input = True  # the story is capped and old turns dropped, as in training; a response says so
     default_max_history = 1
 
 

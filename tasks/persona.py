@@ -186,6 +186,7 @@ class PersonaTask(ConversationTask):
     defaults = TaskDefaults(bottleneck=100, lr=1e-3, epochs=3, batch_size=8, grad_accum=2, max_length=512,
                             max_target_length=64, max_new_tokens=64)
     metric = "persona_f1"
+    truncates_input = True  # the oldest history is dropped, as in training; a response says so
     default_max_history = 2
 
 

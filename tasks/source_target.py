@@ -48,12 +48,15 @@ class SourceTargetTask(Task):
 
     @staticmethod
     def examples_from_pairs(pairs) -> list[Example]:
-        """Examples from (source, target) values; pairs with an empty side are dropped."""
+        """Examples from (source, target) values; pairs with an empty side are dropped. A target may be a list of
+        references (JSON `"target": ["...", "..."]`): one example each, scored together by `hub eval`."""
         examples = []
-        for source, target in pairs:
-            source, target = ("" if v is None else str(v).strip() for v in (source, target))
-            if source and target:
-                examples.append(Example(source=source, target=target))
+        for source, targets in pairs:
+            source = "" if source is None else str(source).strip()
+            for target in targets if isinstance(targets, list) else [targets]:
+                target = "" if target is None else str(target).strip()
+                if source and target:
+                    examples.append(Example(source=source, target=target))
         if not examples:
             raise HubError("no examples with both a source and a target text")
         return examples

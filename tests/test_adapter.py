@@ -21,6 +21,7 @@ from hub.adapters.vlm import (AdapterWeights, VlmRuntime, adapter_parameter_coun
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import LoadedAdapter, adapter_layers
+from hub.store.format import AdapterMeta
 from tasks import make_task
 
 
@@ -46,7 +47,7 @@ def adapter_state(model, name: str = "t") -> dict[str, torch.Tensor]:
 def loaded(model, name: str, task_type: str = "e2e", seed: int = 0) -> LoadedAdapter:
     k = len(make_task(task_type).special_tokens)
     rows = torch.randn(k, model.config.n_embd, generator=torch.Generator().manual_seed(seed)) * 0.5
-    meta = {"task_type": task_type, "task_config": {}, "bottleneck": 0, "trainable_pct": 0.0}
+    meta = AdapterMeta.unpublished(name, task_type, make_task(task_type).special_tokens, bottleneck=0)
     tensors = {k.replace(".adapters.t.", f".adapters.{name}."): v for k, v in adapter_state(model, "t").items()}
     return LoadedAdapter(name, "1", meta, None, tensors, rows)
 
@@ -203,7 +204,8 @@ def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
     runtime = VlmRuntime(model)
     small, large = random_weights(2, 8, 3, g), random_weights(2, 8, 20, g)
     a, b = runtime.add(small), runtime.add(large)
-    assert runtime.resident_bytes() == 4 * sum(t.numel() for w in (small, large) for t in vars(w).values())
+    own_bytes = 4 * sum(t.numel() for w in (small, large) for t in vars(w).values())
+    assert runtime.resident_bytes() == own_bytes - 4 * 2 * 2 * 2 * 8  # LN γ, β folded into the projections
     h = torch.randn(4, 5, 8)
     with runtime.active(runtime.make_plan([RowState(b), RowState(a), RowState(), RowState(b)])):
         out = model(h)[1]  # block 1 sees the unchanged input here: each block's hook acts on its own output
@@ -293,8 +295,8 @@ def test_a_second_adapter_kind_plugs_in_without_touching_the_engine(tiny_base, s
     direction = torch.randn(config.n_layer, config.n_embd, generator=torch.Generator().manual_seed(0))
 
     def shift_adapter(name: str, scale: float):
-        return dataclasses.replace(template, name=name, meta={**template.meta, "adapter_kind": "shift-test"},
-                                   adapter_tensors={"shift": direction * scale})
+        meta = dataclasses.replace(template.meta, adapter_kind="shift-test")
+        return dataclasses.replace(template, name=name, meta=meta, adapter_tensors={"shift": direction * scale})
 
     mr = "name[The Eagle], food[French]"
     with Engine(backbone, make_task) as engine:

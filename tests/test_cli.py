@@ -76,7 +76,8 @@ def test_text2text_from_a_users_jsonl(jsonl_data, tiny_base, tmp_path):
         "--target-field", "answer", "--base", tiny_base, "--max-steps", "2", "--batch-size", "4", "--out", run)
     hub("publish", run, "--store", tmp_path / "s")
     meta = json.loads(hub("show", "mytask", "--store", tmp_path / "s", "--json").stdout)
-    assert meta["task_config"] == {"input_field": "question", "target_field": "answer"}
+    # max_new_tokens from the training targets: at most 2 digit tokens + EOS, plus a quarter
+    assert meta["task_config"] == {"input_field": "question", "target_field": "answer", "max_new_tokens": 4}
     assert meta["bottleneck"] == 100
     out = hub("generate", "--store", tmp_path / "s", "--task", "mytask", "what is 3 plus 3?",
               "--max-new-tokens", "4")

@@ -91,9 +91,9 @@ def test_eval_cli_writes_reports_and_records_metrics(store, e2e_dir, tmp_path, m
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_sources"] == 3 and set(metrics["scores"]) == {"bleu", "nist"}
     assert "java" in metrics["notes"][0] and "| bleu |" in (out / "metrics.md").read_text()
-    recorded = store.show("e2e").meta["metrics"]["test"]
+    recorded = store.show("e2e").meta.metrics["test"]
     assert recorded["bleu"] == metrics["scores"]["bleu"] and recorded["num_sources"] == 3
-    assert "eval_loss" in store.show("e2e").meta["metrics"], "training metrics are kept"
+    assert "eval_loss" in store.show("e2e").meta.metrics, "training metrics are kept"
 
 
 def test_eval_of_a_run_export_before_publishing(trained_run, e2e_dir, tmp_path):

@@ -59,7 +59,12 @@ def bleu_nist(metrics, predictions, references):
         predictions=predictions, references=references, skip_java=True
     )
     assert set(scores) == {"bleu", "nist"}
-    return scores["bleu"], scores["nist"]
+    return scores["bleu"] / 100, scores["nist"]  # BLEU as the fraction mteval-v13a prints, to check by hand
+
+
+def test_e2e_bleu_is_on_the_hubs_one_scale_0_to_100(metrics):
+    scores = metrics["e2e"].compute(predictions=["a b c d"], references=[["a b c d"]], skip_java=True)
+    assert scores["bleu"] == pytest.approx(100.0)
 
 
 def test_e2e_exact_match(metrics):
@@ -111,10 +116,13 @@ def test_e2e_nist_average_reference_length_as_the_official_script(metrics):
     # Segment 1 has two refs, segment 2 one. Reference counts: a 2, b 2, c 1, d 1, total 6.
     # Matched info: a, b: log2(6/2) each; c: log2(6/1); bigram "a b": log2(2/2) = 0.
     # NIST unigram term = (2 log2 3 + log2 6) / 3 hyp words; bigram term 0.
-    # The official (Perl) scorer pads missing refs with empty ones: average ref length =
-    # 6 words / 2 ref sets = 3 = hyp length, so no penalty (pymteval would use 2 + 2 = 4).
+    # The official E2E scorer (e2e-metrics fdfe692) sums each segment's mean non-empty reference
+    # length: 2 + 2 = 4 words against 3 output words, penalty exp(-BETA ln(3/4)^2) = 0.70542.
+    # (Dividing 6 reference words by the 2 references of segment 1 would give 3: no penalty, 1.9183.)
     _, nist = bleu_nist(metrics, ["a b", "c"], [["a b", "a b"], ["c d"]])
-    assert nist == pytest.approx((2 * math.log2(3) + math.log2(6)) / 3)  # 1.91830
+    unigram_info = (2 * math.log2(3) + math.log2(6)) / 3
+    assert nist == pytest.approx(unigram_info * math.exp(-BETA * math.log(3 / 4) ** 2))
+    assert nist == pytest.approx(1.3532, abs=1e-4)
 
 
 def test_e2e_needs_java_unless_skipped(metrics, monkeypatch):
@@ -153,7 +161,7 @@ def e2e_scores(metrics):
 def test_e2e_identical_outputs(e2e_scores):
     scores = e2e_scores["identical"]
     assert set(scores) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
-    assert scores["bleu"] == pytest.approx(1.0)
+    assert scores["bleu"] == pytest.approx(100.0)  # the hub's one BLEU scale, 0-100, as sacreBLEU
     assert scores["meteor"] > 0.9
     assert scores["rouge_l"] == pytest.approx(1.0)
     # CIDEr-D: identical hyp/ref -> cosine 1 for n = 1..4 (n-grams shared by both segments get

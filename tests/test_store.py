@@ -102,7 +102,7 @@ def test_publish_list_show_remove(store, export):
 
     [summary] = store.list()
     assert summary.name == "t" and [v.version for v in summary.versions] == ["1"]
-    assert store.show("t@1").meta == hub
+    assert store.show("t@1").meta.to_dict() == hub
 
     assert store.remove("t") == ["t@1"]
     assert store.list() == [] and not (store.root / "t").exists() and hidden_entries(store) == []
@@ -160,7 +160,7 @@ def test_publish_under_other_name_is_loadable_by_adapters(store, export):
     tensors = load_file(stored.path / "adapter.safetensors")
     assert all(".adapters.other." in key for key in tensors)
     assert json.loads((stored.path / "adapter_config.json").read_text())["name"] == "other"
-    assert stored.meta["name"] == "other"
+    assert stored.meta.name == "other"
 
     model = tiny_model()
     model.load_adapter(str(stored.path), load_as="other", with_head=False, use_safetensors=True)
@@ -245,7 +245,7 @@ def test_load_returns_verified_tensors(store, export):
     assert (loaded.name, loaded.version, loaded.ref) == ("t", "1", "t@1")
     assert torch.equal(loaded.token_rows, load_file(export / "task_tokens.safetensors")["rows"])
     assert loaded.adapter_tensors.keys() == load_file(export / "adapter.safetensors").keys()
-    assert loaded.meta["special_tokens"] == ["<t:q>", "<t:a>", "<t:eos>"]
+    assert loaded.meta.special_tokens == ("<t:q>", "<t:a>", "<t:eos>")
 
 
 @pytest.mark.parametrize(
@@ -310,9 +310,9 @@ def test_adapter_layers_rejects_incomplete_adapters():
 def test_update_metrics_merges_and_keeps_checksums(store, export):
     store.publish(export)
     updated = store.update_metrics("t@1", {"f1": 0.8, "accuracy": 0.95})
-    assert updated.meta["metrics"] == {"accuracy": 0.95, "f1": 0.8}
-    assert store.show("t@1").meta["metrics"] == {"accuracy": 0.95, "f1": 0.8}
-    assert store.load("t").meta["metrics"]["f1"] == 0.8
+    assert updated.meta.metrics == {"accuracy": 0.95, "f1": 0.8}
+    assert store.show("t@1").meta.metrics == {"accuracy": 0.95, "f1": 0.8}
+    assert store.load("t").meta.metrics["f1"] == 0.8
     assert sorted(p.name for p in updated.path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -320,7 +320,7 @@ def test_snapshot_changes_after_publish(store, export):
     assert store.snapshot() == {}
     first = store.publish(export)
     snap = store.snapshot()
-    assert snap == {"t@1": first.meta["created_at"]}
+    assert snap == {"t@1": first.meta.created_at}
     store.publish(export, name="u")
     assert set(store.snapshot()) == {"t@1", "u@1"}
     store.update_metrics("t@1", {"x": 1})
@@ -331,10 +331,11 @@ def test_list_ignores_internal_and_unreadable_dirs(store, export):
     store.publish(export)
     (store.root / ".tmp-123" / "x").mkdir(parents=True)
     (store.root / ".trash-9").mkdir()
-    (store.root / "t" / "5").mkdir()  # no hub.json
+    (store.root / "t" / "5").mkdir()  # no hub.json: skipped, with the reason
     (store.root / "empty").mkdir()
     assert [(s.name, [v.version for v in s.versions]) for s in store.list()] == [("t", ["1"])]
-    assert list(store.snapshot()) == ["t@1"]
+    assert [(k.ref, k.reason) for k in store.list()[0].skipped] == [("t@5", "hub.json of 't@5' is missing or not a regular file")]
+    assert list(store.snapshot()) == ["t@1", "t@5"]
 
 
 def test_remove_one_version_then_last_removes_name_dir(store, export):

@@ -16,7 +16,9 @@ from cli.main import app
 from hub.adapters.vae import load_vae
 from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import load_backbone
+from hub.interop import export_adapterhub
 from hub.store.catalog import VAE_WEIGHTS, AdapterStore
+from hub.store.format import AdapterMeta
 
 SENTENCES = ["a man walks a dog .", "two people sit on a bench .", "a woman reads a book .", "the kids play outside .",
              "a dog runs in the park .", "a man rides a bike .", "the girl eats an apple .", "a cat sleeps ."]
@@ -96,6 +98,25 @@ def test_store_checks_checksum_and_backbone(vae_run, tiny_base, other_base, tmp_
         f.write(b"\0\0\0\1")
     with pytest.raises(IntegrityError, match="corrupted"):
         store.load(stored.ref)
+
+
+def test_vae_metadata_is_typed_and_validated_by_its_kind(vae_run):
+    data = json.loads((vae_run / "best" / "adapter_meta.json").read_text())
+    meta = AdapterMeta.from_dict(data, "x")
+    assert meta.vae["pooling"] == "mean" and meta.max_length == 32 and meta.extra["recipe"] == "two-phase"
+    assert meta.special_tokens == () and not meta.has_task_tokens and AdapterMeta.from_dict(meta.to_dict(), "x") == meta
+    for broken, words in (({k: v for k, v in data.items() if k != "vae"}, "lacks vae"),
+                          ({**data, "special_tokens": ["<a>", "<b>"]}, "has no special_tokens"),
+                          ({**data, "vae": 4}, "vae must be an object"),
+                          ({**data, "adapter_kind": "vlm"}, "special_tokens must be a list of at least two")):
+        with pytest.raises(IntegrityError, match=words):
+            AdapterMeta.from_dict(broken, "x")
+
+
+def test_a_vae_is_not_exported_as_an_adapterhub_adapter(vae_run, tmp_path):
+    stored = AdapterStore(tmp_path / "store").publish(vae_run / "best")
+    with pytest.raises(HubError, match="sentence_vae adapter .*vae.safetensors.*not an AdapterHub adapter"):
+        export_adapterhub(stored.path, tmp_path / "out")
 
 
 def test_eval_a_run_before_publishing(vae_run, sentence_dir, tmp_path):

@@ -32,6 +32,7 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
 from hub.adapters.vlm import AdapterWeights, VlmPlan, add_deltas, device_layers, group_rows, vlm_adapter
 from hub.errors import HubError
+from hub.store.format import AdapterMeta
 
 POOLINGS = ("latent_attn", "mean", "max")
 INJECTIONS = ("kv_prefix", "embedding", "both")
@@ -349,20 +350,20 @@ def require_sdpa(model: GPT2LMHeadModel) -> None:
                        f"not {model.config._attn_implementation!r}")
 
 
-def load_vae(tensors: dict[str, torch.Tensor], meta: dict, model_config) -> SentenceVAE:
+def load_vae(tensors: dict[str, torch.Tensor], meta: AdapterMeta, model_config) -> SentenceVAE:
     """A stored bundle (`vae.safetensors` tensors, its metadata) as a `SentenceVAE` for `model_config`'s backbone;
     an IntegrityError says what does not fit."""
     from hub.errors import IntegrityError
 
     try:
-        vae = SentenceVAE(VAEConfig(**meta["vae"]), model_config)
-    except (TypeError, KeyError) as err:
-        raise IntegrityError(f"sentence VAE '{meta.get('name')}' has an unreadable 'vae' config: {err}") from None
+        vae = SentenceVAE(VAEConfig(**(meta.vae or {})), model_config)
+    except TypeError as err:
+        raise IntegrityError(f"sentence VAE '{meta.name}' has an unreadable 'vae' config: {err}") from None
     expected = vae.state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     wrong = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
     if missing or unexpected or wrong:
-        raise IntegrityError(f"sentence VAE '{meta.get('name')}' does not fit its config: missing {missing[:3]}, "
+        raise IntegrityError(f"sentence VAE '{meta.name}' does not fit its config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]}")
     vae.load_state_dict(tensors)
     return vae.eval()

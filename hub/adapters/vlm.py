@@ -86,10 +86,12 @@ def stack_layers(layers: list[dict[str, torch.Tensor]]) -> AdapterWeights:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One adapter at one layer in `nn.Linear` layout, ready for `F.linear`: down [r, d], up [d, r]."""
+    """One adapter at one layer, ready for `F.linear` on layer-normalised input (`nn.Linear` layout).
 
-    ln_weight: torch.Tensor
-    ln_bias: torch.Tensor
+    The LN affine is folded into the down projection: W_down·(γ⊙x̂ + β) + b_d = (W_down·diag γ)·x̂ + (W_down·β + b_d),
+    so a batch normalises its rows once per layer and each adapter adds two `F.linear` calls. down [r, d], up [d, r].
+    """
+
     down: torch.Tensor
     down_bias: torch.Tensor
     up: torch.Tensor
@@ -97,15 +99,14 @@ class LayerWeights:
 
     @classmethod
     def from_adapter(cls, w: AdapterWeights, layer: int, device: torch.device) -> "LayerWeights":
-        put = lambda t: t[layer].to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
-        return cls(put(w.ln_weight), put(w.ln_bias), put(w.down_weight.transpose(-1, -2)), put(w.down_bias),
-                   put(w.up_weight.transpose(-1, -2)), put(w.up_bias))
+        put = lambda t: t[layer].to(device=device, dtype=torch.float32)  # noqa: E731
+        down = put(w.down_weight).t()  # [r, d]
+        return cls((down * put(w.ln_weight)).contiguous(), down @ put(w.ln_bias) + put(w.down_bias),
+                   put(w.up_weight).t().contiguous(), put(w.up_bias).contiguous())
 
-    def delta(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        """A(h) - h, computed in fp32 whatever the backbone's dtype, returned in h's dtype."""
-        x = F.layer_norm(h.float(), h.shape[-1:], self.ln_weight, self.ln_bias, eps)
-        z = torch.relu_(F.linear(x, self.down, self.down_bias))
-        return F.linear(z, self.up, self.up_bias).to(h.dtype)
+    def delta(self, normed: torch.Tensor) -> torch.Tensor:
+        """A(h) - h from LN(h) without affine (fp32)."""
+        return F.linear(torch.relu_(F.linear(normed, self.down, self.down_bias)), self.up, self.up_bias)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
@@ -113,19 +114,21 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class VlmPlan:
-    """Rows grouped by slot for one batch. `groups` pairs a slot with its row indices (None: every row of
-    the batch); `index` is the groups' rows concatenated, where the deltas are added back."""
+    """Rows grouped by slot for one batch. `groups` pairs a slot with a range of rows after reordering by
+    `order` (None: rows already in order); `order` also says where the deltas are added back. A plan with
+    `order` None and one group covering every row applies to a batch of any size."""
 
-    groups: tuple[tuple[int, torch.Tensor | None], ...]
-    index: torch.Tensor | None
+    groups: tuple[tuple[int, slice], ...]
+    order: torch.Tensor | None
 
 
 class VlmRuntime(KindRuntime):
     """Resident VLM adapters, each stored once at its own bottleneck in fp32, and one hook per GPT-2 block.
 
-    Memory is exactly the resident adapters' weights: no slot is padded to another adapter's rank and nothing
-    is regrown by concatenation. Per step and layer, each distinct adapter in the batch runs one LN, two
-    `F.linear` over its own rows; every other row passes unchanged.
+    Memory is the resident adapters' own weights (less the folded LN vectors): no slot is padded to another
+    adapter's rank and nothing is regrown by concatenation. Per step and layer the batch is normalised once;
+    then each distinct adapter reads its weights once, in two `F.linear` calls over its own rows (contiguous
+    after sorting by slot); rows without a VLM adapter pass unchanged.
     """
 
     def __init__(self, model: nn.Module):
@@ -161,26 +164,33 @@ def device_layers(bundle: AdapterWeights, device: torch.device) -> list[LayerWei
 
 
 def group_rows(rows: list[RowState] | None, slot: int, device: torch.device) -> VlmPlan:
-    """Rows grouped by their slot (rows None: `slot` on every row); NO_SLOT rows are left out."""
+    """Rows grouped by slot, sorted so each slot's rows are one slice (rows None: `slot` on every row of a batch
+    of any size); NO_SLOT rows are left out."""
     if rows is None:
-        return VlmPlan(((slot, None),) if slot != NO_SLOT else (), None)
-    by_slot: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        if row.slot != NO_SLOT:
-            by_slot.setdefault(row.slot, []).append(i)
-    if len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(rows):
-        return VlmPlan(((next(iter(by_slot)), None),), None)
-    groups = tuple((s, torch.tensor(ix, device=device)) for s, ix in by_slot.items())
-    index = torch.cat([ix for _, ix in groups]) if groups else None
-    return VlmPlan(groups, index)
+        return VlmPlan(((slot, slice(None)),) if slot != NO_SLOT else (), None)
+    order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT), key=lambda i: rows[i].slot)
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or rows[order[end]].slot != rows[order[start]].slot:
+            groups.append((rows[order[start]].slot, slice(start, end)))
+            start = end
+    if order == list(range(len(order))):
+        return VlmPlan(tuple(groups), None)
+    return VlmPlan(tuple(groups), torch.tensor(order, device=device))
 
 
 def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float) -> torch.Tensor:
-    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`."""
-    if plan.index is None:  # one adapter for the whole batch
-        return h + layer_of(plan.groups[0][0]).delta(h, eps)
-    deltas = [layer_of(slot).delta(h.index_select(0, rows), eps) for slot, rows in plan.groups]
-    return h.index_add(0, plan.index, torch.cat(deltas))
+    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`. The
+    batch is layer-normalised once (fp32); each distinct adapter then reads its weights once."""
+    normed = F.layer_norm((h if plan.order is None else h.index_select(0, plan.order)).float(),
+                          h.shape[-1:], eps=eps)
+    deltas = [layer_of(slot).delta(normed[rows]) for slot, rows in plan.groups]
+    delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)).to(h.dtype)
+    if plan.order is not None:
+        return h.index_add(0, plan.order, delta)
+    if delta.shape[0] == h.shape[0]:
+        return h + delta
+    return torch.cat([h[: delta.shape[0]] + delta, h[delta.shape[0]:]])  # rows in order, the last without one
 
 
 class VlmKind(AdapterKind):

@@ -32,6 +32,7 @@ from hub.evaluation.metrics import group_by_mr, load_metric
 from hub.store.catalog import TASK_TOKENS, AdapterStore, LoadedAdapter, export_dir, fingerprint_mismatch, read_export
 from hub.task import Example, Task, TaskCodec
 from hub.model.task_tokens import ExtendedLMHead, mask_task_logits
+from hub.plots import metrics_bar_png
 from tasks import make_task
 
 @dataclass(frozen=True)
@@ -193,8 +194,8 @@ def from_run(run_dir: Path, base: str | None, device: str) -> TaskModel:
     """A run's adapter export, evaluated before it is published."""
     path = export_dir(run_dir)
     export = read_export(path)
-    backbone = load_backbone(resolve_base(base, export.meta["backbone"]), device)
-    check_backbone(f"run export '{path}'", export.meta["backbone"], backbone)
+    backbone = load_backbone(resolve_base(base, dict(export.meta.backbone)), device)
+    check_backbone(f"run export '{path}'", dict(export.meta.backbone), backbone)
     rows = load_file(path / TASK_TOKENS)["rows"]
     loaded = LoadedAdapter(export.trained_name, "run", export.meta, path, export.adapter_tensors, rows)
     return engine_task_model(backbone, loaded, str(run_dir), store_ref=None)
@@ -245,11 +246,14 @@ def evaluate(task_model: TaskModel, data: str, split: str, decoding: Decoding, l
 
 
 def write_result(result: EvalResult, out_dir: Path) -> None:
-    """`outputs.txt` (one line per unique source), `metrics.json` and `metrics.md` in `out_dir`."""
+    """`outputs.txt` (one line per unique source), `metrics.json`, `metrics.md` and a bar chart of the scores,
+    `metrics.png`, in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "outputs.txt").write_text("".join(line + "\n" for line in result.outputs), encoding="utf-8")
     (out_dir / "metrics.json").write_text(json.dumps(result.record(), indent=2))
     (out_dir / "metrics.md").write_text(result.markdown())
+    title = f"{result.label} ({result.task_type}) on {result.split}"
+    (out_dir / "metrics.png").write_bytes(metrics_bar_png(result.scores, title))
 
 
 def record_in_store(store: AdapterStore, ref: str, result: EvalResult) -> None:

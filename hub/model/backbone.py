@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
@@ -13,6 +15,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 from hub.errors import HubError
 
 DEFAULT_BASE = os.environ.get("HUB_BASE", "gpt2")
+HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the model hub before giving up (transformers itself retries ~90 s)
 
 
 @dataclass
@@ -59,18 +62,45 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_backbone(source: str | None = None, device: str = "auto", dtype: torch.dtype | None = None) -> Backbone:
-    """Load a GPT-2 by HF id (`gpt2`, `gpt2-medium`, ...) or local path and freeze every weight."""
-    source = source or DEFAULT_BASE
-    torch_device = resolve_device(device)
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub (`HF_ENDPOINT`) cannot be reached, or None when a connection opens."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        model = GPT2LMHeadModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot connect to {endpoint.hostname}:{port} ({err.__class__.__name__}: {err})"
+    return None
+
+
+def _from_pretrained(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """A local folder, else the Hugging Face cache, else a download, failing within seconds when offline."""
+    if not Path(source).exists():
+        try:
+            return (GPT2LMHeadModel.from_pretrained(source, local_files_only=True),
+                    AutoTokenizer.from_pretrained(source, local_files_only=True))
+        except OSError:
+            reason = hub_unreachable()
+            if reason:
+                raise HubError(f"backbone {source!r} is neither a local folder nor in the Hugging Face cache, and "
+                               f"the model hub is unreachable: {reason}. Pass a local model folder with --base "
+                               f"(or HUB_BASE), e.g. ../shared/models/gpt2-standin") from None
+    try:
+        return GPT2LMHeadModel.from_pretrained(source), AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise HubError(
             f"cannot load backbone {source!r}: {err.__class__.__name__}. Pass a local model folder with --base "
             f"(or HUB_BASE), e.g. ../shared/models/gpt2-standin, or a Hugging Face id when online."
         ) from None
+
+
+def load_backbone(source: str | None = None, device: str = "auto", dtype: torch.dtype | None = None) -> Backbone:
+    """Load a GPT-2 by HF id (`gpt2`, `gpt2-medium`, ...) or local path and freeze every weight."""
+    source = source or DEFAULT_BASE
+    torch_device = resolve_device(device)
+    model, tokenizer = _from_pretrained(source)
     if model.config.model_type != "gpt2":
         raise HubError(f"backbone {source!r} is a {model.config.model_type!r} model; the hub serves GPT-2 models")
     for param in model.parameters():

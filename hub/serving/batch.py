@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,13 @@ def left_pad(prompts: list[tuple[list[int], list[int]]], device: torch.device) -
     return {"input_ids": tensor([pad(ids) for ids, _ in prompts]),
             "token_type_ids": tensor([pad(types) for _, types in prompts]),
             "attention_mask": tensor([pad([1] * len(ids)) for ids, _ in prompts])}
+
+
+def _context(seq: Sequence, no_type_id: int) -> tuple[list[int], list[int]]:
+    """Ids and types to prefill: the prompt, and the tokens already generated when a sequence resumes (after
+    a failed step, `hub.serving.isolation`)."""
+    types = seq.prompt_types or [no_type_id] * len(seq.prompt_ids)
+    return seq.prompt_ids + seq.output_ids, types + types[-1:] * len(seq.output_ids)
 
 
 def prefix_cache(sequences: list[Sequence], device: torch.device,
@@ -95,9 +102,7 @@ class DecodeBatch:
         """Start prefilling (bound) sequences; without a chunk limit they join the batch now."""
         if not sequences:
             return
-        no_type = [self.engine.no_type_id]
-        inputs = left_pad([(s.prompt_ids, s.prompt_types or no_type * len(s.prompt_ids)) for s in sequences],
-                          self.device)
+        inputs = left_pad([_context(s, self.engine.no_type_id) for s in sequences], self.device)
         job = Prefill(list(sequences), inputs, any(s.prompt_types for s in sequences), self.engine.plans(sequences))
         prefix = prefix_cache(sequences, self.device, self.engine.backbone.dtype)
         if prefix is not None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
-from hub.adapters.base import NO_SLOT, KindRuntime, RowState
-from hub.adapters.registry import DEFAULT_KIND, get_kind
+from hub.adapters.base import KindRuntime, RowState
+from hub.adapters.registry import get_kind
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
@@ -28,24 +27,9 @@ from hub.serving.sequence import ResidentAdapter, Sequence
 from hub.store.catalog import LoadedAdapter
 from hub.task import Task, TaskCodec
 
-__all__ = ["Engine", "ResidentAdapter", "SamplingParams", "Sequence", "AdapterInfo", "adapter_info"]
+__all__ = ["Engine", "ResidentAdapter", "SamplingParams", "Sequence"]
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    """The metadata fields serving reads, in one place (the store's typed metadata can replace this)."""
-
-    task_type: str
-    task_config: dict
-    kind: str
-    bottleneck: int | None
-    trainable_pct: float | None
-
-
-def adapter_info(meta: dict) -> AdapterInfo:
-    return AdapterInfo(task_type=meta["task_type"], task_config=meta.get("task_config") or {},
-                       kind=meta.get("adapter_kind", DEFAULT_KIND), bottleneck=meta.get("bottleneck"),
-                       trainable_pct=meta.get("trainable_pct"))
 
 
 class TokenRowTable:
@@ -125,12 +109,12 @@ class Engine:
     def add_adapter(self, loaded: LoadedAdapter) -> ResidentAdapter:
         """Make a stored adapter servable under its name; a newer version replaces the older one. It becomes
         resident now if a slot is free, else when a request needs it."""
-        info = adapter_info(loaded.meta)
-        kind = get_kind(info.kind)
+        meta = loaded.meta
+        kind = get_kind(meta.adapter_kind)
         bundle = kind.load(loaded, self.backbone.model.config)
-        task = self.make_task(info.task_type, info.task_config)
+        task = self.make_task(meta.task_type, dict(meta.task_config))
         encoder = TaskCodec(task, self.backbone.tokenizer, self.backbone.vocab_size, self.backbone.n_positions)
-        adapter = ResidentAdapter(loaded.name, loaded.version, task, loaded.meta, info.kind, bundle,
+        adapter = ResidentAdapter(loaded.name, loaded.version, task, meta, meta.adapter_kind, bundle,
                                   loaded.token_rows.float(), encoder, kind.parameter_count(bundle))
         with self.lock:
             previous = self.adapters.pop(loaded.name, None)
@@ -243,8 +227,9 @@ class Engine:
         sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id)
         try:
             source = adapter.task.parse_input(source)
-            sequence.prompt_ids, sequence.prompt_types = adapter.encoder.encode_prompt(
-                source, reserve=params.max_new_tokens)
+            sequence.prompt_ids, sequence.prompt_types, sequence.input_tokens_dropped = \
+                adapter.encoder.encode_request(source, params.max_new_tokens,
+                                               refuse_cuts=not adapter.task.truncates_input)
         except BaseException:
             self.release(sequence)
             raise

@@ -5,6 +5,7 @@ Field names follow vLLM's (`min_tokens`, `ignore_eos`) so benchmarks and users c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,13 @@ import torch
 from hub.errors import HubError
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_TEMPERATURE = 5.0
+SEED_LIMIT = 2**63  # torch generators take seeds below 2^64; JSON clients commonly handle signed 64-bit
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,19 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise HubError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise HubError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if not 0 <= self.min_tokens <= self.max_new_tokens:
+        """Refuse any value that could make sampling raise inside a shared decode step."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise HubError("max_new_tokens must be a whole number of at least 1")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (self.temperature, self.top_p)):
+            raise HubError("temperature and top_p must be finite numbers")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE or not 0 < self.top_p <= 1 or not _is_int(self.top_k) \
+                or self.top_k < 0:
+            raise HubError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g}, 0 < top_p <= 1 and a whole top_k >= 0")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise HubError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise HubError(f"stop takes at most {MAX_STOP_STRINGS} strings, each 1 to {MAX_STOP_CHARS} characters")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise HubError(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                            f"not {self.min_tokens}")
 
@@ -76,7 +92,8 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Temperature, top-k and nucleus (top-p) sampling for one row, reproducible with its own generator."""
-    logits = logits.float().cpu() / params.temperature
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / params.temperature  # the best token at 0: any temperature > 0 stays finite
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -18,6 +18,7 @@ import torch
 from hub.errors import CapacityError
 from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine, Sequence
+from hub.serving.isolation import isolate_failed_step
 
 log = logging.getLogger("hub.serving.scheduler")
 
@@ -33,6 +34,7 @@ class SchedulerStats:
     waiting: int = 0
     running: int = 0
     steps: int = 0
+    mixed_steps: int = 0  # decode steps whose batch held more than one task
 
 
 class Scheduler:
@@ -48,6 +50,7 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="hub-engine", daemon=True)
         self.steps = 0
+        self.mixed_steps = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -63,7 +66,7 @@ class Scheduler:
             self.wakeup.notify()
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps)
+        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""
@@ -111,9 +114,19 @@ class Scheduler:
                 self.batch.join(joining)
                 self.batch.step()
                 self.steps += 1
-            except Exception:  # a failed step must not stop the server: fail its sequences, keep serving
-                failed = self.batch.all_sequences() + joining
-                log.exception("decode step failed; failing %d sequences", len(failed))
-                for sequence in {s.id: s for s in failed}.values():
-                    self._finish(sequence, "error")
-                self.batch = DecodeBatch(self.engine, self.prefill_chunk)
+                self.mixed_steps += len({s.adapter.name for s in self.batch.sequences if s.adapter}) > 1
+            except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
+                log.exception("decode step failed; isolating the failing sequences")
+                self._isolate(self.batch.all_sequences() + joining)
+
+    def _isolate(self, sequences: list[Sequence]) -> None:
+        """Fail the sequences that make a step fail on their own (`hub.serving.isolation`); requeue the others,
+        which re-prefill their prompt and the tokens generated so far when they rejoin."""
+        outcome = isolate_failed_step(self.engine, sequences)
+        for sequence in outcome.failing:
+            self._finish(sequence, "error")
+        for sequence in outcome.finished:
+            self.engine.release(sequence)
+        self.batch = DecodeBatch(self.engine, self.prefill_chunk)
+        with self.wakeup:
+            self.waiting.extendleft(reversed(outcome.survivors))

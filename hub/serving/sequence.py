@@ -12,6 +12,7 @@ import torch
 from hub.adapters.base import RowState
 from hub.serving.detokenize import IncrementalText
 from hub.serving.sampling import SamplingParams
+from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 
 
@@ -27,7 +28,7 @@ class ResidentAdapter:
     name: str
     version: str
     task: Task
-    meta: dict
+    meta: AdapterMeta
     kind: str
     bundle: Any  # the kind's weights on the CPU, the copy that comes back after eviction
     rows: torch.Tensor  # task-token rows [k, d] on the CPU
@@ -79,6 +80,7 @@ class Sequence:
     released: bool = False
     detokenizer: IncrementalText | None = None
     stop_scan: int = 0  # stop strings are searched for in `text` from here on
+    input_tokens_dropped: int = 0  # cut from a too-long input by a task that truncates (`Task.truncates_input`)
 
     @property
     def finished(self) -> bool:

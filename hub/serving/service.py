@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from hub.errors import HubError
+from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
-from hub.serving.engine import Engine, ResidentAdapter, Sequence, adapter_info
+from hub.serving.engine import Engine, ResidentAdapter, Sequence
 from hub.serving.sampling import SamplingParams, sampling_params
-from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
+from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
 from hub.serving.sync import StoreSync, SyncResult
 from hub.store.catalog import AdapterStore
 from hub.task import Task
@@ -45,6 +46,35 @@ class ServiceSettings:
     request_timeout: float = 120.0
     watch_interval: float = 0.5
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    store_timeout: float = 30.0  # a store call that takes longer answers 503 (a hung filesystem, a FIFO)
+
+
+class StoreCalls:
+    """Store I/O on one worker thread, off the event loop, each call bounded by a timeout.
+
+    A call that hangs (a FIFO, a dead network filesystem) holds the one worker; later calls answer
+    `UnavailableError` at once instead of piling up threads, and the event loop (health checks, streams) never
+    waits."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
+        self.running: dict[Future, float] = {}  # call -> when it started
+
+    async def __call__(self, fn: Callable, *args):
+        now = time.monotonic()
+        if any(now - started > self.timeout for call, started in self.running.items() if not call.done()):
+            raise UnavailableError(f"the adapter store has not answered for over {self.timeout:g}s; retry later")
+        call = self.executor.submit(fn, *args)
+        self.running[call] = now
+        call.add_done_callback(lambda done: self.running.pop(done, None))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(call), self.timeout)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"the adapter store did not answer within {self.timeout:g}s; retry later") from None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class Updates:
@@ -90,29 +120,42 @@ class HubService:
         self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
                                    self.settings.prefill_chunk)
         self.sync = StoreSync(store, self.engine)
-        self.on_finished: Callable[[Sequence], None] | None = None  # e.g. the HTTP layer's metrics
+        self.store_calls = StoreCalls(self.settings.store_timeout)
+        # e.g. the HTTP layer's metrics: a request that ended, with its finish reason or cancelled/timeout
+        self.on_finished: Callable[[Sequence, str], None] | None = None
         self.ready = False
 
-    # -- lifecycle (blocking: call from a worker thread) --------------------------------------------------------
-    def start(self) -> None:
-        self.sync.sync()
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self, preload: bool = True) -> None:
+        """Remove stale staging leftovers, load the store's adapters, start the engine thread. Without `preload`
+        the caller loads adapters when it needs them (a Ray replica, `server.ray_serve`)."""
+        if preload:
+            for path in await self.store_calls(self.store.gc):
+                log.info("removed stale store leftover %s", path)
+            await self.store_calls(self.sync.sync)
         self.scheduler.start()
         self.ready = True
         log.info("serving %s", ", ".join(sorted(self.engine.adapters)) or "no adapters yet")
 
     def stop(self) -> None:
-        """Finish running and waiting sequences, then stop the engine thread."""
+        """Finish running and waiting sequences, then stop the engine thread (blocking)."""
         self.ready = False
         self.scheduler.stop()
+        self.store_calls.close()
 
     async def watch_store(self) -> None:
-        """Poll the store; newly published versions become servable without a restart."""
+        """Keep the engine in step with the store: newly published versions become servable without a restart.
+
+        Wakes on the store's inotify events (through `watchfiles`, where installed) and at least every
+        `watch_interval` seconds, so polling alone still works; 0 turns watching off.
+        """
         interval = self.settings.watch_interval
-        while interval > 0:
-            await asyncio.sleep(interval)
+        if interval <= 0:
+            return
+        async for _ in store_events(self.store.root, interval):
             try:
-                if self.sync.changed():
-                    await asyncio.to_thread(self.sync.sync)
+                if await self.store_calls(self.sync.changed):
+                    await self.store_calls(self.sync.sync)
             except Exception:  # keep watching whatever one sync met
                 log.exception("store sync failed")
 
@@ -141,12 +184,13 @@ class HubService:
         """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out."""
         sequence = handle.sequence
         deadline = handle.submitted + self.settings.request_timeout
-        sent, next_check = 0, 0.0
+        sent, next_check, outcome = 0, 0.0, "cancelled"
         try:
             while True:
                 await handle.updates.wait(UPDATE_POLL)
                 now = time.monotonic()
                 if now > deadline:
+                    outcome = "timeout"
                     raise RequestTimeoutError(f"request timed out after {self.settings.request_timeout:g}s")
                 if now > next_check:
                     next_check = now + UPDATE_POLL
@@ -158,13 +202,14 @@ class HubService:
                     yield ready[sent:]
                     sent = len(ready)
                 if done:
-                    if self.on_finished:
-                        self.on_finished(sequence)
                     if sequence.finish_reason == "error":
                         raise GenerationFailedError("generation failed; the server log has the details")
                     return
-        finally:
+        finally:  # every request is counted once, cancelled and timed-out ones included
+            reason = sequence.finish_reason if sequence.finished else outcome
             self.cancel(handle)
+            if self.on_finished:
+                self.on_finished(sequence, reason)
 
     async def complete(self, handle: Handle, disconnected: Callable[[], Awaitable[bool]]) -> str:
         return "".join([piece async for piece in self.stream(handle, disconnected)])
@@ -179,23 +224,49 @@ class HubService:
     def task_names(self) -> list[str]:
         return sorted(self.engine.adapters)
 
-    def list_tasks(self) -> list[dict]:
+    async def list_tasks(self) -> dict:
+        """Served tasks, and the store's versions that are skipped or refused, with why."""
+        listing = await self.store_calls(self.store.list)
         with self.engine.lock:
             resident = dict(self.engine.adapters)
-        versions = {s.name: [v.version for v in s.versions] for s in self.store.list()}
-        return [describe(resident[name], versions.get(name, [])) for name in sorted(resident)]
+        versions = {s.name: [v.version for v in s.versions] for s in listing}
+        usable = {v.ref for s in listing for v in s.versions}
+        skipped = [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]
+        skipped += [{"ref": ref, "reason": reason} for ref, reason in self.sync.refused.items() if ref in usable]
+        return {"tasks": [describe(resident[name], versions.get(name, [])) for name in sorted(resident)],
+                "skipped": skipped}
 
-    def reload(self) -> SyncResult:
-        return self.sync.sync()
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def resident_count(self) -> int:
+        return self.engine.resident_count()
+
+    async def reload(self) -> SyncResult:
+        return await self.store_calls(self.sync.sync)
 
     def unload(self, name: str) -> None:
         self.sync.unload(name)
 
 
+async def store_events(root, interval: float) -> AsyncIterator[None]:
+    """Yield after each burst of file events under `root` (inotify) or after `interval` seconds without one."""
+    try:
+        from watchfiles import awatch
+    except ImportError:  # no inotify binding here: poll
+        while True:
+            await asyncio.sleep(interval)
+            yield
+    else:
+        async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
+                              yield_on_timeout=True, watch_filter=None):
+            yield
+
+
 def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
-    info = adapter_info(adapter.meta)
-    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": info.task_type,
-            "bottleneck": info.bottleneck, "trainable_pct": info.trainable_pct,
+    meta = adapter.meta
+    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
+            "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
             "resident": adapter.slot is not None}
 
 

@@ -10,8 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hub.serving.engine import Engine
-from hub.errors import HubError
-from hub.store.catalog import AdapterStore
+from hub.store.catalog import AdapterStore, StoredVersion
 
 log = logging.getLogger("hub.serving.sync")
 
@@ -30,6 +29,7 @@ class StoreSync:
         self.refused: dict[str, str] = {}  # ref -> reason, not retried
         self.excluded: dict[str, str] = {}  # name -> version unloaded by an operator
         self.seen: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}  # ref -> why the store skips it (logged once)
 
     def changed(self) -> bool:
         """Cheap check (directory listing) whether anything was published or removed since the last sync."""
@@ -38,26 +38,41 @@ class StoreSync:
     def sync(self) -> SyncResult:
         result = SyncResult()
         self.seen = self.store.snapshot()
-        summaries = {s.name: s.latest for s in self.store.list()}
-        for name, latest in summaries.items():
-            current = self.engine.adapters.get(name)
-            if (current and current.version == latest.version) or self.excluded.get(name) == latest.version:
-                continue
-            if latest.ref in self.refused:
-                continue
-            try:
-                self.engine.add_adapter(self.store.load(latest.ref, self.engine.backbone.fingerprint))
-                result.loaded.append(latest.ref)
-                self.excluded.pop(name, None)
-            except HubError as err:
-                self.refused[latest.ref] = result.refused[latest.ref] = str(err)
-                log.warning("refused adapter %s: %s", latest.ref, err)
+        listing = self.store.list()
+        self._log_skipped({k.ref: k.reason for s in listing for k in s.skipped})
+        summaries = {s.name: s for s in listing if s.versions}
+        for name, summary in summaries.items():
+            self._serve_newest(name, summary.versions, result)
         for name in [n for n in self.engine.adapters if n not in summaries]:
             self.engine.remove_adapter(name)
             result.unloaded.append(name)
         if result.loaded or result.unloaded:
             log.info("adapters loaded %s, unloaded %s", result.loaded, result.unloaded)
         return result
+
+    def _log_skipped(self, skipped: dict[str, str]) -> None:
+        for ref, reason in skipped.items():
+            if self.skipped.get(ref) != reason:
+                log.warning("skipping stored version %s: %s", ref, reason)
+        self.skipped = skipped
+
+    def _serve_newest(self, name: str, versions: list[StoredVersion], result: SyncResult) -> None:
+        """Serve the newest version of `name` that loads; versions that fail are refused with their reason."""
+        current = self.engine.adapters.get(name)
+        for stored in reversed(versions):
+            if (current and current.version == stored.version) or self.excluded.get(name) == stored.version:
+                return
+            if stored.ref in self.refused:
+                continue
+            try:
+                self.engine.add_adapter(self.store.load(stored.ref, self.engine.backbone.fingerprint))
+            except Exception as err:  # whatever one bad version raises, the other names and versions still load
+                self.refused[stored.ref] = result.refused[stored.ref] = str(err) or type(err).__name__
+                log.warning("refused adapter %s: %s", stored.ref, result.refused[stored.ref])
+                continue
+            result.loaded.append(stored.ref)
+            self.excluded.pop(name, None)
+            return
 
     def unload(self, name: str) -> None:
         """Unload `name` until a newer version is published."""

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from hub.adapters.vae import SentenceVAE, analogy_point, encode_sentences, interpolation_path, latent_row_state, pad_rows
+from hub.adapters.vae import SentenceVAE, analogy_point, interpolation_path, latent_row_state, pad_rows
 from hub.errors import CapacityError, HubError
 from hub.serving.engine import Engine, ResidentAdapter, Sequence
 from hub.serving.sampling import SamplingParams
+from hub.store.format import SENTENCE_VAE
 
 MAX_TEXTS = 64  # texts per encode/reconstruct request, z vectors per decode request
 MAX_SAMPLES = 64  # prior samples per request
 MAX_STEPS = 32  # points on an interpolation path
-VAE_KIND = "sentence_vae"
+VAE_KIND = SENTENCE_VAE
 
 
 @dataclass
@@ -37,12 +38,12 @@ class VaeOps:
         self.engine = engine
         self.adapter: ResidentAdapter = engine.resolve(task)
         if self.adapter.kind != VAE_KIND:
-            raise HubError(f"task {task!r} is not a sentence VAE (its type is {self.adapter.meta['task_type']!r}); "
+            raise HubError(f"task {task!r} is not a sentence VAE (its type is {self.adapter.meta.task_type!r}); "
                            f"the /v1/vae routes serve sentence_vae adapters only")
         self.task = task
         self.vae: SentenceVAE = self.adapter.bundle
         self.nz = self.vae.config.nz
-        self.max_length = int(self.adapter.meta.get("max_length") or 32)
+        self.max_length = self.adapter.meta.max_length or 32
         self.eos = engine.backbone.tokenizer.eos_token_id or 0
 
     # -- checks ---------------------------------------------------------------------------------------------

@@ -3,9 +3,14 @@
 Layout: ``<root>/<name>/<version>/`` holds ``adapter_config.json``, ``adapter.safetensors``
 (AdapterHub format, loadable by plain ``adapters``), ``task_tokens.safetensors`` (tensor
 ``rows`` [k, d]) and ``hub.json`` (the trainer's metadata plus ``name``, ``version``,
-``created_at`` and the sha256 of every payload file). A sentence-VAE bundle (metadata
-``adapter_kind: sentence_vae``, `hub.adapters.vae`) holds ``vae.safetensors`` and ``hub.json``. Directories starting with ``.``
-(``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed.
+``created_at`` and the sha256 of every payload file). A sentence-VAE version (``adapter_kind: sentence_vae``,
+`hub.adapters.vae`) holds ``vae.safetensors`` and ``hub.json`` instead (`KIND_PAYLOAD_FILES`). Directories starting
+with ``.``
+(``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed; `gc` removes stale ones.
+
+Every version is validated fully (hub.json's schema, payload files, checksums, no pickle files, no symbolic
+links) before it is listed as usable; a bad one is *skipped* with its reason, and the newest good version of a
+name is the one served. Validation results are cached per version folder until any of its files changes.
 """
 
 from __future__ import annotations
@@ -16,37 +21,39 @@ import json
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
+from hub.store.format import SENTENCE_VAE, AdapterMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
+DEFAULT_KIND = "vlm"
+TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
-VAE_KIND = "sentence_vae"
+VAE_KIND = SENTENCE_VAE
 VAE_WEIGHTS = "vae.safetensors"
-KIND_PAYLOAD_FILES = {VAE_KIND: (VAE_WEIGHTS,)}  # adapter kind -> payload files; VLM adapters: PAYLOAD_FILES
-VAE_REQUIRED_META = ("name", "task_type", "vae", "trainable_params", "trainable_pct", "metrics", "backbone")
+# adapter kind -> the files its bundle stores (and hub.json checksums); kinds not named here store a VLM bundle
+KIND_PAYLOAD_FILES = {DEFAULT_KIND: PAYLOAD_FILES, VAE_KIND: (VAE_WEIGHTS,)}
+KIND_WEIGHTS = {VAE_KIND: VAE_WEIGHTS}  # adapter kind -> the file LoadedAdapter.adapter_tensors come from
 
-REQUIRED_META = (
-    "name", "task_type", "task_config", "special_tokens", "eos_token", "bottleneck",
-    "trainable_params", "trainable_pct", "metrics", "backbone",
-)
-FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 LAYER_PARTS = {
     "adapter_down.0.weight": "ln_weight",
     "adapter_down.0.bias": "ln_bias",
@@ -58,16 +65,18 @@ LAYER_PARTS = {
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_LEN = 64
 MAX_PUBLISH_ATTEMPTS = 100
+STALE_AFTER_S = 3600.0  # internal folders older than this belong to no live publisher
+INTERNAL_PREFIXES = (".tmp-", ".trash-", f".{HUB_JSON}.tmp-")
 
 
 @dataclass(frozen=True)
 class StoredVersion:
-    """One published version; ``meta`` is its hub.json."""
+    """One published, fully validated version; ``meta`` is its hub.json."""
 
     name: str
     version: str
     path: Path
-    meta: dict
+    meta: AdapterMeta
 
     @property
     def ref(self) -> str:
@@ -75,15 +84,29 @@ class StoredVersion:
 
     @property
     def created_at(self) -> str:
-        return self.meta["created_at"]
+        return self.meta.created_at
+
+
+@dataclass(frozen=True)
+class SkippedVersion:
+    """A version folder (or a whole name, `version` None) that is not used, and why."""
+
+    name: str
+    version: str | None
+    reason: str
+
+    @property
+    def ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """A name with its versions, oldest to newest."""
+    """A name with its usable versions, oldest to newest, and the versions skipped."""
 
     name: str
     versions: list[StoredVersion]
+    skipped: list[SkippedVersion] = field(default_factory=list)
 
     @property
     def latest(self) -> StoredVersion:
@@ -96,8 +119,8 @@ class LoadedAdapter:
 
     name: str
     version: str
-    meta: dict
-    path: Path
+    meta: AdapterMeta
+    path: Path | None
     adapter_tensors: dict[str, torch.Tensor]
     token_rows: torch.Tensor
 
@@ -192,13 +215,13 @@ def adapter_layers(tensors: dict[str, torch.Tensor], name: str) -> list[dict[str
     return result
 
 
-def adapter_kind(meta: dict) -> str:
-    """The kind a stored or exported adapter's metadata names (VLM adapters predate the key)."""
-    return meta.get("adapter_kind", "vlm")
+def payload_files(meta: AdapterMeta) -> tuple[str, ...]:
+    """The files a version of `meta`'s kind stores besides hub.json, each checksummed in `meta.files`."""
+    return KIND_PAYLOAD_FILES.get(meta.adapter_kind, PAYLOAD_FILES)
 
 
-def payload_files(meta: dict) -> tuple[str, ...]:
-    return KIND_PAYLOAD_FILES.get(adapter_kind(meta), PAYLOAD_FILES)
+def weights_file(meta: AdapterMeta) -> str:
+    return KIND_WEIGHTS.get(meta.adapter_kind, ADAPTER_WEIGHTS)
 
 
 def export_dir(run_dir: Path) -> Path:
@@ -233,11 +256,11 @@ def _write_json(path: Path, data: dict) -> None:
         f.write("\n")
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _version_key(version: str) -> tuple:
+def version_key(version: str) -> tuple:
     """Integers numerically, then anything else by text: a stable tie-break for equal created_at."""
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
@@ -247,7 +270,7 @@ class RunExport:
     """A validated run export, read into memory (adapter files are small)."""
 
     path: Path
-    meta: dict
+    meta: AdapterMeta
     config: dict
     adapter_tensors: dict[str, torch.Tensor]
 
@@ -273,26 +296,8 @@ def _read_export_tensors(path: Path, filename: str) -> dict[str, torch.Tensor]:
         raise HubError(f"{filename} in run export '{path}' is not a readable safetensors file: {e}") from e
 
 
-def _check_meta(path: Path, meta: dict) -> None:
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise HubError(f"{ADAPTER_META} in run export '{path}' lacks {', '.join(missing)}")
-    tokens = meta["special_tokens"]
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise HubError(f"{ADAPTER_META} in '{path}': special_tokens must be a non-empty list of strings")
-    if meta["eos_token"] not in tokens:
-        raise HubError(
-            f"{ADAPTER_META} in '{path}': eos_token {meta['eos_token']!r} is not one of special_tokens"
-        )
-    backbone = meta["backbone"]
-    if not isinstance(backbone, dict) or any(k not in backbone for k in FINGERPRINT_KEYS):
-        raise HubError(
-            f"{ADAPTER_META} in '{path}': backbone must be a fingerprint with {', '.join(FINGERPRINT_KEYS)}"
-        )
-
-
-def _check_shapes(path: Path, meta: dict, layers: list[dict], rows: torch.Tensor) -> None:
-    backbone, k = meta["backbone"], len(meta["special_tokens"])
+def _check_shapes(path: Path, meta: AdapterMeta, layers: list[dict], rows: torch.Tensor) -> None:
+    backbone, k = meta.backbone, len(meta.special_tokens)
     if rows.ndim != 2 or rows.shape[0] != k:
         raise HubError(
             f"{TASK_TOKENS} in '{path}': rows has shape {tuple(rows.shape)}, "
@@ -307,15 +312,11 @@ def _check_shapes(path: Path, meta: dict, layers: list[dict], rows: torch.Tensor
         )
 
 
-def _read_vae_export(path: Path) -> RunExport:
-    """A sentence-VAE export: metadata and a readable `vae.safetensors` (shapes are checked on loading)."""
-    meta = _read_export_json(path, ADAPTER_META)
-    missing = [k for k in VAE_REQUIRED_META if k not in meta]
-    if missing:
-        raise HubError(f"{ADAPTER_META} in run export '{path}' lacks {', '.join(missing)}")
+def _read_vae_export(path: Path, meta: AdapterMeta) -> RunExport:
+    """A sentence-VAE export: its metadata and a readable `vae.safetensors` (shapes are checked on loading)."""
     if not (path / VAE_WEIGHTS).is_file():
         raise HubError(f"run export '{path}' is missing {VAE_WEIGHTS}")
-    return RunExport(path, meta, {"name": meta["name"]}, _read_export_tensors(path, VAE_WEIGHTS))
+    return RunExport(path, meta, {"name": meta.name}, _read_export_tensors(path, VAE_WEIGHTS))
 
 
 def read_export(path: Path) -> RunExport:
@@ -323,15 +324,15 @@ def read_export(path: Path) -> RunExport:
     path = Path(path)
     if not path.is_dir():
         raise HubError(f"run export '{path}' is not a directory")
-    if (path / ADAPTER_META).is_file() and adapter_kind(_read_export_json(path, ADAPTER_META)) == VAE_KIND:
-        return _read_vae_export(path)
+    if (path / ADAPTER_META).is_file():
+        meta = AdapterMeta.from_dict(_read_export_json(path, ADAPTER_META), f"{ADAPTER_META} in run export '{path}'")
+        if meta.adapter_kind == VAE_KIND:
+            return _read_vae_export(path, meta)
     missing = [f for f in EXPORT_FILES if not (path / f).is_file()]
     if missing:
         raise HubError(
             f"run export '{path}' is missing {', '.join(missing)} (expected {', '.join(EXPORT_FILES)})"
         )
-    meta = _read_export_json(path, ADAPTER_META)
-    _check_meta(path, meta)
     config = _read_export_json(path, ADAPTER_CONFIG)
     if not isinstance(config.get("name"), str):
         raise HubError(f"{ADAPTER_CONFIG} in run export '{path}' has no adapter name")
@@ -347,12 +348,74 @@ def read_export(path: Path) -> RunExport:
     return RunExport(path, meta, config, tensors)
 
 
+def loaded_adapter(stored: StoredVersion, backbone: dict | None,
+                   read_tensors: Callable[[str], dict[str, torch.Tensor]]) -> LoadedAdapter:
+    """A verified version's tensors (`read_tensors(payload file name)`) as a LoadedAdapter, after checking the
+    backbone fingerprint (if given) and the task rows' shape; every store backend ends its `load` here."""
+    if backbone is not None:
+        problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
+        if problem:
+            raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
+    adapter_tensors = read_tensors(weights_file(stored.meta))
+    if not stored.meta.has_task_tokens:
+        no_rows = torch.zeros(0, stored.meta.backbone["n_embd"])
+        return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, no_rows)
+    rows = read_tensors(TASK_TOKENS).get("rows")
+    k = len(stored.meta.special_tokens)
+    if rows is None or rows.ndim != 2 or rows.shape[0] != k:
+        raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
+    return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, rows)
+
+
+def read_training_log(stored: StoredVersion, read: Callable[[], bytes]) -> dict:
+    """A version's `train_log.json` from `read()` (a file, an object); NotFoundError when it has none."""
+    try:
+        return json.loads(read())
+    except FileNotFoundError:
+        raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
+                            f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
+    except ValueError as e:
+        raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is not readable JSON: {e}") from e
+
+
+def stage_payload(export: RunExport, name: str, staging: Path) -> dict[str, str]:
+    """Write the payload files into ``staging`` (renaming a VLM adapter if needed); return checksums."""
+    payload = payload_files(export.meta)
+    if payload != PAYLOAD_FILES:
+        for filename in payload:
+            shutil.copyfile(export.path / filename, staging / filename)
+    elif name == export.trained_name:
+        for filename in PAYLOAD_FILES:
+            shutil.copyfile(export.path / filename, staging / filename)
+    else:
+        _write_renamed_adapter(export, name, staging)
+        shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+    if (export.path / TRAIN_LOG).is_file():
+        shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
+    files = {}
+    for filename in payload:
+        _fsync_file(staging / filename)
+        files[filename] = sha256_file(staging / filename)
+    return files
+
+
+def _write_renamed_adapter(export: RunExport, name: str, staging: Path) -> None:
+    """Rename the adapter in keys and config so plain ``adapters.load_adapter`` still finds it."""
+    old, new = f".adapters.{export.trained_name}.", f".adapters.{name}."
+    tensors = {k.replace(old, new): v for k, v in export.adapter_tensors.items()}
+    with safe_open(export.path / ADAPTER_WEIGHTS, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, staging / ADAPTER_WEIGHTS, metadata=metadata)
+    _write_json(staging / ADAPTER_CONFIG, {**export.config, "name": name})
+
+
 class AdapterStore:
     """Versioned adapters under one root directory; safe for concurrent publishers and readers."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._checked: dict[Path, tuple[tuple, StoredVersion | str]] = {}  # folder -> (signature, result)
 
     # ---- publishing -------------------------------------------------------------------
 
@@ -369,46 +432,18 @@ class AdapterStore:
         if version is not None:
             validate_name(version, "version")
         export = read_export(Path(run_export))
-        name = validate_name(name if name is not None else export.meta["name"])
+        name = validate_name(name if name is not None else export.meta.name)
         staging = self.root / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            files = self._stage_payload(export, name, staging)
+            files = stage_payload(export, name, staging)
             return self._commit(staging, export.meta, files, name, version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _stage_payload(self, export: RunExport, name: str, staging: Path) -> dict[str, str]:
-        """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
-        if adapter_kind(export.meta) != "vlm":
-            for filename in payload_files(export.meta):
-                shutil.copyfile(export.path / filename, staging / filename)
-        elif name == export.trained_name:
-            shutil.copyfile(export.path / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
-            shutil.copyfile(export.path / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
-        else:
-            self._write_renamed_adapter(export, name, staging)
-        if adapter_kind(export.meta) == "vlm":
-            shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
-        files = {}
-        for filename in payload_files(export.meta):
-            _fsync_file(staging / filename)
-            files[filename] = sha256_file(staging / filename)
-        return files
-
-    @staticmethod
-    def _write_renamed_adapter(export: RunExport, name: str, staging: Path) -> None:
-        """Rename the adapter in keys and config so plain ``adapters.load_adapter`` still finds it."""
-        old, new = f".adapters.{export.trained_name}.", f".adapters.{name}."
-        tensors = {k.replace(old, new): v for k, v in export.adapter_tensors.items()}
-        with safe_open(export.path / ADAPTER_WEIGHTS, framework="pt") as f:
-            metadata = f.metadata()
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata=metadata)
-        _write_json(staging / ADAPTER_CONFIG, {**export.config, "name": name})
-
     def _commit(
-        self, staging: Path, meta: dict, files: dict[str, str], name: str, version: str | None
+        self, staging: Path, meta: AdapterMeta, files: dict[str, str], name: str, version: str | None
     ) -> StoredVersion:
         """Rename ``staging`` to ``<name>/<version>``; a lost auto-version race takes the next number."""
         name_dir = self.root / name
@@ -419,8 +454,8 @@ class AdapterStore:
                 if version is None:
                     continue
                 raise HubError(f"adapter {name}@{chosen} already exists; choose another --version")
-            hub = {**meta, "name": name, "version": chosen, "created_at": _utc_now(), "files": files}
-            _write_json(staging / HUB_JSON, hub)
+            hub = meta.stored_as(name, chosen, utc_now(), files)
+            _write_json(staging / HUB_JSON, hub.to_dict())
             _fsync_file(staging / HUB_JSON)
             _fsync_dir(staging)
             name_dir.mkdir(exist_ok=True)
@@ -445,68 +480,72 @@ class AdapterStore:
     # ---- reading ----------------------------------------------------------------------
 
     def list(self) -> list[AdapterSummary]:
-        """Every name (sorted) with its readable versions, oldest to newest."""
+        """Every name (sorted) with its usable versions, oldest to newest, and the skipped ones with why."""
         summaries = []
         for name_dir in sorted(self._visible_dirs(self.root)):
-            versions = self._versions(name_dir)
-            if versions:
-                summaries.append(AdapterSummary(name_dir.name, versions))
+            if name_dir.is_symlink():
+                reason = f"'{name_dir}' is a symbolic link; the store refuses links"
+                summaries.append(AdapterSummary(name_dir.name, [], [SkippedVersion(name_dir.name, None, reason)]))
+                continue
+            versions, skipped = self._versions(name_dir)
+            if versions or skipped:
+                summaries.append(AdapterSummary(name_dir.name, versions, skipped))
         return summaries
 
     def show(self, ref: str) -> StoredVersion:
-        """``NAME`` (newest by created_at) or ``NAME@VERSION``; NotFoundError lists what exists."""
+        """``NAME`` (newest usable by created_at) or ``NAME@VERSION``; NotFoundError lists what exists,
+        IntegrityError says why a version is skipped."""
         name, version = parse_ref(ref)
-        name_dir = self.root / name
-        versions = self._versions(name_dir) if name_dir.is_dir() else []
-        if not versions:
-            known = ", ".join(s.name for s in self.list()) or "none"
+        summary = next((s for s in self.list() if s.name == name), None)
+        if summary is None:
+            known = ", ".join(s.name for s in self.list() if s.versions) or "none"
             raise NotFoundError(f"no adapter named '{name}' in store '{self.root}' (available: {known})")
         if version is None:
-            return versions[-1]
-        if not (name_dir / version).is_dir():
-            known = ", ".join(v.version for v in versions)
-            raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
-        return self._read_version(name_dir / version)
+            if summary.versions:
+                return summary.versions[-1]
+            reasons = "; ".join(f"{s.ref}: {s.reason}" for s in summary.skipped)
+            raise IntegrityError(f"adapter '{name}' has no usable version ({reasons})")
+        for stored in summary.versions:
+            if stored.version == version:
+                return stored
+        for skipped in summary.skipped:
+            if skipped.version in (version, None):
+                raise IntegrityError(f"'{name}@{version}' is skipped: {skipped.reason}")
+        known = ", ".join(v.version for v in summary.versions) or "none"
+        raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
 
     def snapshot(self) -> dict[str, str]:
-        """``name@version -> created_at`` for every version; poll and diff to spot new publishes."""
-        return {v.ref: v.created_at for s in self.list() for v in s.versions}
+        """``name@version -> created_at`` (or why it is skipped); poll and diff to spot changes."""
+        return {
+            **{v.ref: v.created_at for s in self.list() for v in s.versions},
+            **{k.ref: f"skipped: {k.reason}" for s in self.list() for k in s.skipped},
+        }
 
     def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter:
-        """Verify checksums (and the backbone fingerprint, if given) and read the tensors."""
+        """Verify checksums again (and the backbone fingerprint, if given) and read the tensors."""
         stored = self.show(ref)
-        self._verify(stored)
-        if backbone is not None:
-            problem = fingerprint_mismatch(stored.meta["backbone"], backbone)
-            if problem:
-                raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
-        if adapter_kind(stored.meta) == VAE_KIND:
-            tensors = load_file(stored.path / VAE_WEIGHTS, device="cpu")
-            no_rows = torch.zeros(0, stored.meta["backbone"]["n_embd"])  # a VAE adds no task tokens
-            return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, no_rows)
-        tensors = load_file(stored.path / ADAPTER_WEIGHTS, device="cpu")
-        rows = load_file(stored.path / TASK_TOKENS, device="cpu").get("rows")
-        k = len(stored.meta["special_tokens"])
-        if rows is None or rows.ndim != 2 or rows.shape[0] != k:
-            raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
-        return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, tensors, rows)
+        self._verify(stored.path, stored.ref, stored.meta)
+        return loaded_adapter(stored, backbone, lambda filename: load_file(stored.path / filename, device="cpu"))
 
-    def _verify(self, stored: StoredVersion) -> None:
-        """Refuse pickle files and any payload file whose sha256 differs from hub.json."""
-        for path in stored.path.iterdir():
-            if path.suffix in PICKLE_SUFFIXES:
-                raise IntegrityError(
-                    f"'{stored.ref}' contains {path.name}; refusing pickle files, only safetensors are read"
-                )
-        recorded = stored.meta.get("files", {})
-        for filename in payload_files(stored.meta):
-            path = stored.path / filename
-            if filename not in recorded or not path.is_file():
-                raise IntegrityError(f"{filename} of '{stored.ref}' is missing")
-            if sha256_file(path) != recorded[filename]:
-                raise IntegrityError(
-                    f"{filename} of '{stored.ref}' is corrupted or modified (sha256 mismatch)"
-                )
+    @staticmethod
+    def _verify(path: Path, ref: str, meta: AdapterMeta) -> None:
+        """Refuse links, pickle files and any payload file missing or whose sha256 differs from hub.json."""
+        for entry in path.iterdir():
+            if entry.is_symlink():
+                raise IntegrityError(f"'{ref}' contains the symbolic link {entry.name}; the store refuses links")
+            if entry.suffix in PICKLE_SUFFIXES:
+                raise IntegrityError(f"'{ref}' contains {entry.name}; refusing pickle files, only safetensors are read")
+        for filename in payload_files(meta):
+            file = path / filename
+            if filename not in meta.files or not stat.S_ISREG(_lstat_mode(file)):
+                raise IntegrityError(f"{filename} of '{ref}' is missing")
+            if sha256_file(file) != meta.files[filename]:
+                raise IntegrityError(f"{filename} of '{ref}' is corrupted or modified (sha256 mismatch)")
+
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
+        """The version and its stored `train_log.json`; NotFoundError when it was published without one."""
+        stored = self.show(ref)
+        return stored, read_training_log(stored, (stored.path / TRAIN_LOG).read_bytes)
 
     # ---- changing ---------------------------------------------------------------------
 
@@ -514,13 +553,14 @@ class AdapterStore:
         """Remove ``NAME`` (all versions) or ``NAME@VERSION``; return the removed refs."""
         name, version = parse_ref(ref)
         name_dir = self.root / name
+        target = name_dir if version is None else name_dir / version
+        if target.is_symlink() or name_dir.is_symlink():
+            raise HubError(f"'{target}' is a symbolic link; the store refuses links (remove it yourself if intended)")
         if not name_dir.is_dir():
             raise NotFoundError(f"no adapter named '{name}' in store '{self.root}'")
         if version is None:
-            target = name_dir
             removed = [f"{name}@{p.name}" for p in self._visible_dirs(name_dir)]
         else:
-            target = name_dir / version
             if not target.is_dir():
                 known = ", ".join(p.name for p in self._visible_dirs(name_dir)) or "none"
                 raise NotFoundError(f"adapter '{name}' has no version '{version}' (versions: {known})")
@@ -545,10 +585,10 @@ class AdapterStore:
     def update_metrics(self, ref: str, metrics: dict) -> StoredVersion:
         """Merge ``metrics`` into the version's hub.json (not checksummed) by atomic replace."""
         stored = self.show(ref)
-        meta = {**stored.meta, "metrics": {**stored.meta.get("metrics", {}), **metrics}}
+        meta = stored.meta.with_metrics(metrics)
         tmp = stored.path / f".{HUB_JSON}.tmp-{uuid.uuid4().hex}"
         try:
-            _write_json(tmp, meta)
+            _write_json(tmp, meta.to_dict())
             _fsync_file(tmp)
             os.replace(tmp, stored.path / HUB_JSON)
         except BaseException:
@@ -556,31 +596,96 @@ class AdapterStore:
             raise
         return StoredVersion(stored.name, stored.version, stored.path, meta)
 
+    def gc(self, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+        """Remove internal leftovers of killed publishes, removals and metric updates older than `older_than_s`
+        (a live publisher's staging folder is younger); return what was removed."""
+        cutoff = time.time() - older_than_s
+        candidates = [p for p in self.root.iterdir() if p.name.startswith(INTERNAL_PREFIXES)]
+        for name_dir in self._visible_dirs(self.root):
+            if not name_dir.is_symlink():
+                for version_dir in self._visible_dirs(name_dir):
+                    candidates += [p for p in version_dir.iterdir() if p.name.startswith(INTERNAL_PREFIXES)]
+        removed = []
+        for path in candidates:
+            try:
+                if path.lstat().st_mtime > cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue  # removed concurrently
+            removed.append(path)
+        return removed
+
     # ---- scanning ---------------------------------------------------------------------
 
     @staticmethod
     def _visible_dirs(path: Path) -> list[Path]:
-        """Subdirectories that are not internal (``.tmp-*``, ``.trash-*``, other hidden)."""
+        """Subdirectories (or links to them) that are not internal (``.tmp-*``, ``.trash-*``, other hidden)."""
         try:
             return [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def _versions(self, name_dir: Path) -> list[StoredVersion]:
-        versions = []
+    def _versions(self, name_dir: Path) -> tuple[list[StoredVersion], list[SkippedVersion]]:
+        versions, skipped = [], []
         for version_dir in self._visible_dirs(name_dir):
-            try:
-                versions.append(self._read_version(version_dir))
-            except IntegrityError:
-                continue  # unreadable hub.json: not a usable version
-        return sorted(versions, key=lambda v: (v.created_at, _version_key(v.version)))
+            result = self._checked_version(version_dir)
+            if isinstance(result, StoredVersion):
+                versions.append(result)
+            else:
+                skipped.append(SkippedVersion(name_dir.name, version_dir.name, result))
+        versions.sort(key=lambda v: (v.created_at, version_key(v.version)))
+        return versions, sorted(skipped, key=lambda k: version_key(k.version))
 
-    @staticmethod
-    def _read_version(version_dir: Path) -> StoredVersion:
+    def _checked_version(self, version_dir: Path) -> StoredVersion | str:
+        """The validated version, or why it is skipped; cached until a file of the folder changes."""
+        signature = _folder_signature(version_dir)
+        cached = self._checked.get(version_dir)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         try:
-            meta = json.loads((version_dir / HUB_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise IntegrityError(f"{HUB_JSON} in '{version_dir}' is unreadable: {e}") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("created_at"), str):
-            raise IntegrityError(f"{HUB_JSON} in '{version_dir}' is not a version record")
+            result: StoredVersion | str = self._read_version(version_dir)
+        except IntegrityError as err:
+            result = str(err)
+        self._checked[version_dir] = (signature, result)
+        return result
+
+    def _read_version(self, version_dir: Path) -> StoredVersion:
+        ref = f"{version_dir.parent.name}@{version_dir.name}"
+        if version_dir.is_symlink():
+            raise IntegrityError(f"'{ref}' is a symbolic link; the store refuses links")
+        hub_json = version_dir / HUB_JSON
+        if not stat.S_ISREG(_lstat_mode(hub_json)):
+            raise IntegrityError(f"{HUB_JSON} of '{ref}' is missing or not a regular file")
+        try:
+            data = json.loads(hub_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise IntegrityError(f"{HUB_JSON} of '{ref}' is unreadable: {e}") from e
+        meta = AdapterMeta.from_dict(data, f"{HUB_JSON} of '{ref}'", stored=True)
+        self._verify(version_dir, ref, meta)
         return StoredVersion(version_dir.parent.name, version_dir.name, version_dir, meta)
+
+
+def _lstat_mode(path: Path) -> int:
+    """The file type bits without following links (0 when missing)."""
+    try:
+        return path.lstat().st_mode
+    except OSError:
+        return 0
+
+
+def _folder_signature(path: Path) -> tuple:
+    """Name, type, size, mtime and inode of every entry: changes whenever a file is replaced or edited."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        return tuple((e.name, *_entry_stat(e)) for e in entries)
+    except OSError:
+        return ()
+
+
+def _entry_stat(entry: os.DirEntry) -> tuple:
+    info = entry.stat(follow_symlinks=False)
+    return info.st_mode, info.st_size, info.st_mtime_ns, info.st_ino

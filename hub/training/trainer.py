@@ -25,9 +25,12 @@ from tqdm.auto import tqdm
 from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
 from hub.model.backbone import Backbone
 from hub.errors import HubError
+from hub.interop import prompt_layout, quiet_adapter_activation
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
-from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+from hub.plots import training_curve_png
+from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
+from hub.training.distributed import DataParallel
 
 @dataclass
 class TrainConfig:
@@ -76,7 +79,8 @@ def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottlene
     torch.manual_seed(seed)
     adapters.init(model)
     model.add_adapter(name, config=vlm_adapter_config(model.config.n_embd, bottleneck))
-    model.train_adapter(name)
+    with quiet_adapter_activation():
+        model.train_adapter(name)
     return attach_task_rows(backbone, task, seed)
 
 
@@ -108,6 +112,24 @@ def encode_all(codec: TaskCodec, examples: list[Example], max_target: int, what:
     return encoded
 
 
+def epoch_batches(count: int, size: int, rng: random.Random, skip: int) -> Iterator[list[int]]:
+    """Endless shuffled epochs of `size` indices into `count` items (an epoch's last partial batch is dropped),
+    without the first `skip` batches (those a resumed run has already seen)."""
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        for start in range(0, count - size + 1, size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield order[start : start + size]
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens the loss counts (labels shifted by one, as in `Trainer._loss`)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right padding and no attention mask, as in VLM: pads only follow the sequence and are not labelled."""
 
@@ -130,10 +152,13 @@ class Trainer:
         self.model = backbone.model
         self.rows = self._attach()
         self.params = trainable_parameters(self.model)
+        self.dist = DataParallel.current(backbone.device)
+        self.dist.broadcast_parameters(self.params, config.seed)
         self.codec = TaskCodec(task, backbone.tokenizer, backbone.vocab_size, config.max_length)
         self.pad_id = backbone.tokenizer.eos_token_id or 0
         self.log = TrainLog()
         self.step = 0
+        self.example_source = None  # a training input, shown in the export's prompt layout
 
     @property
     def trainable_count(self) -> int:
@@ -164,11 +189,13 @@ class Trainer:
         """Token-level loss and perplexity over the held-out examples."""
         self.model.eval()
         total_loss, total_tokens = 0.0, 0
+        encoded = self.dist.shard(encoded)
         for start in range(0, len(encoded), self.config.batch_size * 2):
             batch = collate(encoded[start : start + self.config.batch_size * 2], self.pad_id, self.backbone.device)
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            tokens = labelled_tokens(batch)
             total_loss += float(self._loss(batch)) * tokens
             total_tokens += tokens
+        total_loss, total_tokens = self.dist.sum([total_loss, total_tokens])
         self.model.train()
         loss = total_loss / max(1, total_tokens)
         return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -177,23 +204,29 @@ class Trainer:
         cfg = self.config
         max_target = self.task.defaults.max_target_length
         train_set = encode_all(self.codec, train_examples, max_target, "training")
+        self.example_source = train_examples[0].source
+        self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
         eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
-        steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+        steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * self.dist.world_size))
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or min(steps_per_epoch, total_steps)
         optimizer, schedule = self._optimizer_and_schedule(total_steps)
         self._resume(optimizer, schedule)
         rng = random.Random(cfg.seed)
         self.model.train()
-        bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step")
+        bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step",
+                   disable=not self.dist.is_main)
         batches = self._batches(train_set, rng)
         started = time.time()
         while self.step < total_steps and not self._out_of_patience():
             loss = 0.0
             for _ in range(cfg.grad_accum):
-                micro = self._loss(collate(next(batches), self.pad_id, self.backbone.device)) / cfg.grad_accum
+                batch = collate(next(batches), self.pad_id, self.backbone.device)
+                micro = self._loss(batch) * self.dist.token_share(labelled_tokens(batch)) / cfg.grad_accum
                 micro.backward()
                 loss += micro.item()
+            self.dist.sum_gradients(self.params)
+            (loss,) = self.dist.sum([loss])
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             optimizer.step()
             schedule.step()
@@ -205,8 +238,9 @@ class Trainer:
             if self.step % eval_every == 0 or self.step == total_steps:
                 self._eval_and_checkpoint(eval_set, optimizer, schedule, bar)
         bar.close()
-        print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
-              f"{self.log.best_eval_loss:.4f} at step {self.log.best_step}")
+        if self.dist.is_main:
+            print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
+                  f"{self.log.best_eval_loss:.4f} at step {self.log.best_step}")
         return self.log
 
     def _out_of_patience(self) -> bool:
@@ -215,23 +249,22 @@ class Trainer:
         return patience is not None and sum(e["step"] > best for e in self.log.evals) >= patience
 
     def _batches(self, train_set: list[Encoded], rng: random.Random):
-        """Endless shuffled epochs of micro-batches; skips what a resumed run has already seen."""
-        seen = self.step * self.config.grad_accum
-        while True:
-            order = list(range(len(train_set)))
-            rng.shuffle(order)
-            for start in range(0, len(order) - self.config.batch_size + 1, self.config.batch_size):
-                if seen > 0:
-                    seen -= 1
-                    continue
-                yield [train_set[i] for i in order[start : start + self.config.batch_size]]
+        """Endless shuffled epochs of micro-batches (this process's slice of the global one, `batch_size` per
+        process); skips what a resumed run has already seen."""
+        size = self.config.batch_size * self.dist.world_size
+        for batch in epoch_batches(len(train_set), size, rng, skip=self.step * self.config.grad_accum):
+            yield [train_set[i] for i in self.dist.shard(batch)]
 
     def _eval_and_checkpoint(self, eval_set, optimizer, schedule, bar) -> None:
         result = self.evaluate(eval_set)
         self.log.evals.append(result)
-        bar.write(f"step {self.step}: held-out loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        if self.log.best_eval_loss is None or result["eval_loss"] < self.log.best_eval_loss:
+        new_best = self.log.best_eval_loss is None or result["eval_loss"] < self.log.best_eval_loss
+        if new_best:
             self.log.best_eval_loss, self.log.best_step = result["eval_loss"], self.step
+        if not self.dist.is_main:  # every process keeps the log (early stopping); only rank 0 writes
+            return
+        bar.write(f"step {self.step}: held-out loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+        if new_best:
             self.export(self.run_dir / "best", {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
                                                 "step": self.step})
         self._save_checkpoint(optimizer, schedule)
@@ -282,6 +315,7 @@ class Trainer:
             "metrics": metrics,
             "backbone": self.backbone.fingerprint,
             "training": asdict(self.config),
+            "layout": prompt_layout(self.task, self.example_source),
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
 
@@ -324,22 +358,13 @@ def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) ->
 
 
 def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation)."""
-    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s["step"] for s in log.steps], [s["loss"] for s in log.steps], label="train loss", alpha=0.6)
-    ax.plot([e["step"] for e in log.evals], [e["eval_loss"] for e in log.evals], "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss_curve.png", dpi=100)
-    plt.close(fig)
+    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation). The log is
+    also copied into `best/`, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
+    text = json.dumps(asdict(log), indent=1)
+    (run_dir / TRAIN_LOG).write_text(text)
+    if (run_dir / "best").is_dir():
+        (run_dir / "best" / TRAIN_LOG).write_text(text)
+    (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:

@@ -22,7 +22,8 @@ from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
 from hub.store.catalog import ADAPTER_META, VAE_KIND, VAE_WEIGHTS
-from hub.training.trainer import load_checkpoint, save_checkpoint, staging
+from hub.store.format import AdapterMeta
+from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         elbo_loss)
 
@@ -148,15 +149,8 @@ class VAETrainer:
 
     def _batches(self, rows: list[list[int]], rng: random.Random):
         """Endless shuffled epochs; skips the batches a resumed run has already seen."""
-        seen, size = self.step, self.config.batch_size
-        while True:
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            for start in range(0, len(order) - size + 1, size):
-                if seen > 0:
-                    seen -= 1
-                    continue
-                yield [rows[i] for i in order[start : start + size]]
+        for batch in epoch_batches(len(rows), self.config.batch_size, rng, skip=self.step):
+            yield [rows[i] for i in batch]
 
     # -- schedule -------------------------------------------------------------------------------------------
     def beta(self, step: int) -> float:
@@ -296,7 +290,8 @@ class VAETrainer:
                     "eos_token": self.tokenizer.eos_token, "max_length": self.config.max_length,
                     **self.parameter_report(), "metrics": metrics, "backbone": self.backbone.fingerprint,
                     "training": asdict(self.config)}
-            (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+            checked = AdapterMeta.from_dict(meta, f"the {ADAPTER_META} of '{out_dir}'")
+            (tmp / ADAPTER_META).write_text(json.dumps(checked.to_dict(), indent=2))
 
 
 def write_vae_log(run_dir: Path, log: VAETrainLog) -> None:

@@ -18,7 +18,8 @@ from .mteval import corpus_bleu_nist
 
 _DESCRIPTION = """\
 The five E2E NLG Challenge metrics as the official scorer prints them: BLEU, NIST (mteval-v13a,
-case-insensitive), METEOR 1.5, ROUGE-L and CIDEr (MS-COCO caption evaluation). BLEU, METEOR and
+case-insensitive), METEOR 1.5, ROUGE-L and CIDEr (MS-COCO caption evaluation). BLEU is on the 0–100
+scale the hub uses everywhere (sacreBLEU's; the official scorer prints the fraction, BLEU/100); METEOR and
 ROUGE-L are fractions in [0, 1]; NIST and CIDEr are unbounded. METEOR and the PTB tokenisation
 that ROUGE-L and CIDEr use run on Java.
 """
@@ -57,7 +58,7 @@ class E2e(evaluate.Metric):
         if not all(references):
             raise HubError("Every E2E prediction needs at least one reference.")
         bleu, nist = corpus_bleu_nist(predictions, references)
-        scores = {"bleu": bleu, "nist": nist}
+        scores = {"bleu": 100 * bleu, "nist": nist}
         if skip_java:
             return scores
         if shutil.which("java") is None:

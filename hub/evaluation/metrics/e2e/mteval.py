@@ -10,12 +10,14 @@ number of references per segment). Its behaviour, reproduced here:
   shorter one; empty references are ignored); an n-gram order with no match counts as
   ``1 / (2^k * total)`` for the k-th such order (mteval's smoothing) instead of zeroing BLEU;
 * NIST up to 5-grams with information weights ``log2(count(prefix) / count(ngram))`` counted
-  over every reference of the corpus, and the length penalty taken against the average reference
-  length as mteval sees it: total reference words divided by the largest number of references
-  any segment has (the script pads shorter reference lists with empty references).
+  over every reference of the corpus, and the length penalty taken against the corpus reference
+  length as the E2E script computes it: the sum over segments of the mean length of that
+  segment's *non-empty* references (e2e-metrics commit fdfe692, "NIST to work with average number
+  of non-empty references"). Dividing the total reference words by the largest number of
+  references of any segment instead switches the penalty off whenever segments have fewer
+  references than the largest one (most of the E2E test set).
 
 The Python port in the same repository (``pymteval.py``) differs from the Perl only where
-segments have different numbers of references (it averages reference lengths per segment), where
 an output is shorter than an n-gram order (it counts negative n-gram totals) or where an n-gram
 order has no match (it floors the precision near zero); we follow the Perl script, which printed
 the published numbers.
@@ -64,6 +66,12 @@ def _closest_length(hyp_len: int, ref_lens: Sequence[int]) -> int:
     """Reference length closest to the output's; the shorter on a tie; empty refs ignored."""
     candidates = [n for n in ref_lens if n] or [0]
     return min(candidates, key=lambda n: (abs(n - hyp_len), n))
+
+
+def _mean_nonempty_length(seg_refs: Sequence[Sequence[str]]) -> float:
+    """Mean length of a segment's non-empty references (0 when all are empty)."""
+    lengths = [len(ref) for ref in seg_refs if ref]
+    return sum(lengths) / len(lengths) if lengths else 0.0
 
 
 def _nist_length_penalty(ratio: float) -> float:
@@ -122,8 +130,7 @@ def corpus_bleu_nist(
     brevity = math.exp(min(0.0, 1 - closest_ref_len / hyp_words)) if hyp_words else 0.0
     bleu = brevity * math.exp(log_precision / BLEU_ORDER)
 
-    max_refs = max((len(seg_refs) for seg_refs in refs), default=1)
-    avg_ref_len = ref_words / max_refs
+    avg_ref_len = sum(_mean_nonempty_length(seg_refs) for seg_refs in refs)
     nist_gain = sum(info[n] / max(totals[n], 1) for n in range(1, NIST_ORDER + 1))
     ratio = hyp_words / avg_ref_len if avg_ref_len else 1.0
     nist = nist_gain * _nist_length_penalty(ratio)

@@ -1,0 +1,184 @@
+"""AdapterHub interop: a stored hub adapter in a plain `transformers` GPT-2 with the `adapters` library.
+
+The store keeps each version in AdapterHub's own format (`adapter_config.json`, `adapter.safetensors`), but a
+hub task is more than the adapter: its k special tokens are extra embedding rows (`task_tokens.safetensors`),
+its prompt is laid out in segments typed by those tokens (`token_type_ids`), and generation may only choose the
+task's EOS among the added tokens. `load_into_adapters` does all of it in one call; the layout is also written
+into each version's metadata (`layout`, by `prompt_layout`) for readers without the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel, LogitsProcessorList, PreTrainedTokenizerBase
+
+from hub.errors import BackboneMismatchError, HubError, IntegrityError
+from hub.model.backbone import weights_sha256
+from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS, payload_files
+from hub.store.format import AdapterMeta
+from hub.task import Task, TaskCodec
+
+EXPORT_README = "README.md"
+
+
+@contextmanager
+def quiet_adapter_activation() -> Iterator[None]:
+    """`adapters` resets its adapters before activating them and, in that internal pass, warns "There are adapters
+    available but none are activated for the forward pass."; silence that logger while activating."""
+    logger = logging.getLogger("adapters.model_mixin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def prompt_layout(task: Task, example_source: Any) -> dict:
+    """How a prompt is built, for the version's metadata: enough to rebuild ids and token types without the hub."""
+    segments = task.prompt_segments(example_source)
+    return {
+        "special_token_ids": "special token i has id vocab_size + i (row i of task_tokens.safetensors); "
+                             "the input and tied output embeddings both get these rows",
+        "prompt": [task.bos] + [f"{s.marker} {{text}}" if s.text else s.marker for s in segments],
+        "text_encoding": "each segment's text is tokenized as ' ' + text.strip(); an empty text adds no tokens",
+        "token_types": "every token is typed by the special token that opens its segment (BOS by itself); "
+                       "generated tokens are typed by the last prompt marker",
+        "target_marker": segments[-1].marker if segments else task.bos,  # the BOS alone for an unconditional task
+        "eos_token": task.eos,
+        "generation": "among the added ids only the EOS may be generated, and not as the first token",
+        "example": {"source": example_source, "segments": [[s.marker, s.text] for s in segments]},
+    }
+
+
+def read_version_meta(path: Path) -> AdapterMeta:
+    """`hub.json` of a store version or an `hub export` folder, else a run export's `adapter_meta.json`."""
+    for filename, stored in ((HUB_JSON, True), (ADAPTER_META, False)):
+        if (path / filename).is_file():
+            try:
+                data = json.loads((path / filename).read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise IntegrityError(f"{path / filename} is not readable JSON: {err}") from None
+            return AdapterMeta.from_dict(data, str(path / filename), stored=stored)
+    raise HubError(f"'{path}' is not a hub adapter folder: it has neither {HUB_JSON} nor {ADAPTER_META}")
+
+
+def _adapterhub_meta(path: Path) -> AdapterMeta:
+    """`read_version_meta`, refusing kinds whose bundle is no AdapterHub adapter (a sentence VAE)."""
+    meta = read_version_meta(path)
+    if payload_files(meta) != PAYLOAD_FILES:
+        raise HubError(f"'{path}' holds a {meta.adapter_kind} adapter ({', '.join(payload_files(meta))}), not an "
+                       f"AdapterHub adapter; only VLM adapters load into plain transformers + adapters")
+    return meta
+
+
+@dataclass
+class AdapterHubTask:
+    """A hub task inside a plain `GPT2LMHeadModel` with `adapters`: encode its inputs and decode greedily."""
+
+    model: GPT2LMHeadModel
+    codec: TaskCodec
+    adapter_name: str
+    base_vocab: int  # GPT-2's own vocabulary; ids from here on are task tokens
+
+    @property
+    def task(self) -> Task:
+        return self.codec.task
+
+    def encode(self, source: Any, max_new_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """`input_ids` and `token_type_ids`, [1, T], leaving room for `max_new_tokens` in the context."""
+        reserve = max_new_tokens or self.task.defaults.max_new_tokens
+        ids, types = self.codec.encode_prompt(self.task.parse_input(source), reserve=reserve)
+        device = self.model.device
+        return {"input_ids": torch.tensor([ids], device=device), "token_type_ids": torch.tensor([types], device=device)}
+
+    @torch.inference_mode()
+    def generate_ids(self, source: Any, max_new_tokens: int | None = None) -> list[int]:
+        """Greedy output ids without the EOS, with the hub's rule for the added tokens."""
+        from hub.evaluation.decode import TaskTokenMask, cut_at_eos
+
+        max_new_tokens = max_new_tokens or self.task.defaults.max_new_tokens
+        inputs = self.encode(source, max_new_tokens)
+        width = inputs["input_ids"].shape[1]
+        self.model.eval()
+        generated = self.model.generate(
+            **inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=self.codec.eos_id, pad_token_id=self.codec.eos_id,
+            logits_processor=LogitsProcessorList([TaskTokenMask(self.base_vocab, self.codec.eos_id, width)]),
+        )
+        return cut_at_eos(generated[0, width:].tolist(), self.codec.eos_id)
+
+    def generate(self, source: Any, max_new_tokens: int | None = None) -> str:
+        return self.codec.tokenizer.decode(self.generate_ids(source, max_new_tokens)).strip()
+
+
+def _check_backbone(model: GPT2LMHeadModel, needed: Mapping[str, Any]) -> None:
+    """The architecture always; the weights' sha256 while the model is still plain GPT-2 (no rows added yet)."""
+    config = model.config
+    shape = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
+    if any(needed.get(k) != v for k, v in shape.items()):
+        raise BackboneMismatchError(f"the adapter needs a GPT-2 with {needed}, this model has {shape}")
+    if model.get_input_embeddings().num_embeddings == needed.get("vocab_size"):
+        if weights_sha256(model) != needed.get("weights_sha256"):
+            raise BackboneMismatchError(f"the adapter was trained on other GPT-2 weights ({needed.get('source')})")
+
+
+def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
+                       tokenizer: PreTrainedTokenizerBase | None = None) -> AdapterHubTask:
+    """Load a store version (or `hub export --format adapterhub` folder) into a plain GPT-2: the adapter through
+    `adapters.load_adapter` (made active), the task rows appended to the (tied) embeddings, and the prompt
+    layout; greedy decoding with the returned task gives the hub's tokens. The tokenizer defaults to the
+    model's own (`AutoTokenizer.from_pretrained(model.name_or_path)`)."""
+    import adapters
+    from tasks import make_task
+
+    path = Path(path)
+    meta = _adapterhub_meta(path)
+    _check_backbone(model, meta.backbone)
+    if not hasattr(model, "adapters_config"):
+        adapters.init(model)
+    with quiet_adapter_activation():
+        name = model.load_adapter(str(path), set_active=True, use_safetensors=True)
+    rows = load_file(path / TASK_TOKENS)["rows"]
+    first_id = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(first_id + rows.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[first_id:] = rows.to(model.get_input_embeddings().weight)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    task = make_task(meta.task_type, dict(meta.task_config))
+    codec = TaskCodec(task, tokenizer, first_id, model.config.n_positions)
+    return AdapterHubTask(model, codec, name, meta.backbone["vocab_size"])
+
+
+def export_adapterhub(version_dir: Path, out: Path) -> Path:
+    """A self-contained folder for plain `adapters`: the payload files, `hub.json` and a README with the call."""
+    _adapterhub_meta(version_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HubError(f"{out} exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for filename in (*PAYLOAD_FILES, HUB_JSON):
+        shutil.copyfile(version_dir / filename, out / filename)
+    meta = read_version_meta(out)
+    (out / EXPORT_README).write_text(
+        f"# {meta.name}@{meta.version}: a {meta.task_type} adapter of the GPT-2 adapter hub\n\n"
+        f"Trained on `{meta.backbone.get('source', '?')}`. Load it into a plain transformers + adapters GPT-2:\n\n"
+        "```python\nfrom transformers import GPT2LMHeadModel\nfrom hub.interop import load_into_adapters\n\n"
+        "model = GPT2LMHeadModel.from_pretrained(BASE)  # the backbone above\n"
+        "task = load_into_adapters(model, THIS_FOLDER)\nprint(task.generate(INPUT))  # greedy, as the hub\n```\n\n"
+        "Without the hub: `model.load_adapter(THIS_FOLDER, use_safetensors=True)`, append the rows of "
+        "`task_tokens.safetensors` to the embeddings (`resize_token_embeddings`), and build `input_ids` and "
+        "`token_type_ids` as `layout` in `hub.json` says.\n",
+        encoding="utf-8")
+    return out

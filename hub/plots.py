@@ -1,0 +1,63 @@
+"""Pictures of what was measured: a training curve from `train_log.json`, a bar chart of evaluation metrics.
+
+Both draw with matplotlib's Agg backend (no display) and return PNG bytes or write a file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def training_curve_png(log: dict, title: str = "") -> bytes:
+    """Training loss per optimizer step and held-out loss per evaluation (a `TrainLog` as a dict)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, evals = log.get("steps", []), log.get("evals", [])
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss", alpha=0.6)
+    ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out loss")
+    if log.get("best_step") is not None:
+        ax.axvline(log["best_step"], color="grey", linestyle=":", label=f"best (step {log['best_step']})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return _png(fig)
+
+
+def metrics_bar_png(scores: dict, title: str = "") -> bytes:
+    """One bar per numeric metric, its value written on the bar."""
+    numeric = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(numeric) + 2), 3.5))
+    bars = ax.bar(list(numeric), list(numeric.values()), color="#2a6fdb")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("score")
+    ax.tick_params(axis="x", rotation=30)
+    if title:
+        ax.set_title(title)
+    return _png(fig)
+
+
+def write_png(data: bytes, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

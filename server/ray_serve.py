@@ -1,0 +1,470 @@
+"""`hub serve --ray`: the hub's HTTP API as a Ray Serve application, tasks multiplexed over engine replicas.
+
+Two deployments:
+
+- `EngineReplica` (`--replicas N`): each replica owns a `HubService` (engine + scheduler) that starts with no
+  adapter. A request arrives with `multiplexed_model_id=<task>`; the replica loads that task from the store
+  through `@serve.multiplexed(max_num_models_per_replica=K)` (Ray unloads its least recently used task beyond
+  K), then the request joins the replica's one running batch, so requests for *different* resident tasks decode
+  together (no `@serve.batch`: it would split batches by model id). Text streams back event by event.
+- `Ingress`: the same FastAPI routes as `hub serve` (`server.app.build_app`) over `RemoteService`, which knows
+  the tasks from the store and calls the engine deployment; Ray routes a task's requests to a replica that
+  already holds it. The replica that served a request is in its `x-hub-replica` header and in `/metrics`.
+
+Errors keep their HTTP meaning: a replica's `HubError` is raised again in the ingress (404, 422, 504, ...); a
+full replica queue, or Ray's back-pressure once every replica is busy and `max_queued_requests` wait, is 429
+with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import math
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import torch
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from hub.errors import CapacityError, HubError, NotFoundError
+from hub.model.backbone import load_backbone, resolve_base
+from hub.serving.engine import Engine
+from hub.serving.sampling import SamplingParams, sampling_params
+from hub.serving.scheduler import SchedulerStats
+from hub.serving.service import HubService, ServiceSettings, StoreCalls
+from hub.store.backends import Store, open_store
+from hub.store.catalog import AdapterSummary
+from hub.task import Task
+from server.edge import DEFAULT_MAX_BODY_BYTES
+from server.prometheus import ServerMetrics
+from tasks import make_task
+
+log = logging.getLogger("hub.ray")
+
+REPLICA_HEADER = "x-hub-replica"
+APP_NAME = "hub"
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    """Everything a replica needs to build itself (pickled to every node)."""
+
+    store: str
+    base: str | None = None
+    device: str = "cpu"
+    dtype: str = "auto"  # or a torch dtype name: float32, bfloat16, float16
+    threads: int | None = None  # torch threads per replica (default: Ray's OMP_NUM_THREADS, its CPUs)
+    replicas: int = 2
+    max_tasks_per_replica: int = 8
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one replica holds: its running batch and its queue."""
+        return self.service.max_batch + self.service.max_queue
+
+
+# -- engine replicas ---------------------------------------------------------------------------------------------
+class ResidentTask:
+    """What `@serve.multiplexed` caches per task; Ray calls `__del__` when it evicts it (LRU beyond K)."""
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.name, self.unloaded = engine, name, False
+
+    def __del__(self) -> None:
+        if not self.unloaded:
+            self.unloaded = True
+            with contextlib.suppress(NotFoundError):  # already replaced or removed
+                self.engine.remove_adapter(self.name)
+
+
+@serve.deployment
+class EngineReplica:
+    async def __init__(self, options: RayServeOptions):
+        store = open_store(options.store)
+        names = [s.latest.ref for s in store.list() if s.versions]
+        trained_on = dict(store.show(names[0]).meta.backbone) if names and not options.base else None
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+        backbone = load_backbone(resolve_base(options.base, trained_on), options.device, dtype=dtype)
+        settings = replace(options.service, max_resident=options.max_tasks_per_replica, watch_interval=0)
+        self.watch_interval = options.service.watch_interval
+        self.service = HubService(backbone, store, make_task, settings)
+        await self.service.start(preload=False)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.load_task = serve.multiplexed(max_num_models_per_replica=options.max_tasks_per_replica)(self._loader())
+        self.checked_at: dict[str, float] = {}
+        self.checks: set[asyncio.Task] = set()  # version checks running in the background
+
+    def _loader(self) -> Callable[[str], Awaitable[ResidentTask]]:
+        """The loader Ray multiplexes: a plain function (Ray keeps its LRU on it; a bound method takes no attributes)."""
+
+        async def load(task: str) -> ResidentTask:
+            await asyncio.to_thread(self._load_latest, task)
+            return ResidentTask(self.service.engine, task)
+
+        return load
+
+    def _load_latest(self, task: str) -> None:
+        """Load the newest published version of `task` unless it is the one resident (hot publishing)."""
+        store, engine = self.service.store, self.service.engine
+        latest = store.show(task)
+        current = engine.adapters.get(task)
+        if current is None or current.version != latest.version:
+            engine.add_adapter(store.load(latest.ref, engine.backbone.fingerprint))
+        self.checked_at[task] = time.monotonic()
+
+    async def _resident(self, task: str) -> None:
+        """Through Ray's LRU of tasks. A resident task is checked for a newer version every `watch_interval`, in
+        the background: the request goes on with the version resident now."""
+        await self.load_task(task)
+        if time.monotonic() - self.checked_at.get(task, 0.0) > self.watch_interval:
+            self.checked_at[task] = time.monotonic()  # one check at a time per task
+            self.checks.add(check := asyncio.create_task(asyncio.to_thread(self._load_latest, task)))
+            check.add_done_callback(self._checked)
+
+    def _checked(self, check: asyncio.Task) -> None:
+        self.checks.discard(check)
+        if not check.cancelled() and check.exception() is not None:
+            log.warning("checking for a newer version failed: %s", check.exception())
+
+    async def generate(self, source: Any, params: SamplingParams, prompt_text: str | None) -> AsyncIterator[dict]:
+        """Events: {replica, version, prompt_ids}, then {text} pieces, then {finish_reason, output_ids, stats}."""
+        task = serve.get_multiplexed_model_id()
+        await self._resident(task)
+        handle = await self.service.submit(task, source, params, prompt_text)
+        sequence = handle.sequence
+        yield {"replica": self.replica, "version": sequence.adapter.version, "prompt_ids": sequence.prompt_ids,
+               "input_tokens_dropped": sequence.input_tokens_dropped}
+        async for piece in self.service.stream(handle, _never):
+            yield {"text": piece}
+        yield {"finish_reason": sequence.finish_reason, "output_ids": sequence.output_ids,
+               "stats": asdict(self.service.stats()), "resident": self.service.resident_count()}
+
+    def __del__(self) -> None:
+        self.service.stop()
+
+
+async def _never() -> bool:
+    """The replica cannot see the HTTP client; the ingress cancels the Ray call when it leaves."""
+    return False
+
+
+# -- ingress -----------------------------------------------------------------------------------------------------
+@dataclass
+class TaskRef:
+    """The adapter a remote sequence used, as the routes read it (`ResidentAdapter`'s name, version and task)."""
+
+    name: str
+    version: str
+    task: Task
+
+
+@dataclass
+class RemoteSequence:
+    """The ingress's mirror of a sequence decoded on a replica: what the routes and metrics read."""
+
+    adapter: TaskRef
+    params: SamplingParams
+    prompt_ids: list[int]
+    replica: str
+    input_tokens_dropped: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RemoteHandle:
+    sequence: RemoteSequence
+    events: DeploymentResponseGenerator
+
+
+# The replica of the current HTTP request, for the response header (a holder set per request by the middleware).
+_replica_of_request: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hub_replica", default=None)
+
+
+class RemoteService:
+    """`HubService`'s interface for the routes, over the engine deployment. Tasks come from the store: a listing
+    re-read at most every `watch_interval`, and at once for a name not seen yet."""
+
+    def __init__(self, engine: DeploymentHandle, store: Store, options: RayServeOptions):
+        self.engine, self.store, self.options = engine, store, options
+        self.on_finished: Callable[[RemoteSequence, str], None] | None = None
+        self.replicas: dict[str, dict] = {}  # replica -> its stats as last reported, "served" per task
+        self.summaries: dict[str, AdapterSummary] = {}
+        self.listed_at = -math.inf
+        self.lock = threading.Lock()
+        self.store_calls = StoreCalls(options.service.store_timeout)  # the playground reads training logs
+        self.ready = False
+
+    # -- lifecycle: the replicas own the engines ---------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self._summaries, True)
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.store_calls.close()
+
+    async def watch_store(self) -> None:
+        """Nothing to watch here: each replica checks its tasks' versions when it serves them."""
+
+    # -- tasks ------------------------------------------------------------------------------------------------
+    def _summaries(self, force: bool = False) -> dict[str, AdapterSummary]:
+        with self.lock:
+            if force or time.monotonic() - self.listed_at > self.options.service.watch_interval:
+                self.summaries = {s.name: s for s in self.store.list() if s.versions}
+                self.listed_at = time.monotonic()
+            return self.summaries
+
+    def resolve(self, task: str) -> PublishedTask:
+        """The task's newest published version; 404 naming the available ones when there is none."""
+        summary = self._summaries().get(task) or self._summaries(force=True).get(task)
+        if summary is None:
+            raise NotFoundError(f"unknown task {task!r}; available: {', '.join(self.task_names()) or 'none'}")
+        meta = summary.latest.meta
+        return PublishedTask(summary, make_task(meta.task_type, dict(meta.task_config)))
+
+    def task_names(self) -> list[str]:
+        return sorted(self._summaries())
+
+    async def list_tasks(self) -> dict:
+        """Published tasks (newest usable version) with the replicas that have served them, and skipped versions."""
+        listing = await asyncio.to_thread(self.store.list)
+        tasks = [{"name": s.name, "version": s.latest.version, "versions": [v.version for v in s.versions],
+                  "task_type": s.latest.meta.task_type, "bottleneck": s.latest.meta.bottleneck,
+                  "trainable_pct": s.latest.meta.trainable_pct,
+                  "replicas": sorted(r for r, seen in self.replicas.items() if s.name in seen["served"])}
+                 for s in listing if s.versions]
+        return {"tasks": tasks, "skipped": [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]}
+
+    def params(self, task: str, **fields) -> SamplingParams:
+        return sampling_params(self.resolve(task).task.defaults.max_new_tokens, **fields)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    async def submit(self, task: str | None, source: Any, params: SamplingParams,
+                     prompt_text: str | None = None) -> RemoteHandle:
+        """Send the request to the replica Ray picks for `task`; its first event says it was accepted."""
+        if task is None:
+            raise HubError("name a task: the plain base model is not served with --ray")
+        published = self.resolve(task)
+        call = self.engine.options(multiplexed_model_id=task, stream=True)
+        events = call.generate.remote(source, params, prompt_text)
+        first = await _next_event(events)
+        sequence = RemoteSequence(TaskRef(task, first["version"], published.task), params, first["prompt_ids"],
+                                  first["replica"], first["input_tokens_dropped"])
+        holder = _replica_of_request.get()
+        if holder is not None:
+            holder["replica"] = sequence.replica
+        return RemoteHandle(sequence, events)
+
+    async def stream(self, handle: RemoteHandle, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """The replica's text as it arrives; the Ray call is cancelled if the client leaves first."""
+        sequence = handle.sequence
+        try:
+            while not sequence.finished:
+                event = await _next_event(handle.events)
+                if "text" in event:
+                    sequence.first_token_at = sequence.first_token_at or time.monotonic()
+                    sequence.text += event["text"]
+                    yield event["text"]
+                else:
+                    sequence.output_ids, sequence.finish_reason = event["output_ids"], event["finish_reason"]
+                    self._record(sequence, event)
+        finally:  # every request is counted once, as in HubService.stream
+            self.cancel(handle)
+            if self.on_finished:
+                self.on_finished(sequence, sequence.finish_reason or "cancelled")
+
+    def _record(self, sequence: RemoteSequence, event: dict) -> None:
+        seen = self.replicas.setdefault(sequence.replica, {"served": collections.Counter()})
+        seen.update(stats=SchedulerStats(**event["stats"]), resident=event["resident"])
+        seen["served"][sequence.adapter.name] += 1
+
+    complete = HubService.complete  # the whole text of `stream`
+
+    @staticmethod
+    def cancel(handle: RemoteHandle) -> None:
+        if not handle.sequence.finished:
+            handle.events.cancel()
+
+    # -- tables and operations ----------------------------------------------------------------------------
+    def stats(self) -> SchedulerStats:
+        """Summed over the replicas, each as it last reported (with the end of a request it served)."""
+        reported = [seen["stats"] for seen in self.replicas.values()]
+        return SchedulerStats(*(sum(getattr(s, f) for s in reported) for f in SchedulerStats.__dataclass_fields__))
+
+    def resident_count(self) -> int:
+        return sum(seen["resident"] for seen in self.replicas.values())
+
+    async def reload(self):
+        raise HubError("with --ray each replica loads tasks from the store when it first serves them, and checks "
+                       "for new versions every --watch-interval: there is nothing to reload")
+
+    def unload(self, name: str) -> None:
+        raise HubError("with --ray each replica unloads its least recently used tasks itself")
+
+
+class ReplicaMetrics:
+    """Prometheus collector: per replica, the requests it served per task, its decode steps, and how many of
+    those held more than one task (fused mixed batches)."""
+
+    def __init__(self, service: RemoteService):
+        self.service = service
+
+    def collect(self):
+        served = CounterMetricFamily("hub_replica_requests", "requests a replica served", labels=["replica", "task"])
+        steps = GaugeMetricFamily("hub_replica_steps", "decode steps of a replica", labels=["replica"])
+        mixed = GaugeMetricFamily("hub_replica_mixed_steps", "decode steps whose batch held several tasks",
+                                  labels=["replica"])
+        for replica, seen in sorted(self.service.replicas.items()):
+            for task, count in sorted(seen["served"].items()):
+                served.add_metric([replica, task], count)
+            steps.add_metric([replica], seen["stats"].steps)
+            mixed.add_metric([replica], seen["stats"].mixed_steps)
+        yield from (served, steps, mixed)
+
+
+@dataclass
+class PublishedTask:
+    """What the routes read of a task the ingress resolved (its `task` parses chat messages)."""
+
+    summary: AdapterSummary
+    task: Task
+
+
+async def _next_event(events: DeploymentResponseGenerator) -> dict:
+    """The next event of a replica's stream; its HubError raised as such, Ray's back-pressure as a 429."""
+    try:
+        return await events.__anext__()
+    except RayTaskError as err:
+        if isinstance(err.cause, HubError):
+            raise err.cause from None
+        raise
+    except BackPressureError:
+        raise CapacityError("every replica is busy and the queue in front of them is full; retry shortly") from None
+    except StopAsyncIteration:
+        raise HubError("the replica ended the request without an answer") from None
+
+
+def replica_header_middleware(app):
+    """ASGI middleware: put the serving replica in the response's `x-hub-replica` header."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        holder: dict = {}
+        token = _replica_of_request.set(holder)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start" and "replica" in holder:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REPLICA_HEADER.encode(), holder["replica"].encode())]}
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_header)
+        finally:
+            _replica_of_request.reset(token)
+
+    return middleware
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(self, engine: DeploymentHandle, options: RayServeOptions):
+        self.service = RemoteService(engine, open_store(options.store), options)
+        self.max_body_bytes = options.max_body_bytes
+
+    def __serve_build_asgi_app__(self):
+        from server.app import build_app
+
+        metrics = ServerMetrics()
+        metrics.registry.register(ReplicaMetrics(self.service))
+        return replica_header_middleware(build_app(self.service, self.max_body_bytes, metrics))
+
+
+# -- application and launcher ------------------------------------------------------------------------------------
+def application(options: RayServeOptions):
+    """The Ray Serve application (also what `serve run` / a KubeRay RayService imports via `app_builder`)."""
+    capacity = options.replica_capacity
+    engine = EngineReplica.options(
+        num_replicas=options.replicas, max_ongoing_requests=capacity, max_queued_requests=options.service.max_queue,
+        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
+    ).bind(options)
+    ingress = Ingress.options(max_ongoing_requests=capacity * options.replicas + options.service.max_queue,
+                              ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, options)
+
+
+# The numeric fields of RayServeOptions and ServiceSettings; every other argument is a string.
+NUMBER_ARGUMENTS = {"replicas": int, "max_tasks_per_replica": int, "replica_cpus": float, "replica_gpus": float,
+                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int,
+                    "request_timeout": float, "watch_interval": float, "prefill_chunk": int, "store_timeout": float}
+
+
+def options_from_args(args: dict[str, str]) -> RayServeOptions:
+    """Options from `serve run` / RayService string arguments (ServiceSettings' fields go into `service`)."""
+    service_names = {f.name for f in fields(ServiceSettings)}
+    allowed = (service_names | {f.name for f in fields(RayServeOptions)}) - {"service"}
+    unknown = sorted(args.keys() - allowed)
+    if unknown or "store" not in args:
+        raise HubError(f"app_builder takes store=URL and the options of `hub serve --ray`; unknown: {unknown}")
+    try:
+        values = {k: NUMBER_ARGUMENTS.get(k, str)(v) for k, v in args.items()}
+    except ValueError as err:
+        raise HubError(f"app_builder: {err}") from None
+    return RayServeOptions(**{k: v for k, v in values.items() if k not in service_names},
+                           service=ServiceSettings(**{k: v for k, v in values.items() if k in service_names}))
+
+
+def app_builder(args: dict[str, str]):
+    """`serve run server.ray_serve:app_builder store=s3://bucket/adapters replicas=2 ...` (and RayService YAML)."""
+    return application(options_from_args(args))
+
+
+def serve_on_ray(options: RayServeOptions, address: str | None, host: str, port: int) -> None:
+    """Start (or join, with `address`) a Ray cluster, run the application, serve until SIGTERM/SIGINT."""
+    import ray
+
+    if address:
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(options.replicas * options.replica_cpus) + 1),
+                 include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(options), name=APP_NAME, route_prefix="/")
+        print(f"serving on http://{host}:{port} with {options.replicas} engine replicas", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

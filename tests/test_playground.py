@@ -1,0 +1,169 @@
+"""The playground page in a real browser: Debian's chromium, headless, driven by Playwright for Python, against a
+`hub serve` process on 127.0.0.1. Every request the page makes to anything but that server is aborted; every
+wait is bounded. `make test` installs chromium when it is missing (apt-get); set HUB_CHROMIUM to use another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.test_server import ADMIN_TOKEN, Server, publish
+
+WAIT_MS = 30_000
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions"]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("HUB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install -y chromium), "
+                    "or set HUB_CHROMIUM to a Chromium binary")
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(trained_run, tiny_base, tmp_path_factory):
+    """A server with the same trained adapter under two names, so compare mode has two tasks."""
+    folder = tmp_path_factory.mktemp("playground")
+    store = folder / "store"
+    for name in ("e2e", "e2e-b"):
+        publish(trained_run, store, name)
+    server = Server(store, tiny_base, folder / "server.log", "--watch-interval", "0.2", admin_token=ADMIN_TOKEN)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    server_host = urlparse(served.url).netloc
+    context.route("**/*", lambda route: route.continue_() if urlparse(route.request.url).netloc == server_host
+                  else route.abort())
+    page = context.new_page()
+    page.on("console", lambda message: print(f"browser console: {message.type}: {message.text}"))
+    page.on("pageerror", lambda error: print(f"browser page error: {error}"))
+    page.goto(served.url + "/")
+    page.wait_for_selector("#task-table tbody tr[data-task='e2e']")
+    yield page
+    context.close()
+
+
+def answer(page, pane: str) -> tuple[str, str]:
+    """Wait until the pane's request ended; return its text and its stats line."""
+    from playwright.sync_api import TimeoutError
+
+    try:
+        page.wait_for_function(f"""() => {{
+            const stats = document.querySelector('#{pane} .stats').textContent;
+            return stats.startsWith('finish:') || stats.includes('refused') || stats.startsWith('stopped');
+        }}""")
+    except TimeoutError:
+        pytest.fail(f"{pane} did not finish: text {page.inner_text(f'#{pane} .text')!r}, "
+                    f"stats {page.inner_text(f'#{pane} .stats')!r}, error {page.inner_text('#error')!r}")
+    return page.inner_text(f"#{pane} .text"), page.inner_text(f"#{pane} .stats")
+
+
+def set_max_tokens(page, n: int) -> None:
+    page.fill("input[name=max_new_tokens]", str(n))
+
+
+def test_page_lists_the_tasks_with_type_version_and_share(page):
+    rows = page.locator("#task-table tbody tr")
+    assert rows.count() == 2
+    cells = rows.first.locator("td").all_inner_texts()
+    assert cells[0] == "e2e" and cells[1] == "e2e" and cells[2].startswith("1 of 1") and cells[3].endswith("%")
+    assert "eval_loss" in cells[4]  # the held-out loss recorded at training
+    assert page.get_attribute("#task-table tbody tr >> nth=0 >> a", "href") == "/v1/tasks/e2e/training-curve.png"
+
+
+def test_e2e_answer_streams_into_the_page(page):
+    streamed = []
+    page.on("response", lambda r: streamed.append(r.headers.get("content-type", ""))
+            if r.url.endswith("/v1/generate") else None)
+    assert "name[The Eagle]" in page.inner_text("#mr-preview")
+    set_max_tokens(page, 12)
+    page.click("#send")
+    text, stats = answer(page, "answer-a")
+    assert stats.startswith("finish: ") and "tokens/s" in stats and "first token" in stats, stats
+    assert text.strip(), "no text streamed into the answer"
+    assert streamed and streamed[0].startswith("text/event-stream")
+    assert page.inner_text("#answer-a h3") == "e2e@1"
+
+
+def test_too_long_input_shows_the_servers_422_message(page):
+    page.fill(".slot-value >> nth=0", "The Eagle " * 200)
+    page.click("#send")
+    text, stats = answer(page, "answer-a")
+    assert "refused" in stats
+    assert text.startswith("422:") and "too long" in text and "128" in text, text
+
+
+def test_compare_mode_shows_two_answers_and_a_screenshot_is_saved(page, tmp_path):
+    page.check("#compare")
+    page.select_option("#task-b", "e2e-b")
+    set_max_tokens(page, 8)
+    page.click("#send")
+    first, second = answer(page, "answer-a"), answer(page, "answer-b")
+    assert first[1].startswith("finish:") and second[1].startswith("finish:")
+    assert page.inner_text("#answer-b h3") == "e2e-b@1"
+    assert first[0] == second[0]  # the same weights under two names, greedy: the same answer
+    shot = page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot: {tmp_path / 'playground.png'}")
+
+
+def test_training_curve_and_live_metrics(page):
+    page.click("#task-table tbody tr >> nth=0 >> a")
+    page.wait_for_function("() => document.querySelector('#curve img').naturalWidth > 0")
+    page.wait_for_function("() => document.querySelector('#m-queue').textContent !== '–'")
+    assert page.inner_text("#m-batch").isdigit() and page.inner_text("#m-resident") == "2"
+
+
+def test_admin_actions_need_a_token_and_show_the_servers_answer(page):
+    assert page.is_hidden("#admin-actions")
+    page.fill("#admin-token", "wrong")
+    page.click("#admin-token-form button")
+    page.click("#admin-reload")
+    page.wait_for_function("() => document.querySelector('#admin-result').textContent.startsWith('401')")
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#admin-token-form button")
+    page.click("#admin-reload")
+    page.wait_for_function("() => document.querySelector('#admin-result').textContent.includes('loaded')")
+
+
+def test_every_task_types_form_builds_the_input_its_task_reads(page):
+    inputs = page.evaluate("""async () => {
+        const { createForm } = await import('/static/js/forms.js');
+        const read = (type) => {
+            try { return createForm(type, document.createElement('div')).read(); }
+            catch (err) { return `error: ${err.message}`; }
+        };
+        return Object.fromEntries(['e2e', 'persona', 'coqa', 'translate', 'text2text'].map((t) => [t, read(t)]));
+    }""")
+    assert inputs["e2e"].startswith("name[The Eagle], eatType[coffee shop]")
+    assert inputs["persona"] == {"persona": ["i love to cook.", "i have two dogs."],
+                                 "history": ["hi! what do you like to do?"]}
+    assert set(inputs["coqa"]) == {"story", "history", "question"} and inputs["coqa"]["history"] == []
+    assert inputs["translate"] and inputs["text2text"] == "error: the input is empty"
