@@ -77,7 +77,7 @@ class AdapterMeta:
         if not isinstance(data, dict):
             raise IntegrityError(f"{where} must hold a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
-        is_vae = isinstance(data, dict) and data.get("adapter_kind") == SENTENCE_VAE
+        is_vae = data.get("adapter_kind") == SENTENCE_VAE
         optional = (*_OPTIONAL_FIELDS, *(_TASK_TOKEN_FIELDS if is_vae else ()))
         required = [k for k in known if (k not in _STORE_FIELDS or stored) and k not in optional]
         missing = sorted(k for k in [*required, *(["vae"] if is_vae else [])] if k not in data)
@@ -139,8 +139,9 @@ def _field_problems(data: dict, stored: bool) -> list[str]:
     for key in ("task_config", "metrics"):
         if not isinstance(data[key], dict):
             problems.append(f"{key} must be an object")
-    if data.get("layout") is not None and not isinstance(data["layout"], dict):
-        problems.append("layout must be an object")
+    for key in ("layout", "vae"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            problems.append(f"{key} must be an object")
     if data.get("max_length") is not None and (not _is_int(data["max_length"]) or data["max_length"] < 1):
         problems.append("max_length must be a positive integer")
     if not _is_int(data["bottleneck"]) or data["bottleneck"] < 1:
@@ -168,7 +169,7 @@ def _task_token_problems(data: dict) -> list[str]:
 
 def _vae_problems(data: dict) -> list[str]:
     """A sentence VAE: its settings are an object, and it has no task tokens."""
-    problems = [] if isinstance(data["vae"], dict) else ["vae must be an object"]
+    problems = [] if data["vae"] is not None else ["vae must be an object"]
     if data["special_tokens"]:
         problems.append("a sentence_vae version has no special_tokens")
     if not isinstance(data["eos_token"], str):
