@@ -13,19 +13,13 @@ from typing import Optional
 
 import typer
 
+from cli.options import BaseOption, DeviceOption, StoreOption, TrainBaseOption
+from cli.vae import vae_app
 from hub.errors import HubError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-task adapter hub for one shared, frozen GPT-2.")
 
-DEFAULT_STORE = os.environ.get("HUB_STORE", "adapters_store")
-StoreOption = typer.Option(DEFAULT_STORE, "--store", help="adapter store: a folder, or an fsspec URL such as "
-                           "s3://bucket/prefix (env HUB_STORE)")
-DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda")
-BaseOption = typer.Option(None, "--base", help="GPT-2 HF id or local folder (env HUB_BASE)")
-TrainBaseOption = typer.Option("gpt2", "--base", envvar="HUB_BASE", show_default=True,
-                               help="GPT-2 to train on: a local folder (offline: ../shared/models/gpt2-standin) "
-                                    "or a Hugging Face id, downloaded when online (env HUB_BASE)")
 ThreadsOption = typer.Option(None, "--threads", min=1,
                              help="torch threads (default: OMP_NUM_THREADS if set, else the physical cores)")
 
@@ -88,8 +82,9 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
+    ctx: typer.Context,
     task_type: str = typer.Argument(..., help="task type: e2e, text2text, ..."),
     data: str = typer.Option(..., "--data", help="HF dataset id, or a local file or folder"),
     name: Optional[str] = typer.Option(None, "--name", help="store name of the adapter (default: the task type)"),
@@ -129,7 +124,8 @@ def train(
 ) -> None:
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
 
-    Data-parallel with `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
+    `sentence_vae` takes more options: hub vae train-options --help. Data-parallel with
+    `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
     import torch
 
     from hub.training import distributed
@@ -147,6 +143,14 @@ def train(
     from hub.training.trainer import TrainConfig, prepare_run_dir
     from tasks import make_task
 
+    if task_type == "sentence_vae":
+        from cli.vae import train_sentence_vae
+
+        return train_sentence_vae(ctx.args, data=data, name=name, base=base, bottleneck=bottleneck,
+                                  max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                                  eval_every=eval_every, seed=seed, device=device, out=out)
+    if ctx.args:
+        raise HubError(f"unknown option(s) {' '.join(ctx.args)} for task type {task_type!r}")
     options = {k: v for k, v in {"input_field": input_field, "target_field": target_field,
                                  "source_lang": source_lang, "target_lang": target_lang}.items() if v}
     task = make_task(task_type, options)
@@ -255,6 +259,8 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
          plot_out: Optional[Path] = typer.Option(None, "--plot-out", help="PNG path (default NAME-VERSION-curve.png)"),
          ) -> None:
     """Show one adapter version's metadata (and, with --plot, draw its training curve)."""
+    from cli.vae import vae_summary
+
     stored = _store(store).show(ref)
     meta = stored.meta
     if as_json:
@@ -263,7 +269,7 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
         typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
                    f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
                    f"({meta.trainable_pct:.2f}% of the backbone)\n"
-                   f"  special tokens {' '.join(meta.special_tokens)}\n"
+                   f"  {vae_summary(meta) or 'special tokens ' + ' '.join(meta.special_tokens)}\n"
                    f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
         for name, settings in meta.to_dict().get("training", {}).get("regularizers", {}).items():
             typer.echo(f"  trained with {name} {json.dumps(settings)}")
@@ -444,12 +450,17 @@ def evaluate(
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="beam search only"),
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size"),
     out: Optional[Path] = typer.Option(None, "--out", help="default: runs/eval-NAME-SPLIT"),
+    iw_samples: int = typer.Option(100, "--iw-samples", help="sentence_vae: posterior samples per sentence"),
 ) -> None:
-    """Decode a split with one model and score it with the task's metric (outputs.txt, metrics.json/.md)."""
+    """Decode a split with one model and score it with the task's metric (outputs.txt, metrics.json/.md).
+    Sentence VAEs and lm adapters get perplexity, -ELBO, KL, MI, AU and reconstruction BLEU instead."""
+    from cli.vae import latent_eval
     from hub.evaluation import decode as evaluation
 
     if [ref, run, model].count(None) != 2:
         raise HubError("give exactly one of: an adapter NAME[@VERSION], --run RUN_DIR or --model RUN_DIR")
+    if model is None and latent_eval(ref, run, _store(store) if ref else None, base, device, data, split, limit, iw_samples, out):
+        return
     if model is not None:
         from hub.training.baselines import load_baseline
 
@@ -479,6 +490,9 @@ def list_task_types() -> None:
     for name, cls in sorted(TASK_TYPES.items()):
         d = cls.defaults
         typer.echo(f"{name:<10} b={d.bottleneck:<4} lr={d.lr:g} epochs={d.epochs}  {cls.description}")
+
+
+app.add_typer(vae_app, name="vae")
 
 
 def main() -> None:

@@ -188,3 +188,44 @@ def require_fields(records: list[dict], fields: tuple[str, ...] | list[tuple[str
         expected = "" if isinstance(fields, tuple) else " (expected one of: " + "; ".join(
             " + ".join(f) for f in fields) + ")"
         raise HubError(f"{where}: missing field(s) {missing}{expected}; found {sorted(records[0])}")
+
+
+TEXT_SPLIT_PATTERNS = {split: re.compile(rf"(^|[._-]){pattern.pattern[1:]}") for split, pattern in SPLIT_PATTERNS.items()}
+SENTENCE_FIELDS = ("text", "sentence")
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file, stripped (one sentence per line)."""
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise HubError(f"{path}: not UTF-8 text: {err}") from None
+
+
+def load_sentences(data: str, split: str) -> list[str]:
+    """One sentence per line: a `.txt` file (a held-out part of it is the validation split), a folder of
+    `*train*`/`*valid*`/`*test*` `.txt` files (`ptb.train.txt`, `valid.txt`; the folder rule of `split_parts`),
+    or an HF dataset with a `text` or `sentence` column."""
+    if split not in SPLITS:
+        raise HubError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    path = Path(data).expanduser()
+    if path.is_file():
+        if split == "test":
+            raise HubError(f"{path} is a single file; pass a folder with a test file for the test split")
+        train, validation = holdout([{"text": s} for s in read_lines(path)], lambda r: r["text"])
+        return [r["text"] for r in (train if split == "train" else validation)]
+    if path.is_dir():
+        files: dict[str, Path] = {}
+        for file in sorted(path.glob("*.txt"), key=lambda p: (len(p.name), p.name)):
+            for name, pattern in TEXT_SPLIT_PATTERNS.items():
+                if pattern.search(file.name.lower()):
+                    files.setdefault(name, file)
+        parts = {name: (lambda file=file: [{"text": s} for s in read_lines(file)]) for name, file in files.items()}
+        records = split_parts(parts, split, lambda r: r["text"], path, [f.name for f in files.values()])
+        return [r["text"] for r in records]
+    if _looks_like_path(data):
+        raise NotFoundError(f"data not found: {data!r} is neither a file nor a folder")
+    records = _load_hf(data, split, None)
+    field = pick_fields(records[0] if records else {}, [(f,) for f in SENTENCE_FIELDS])[0]
+    require_fields(records, (field,), f"{data} ({split})")
+    return [str(r[field]).strip() for r in records if str(r[field]).strip()]

@@ -23,7 +23,7 @@ from transformers import GPT2LMHeadModel, LogitsProcessorList, PreTrainedTokeniz
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import weights_sha256
-from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS
+from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS, payload_files
 from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 
@@ -53,7 +53,7 @@ def prompt_layout(task: Task, example_source: Any) -> dict:
         "text_encoding": "each segment's text is tokenized as ' ' + text.strip(); an empty text adds no tokens",
         "token_types": "every token is typed by the special token that opens its segment (BOS by itself); "
                        "generated tokens are typed by the last prompt marker",
-        "target_marker": segments[-1].marker,
+        "target_marker": segments[-1].marker if segments else task.bos,  # the BOS alone for an unconditional task
         "eos_token": task.eos,
         "generation": "among the added ids only the EOS may be generated, and not as the first token",
         "example": {"source": example_source, "segments": [[s.marker, s.text] for s in segments]},
@@ -70,6 +70,15 @@ def read_version_meta(path: Path) -> AdapterMeta:
                 raise IntegrityError(f"{path / filename} is not readable JSON: {err}") from None
             return AdapterMeta.from_dict(data, str(path / filename), stored=stored)
     raise HubError(f"'{path}' is not a hub adapter folder: it has neither {HUB_JSON} nor {ADAPTER_META}")
+
+
+def _adapterhub_meta(path: Path) -> AdapterMeta:
+    """`read_version_meta`, refusing kinds whose bundle is no AdapterHub adapter (a sentence VAE)."""
+    meta = read_version_meta(path)
+    if payload_files(meta) != PAYLOAD_FILES:
+        raise HubError(f"'{path}' holds a {meta.adapter_kind} adapter ({', '.join(payload_files(meta))}), not an "
+                       f"AdapterHub adapter; only VLM adapters load into plain transformers + adapters")
+    return meta
 
 
 @dataclass
@@ -133,7 +142,7 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
     from tasks import make_task
 
     path = Path(path)
-    meta = read_version_meta(path)
+    meta = _adapterhub_meta(path)
     _check_backbone(model, meta.backbone)
     if not hasattr(model, "adapters_config"):
         adapters.init(model)
@@ -155,6 +164,7 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
 
 def export_adapterhub(version_dir: Path, out: Path) -> Path:
     """A self-contained folder for plain `adapters`: the payload files, `hub.json` and a README with the call."""
+    _adapterhub_meta(version_dir)
     if out.exists() and any(out.iterdir()):
         raise HubError(f"{out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)

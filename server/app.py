@@ -31,6 +31,7 @@ from hub.store.catalog import AdapterStore
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
+from server.vae import vae_router
 from tasks import make_task
 
 log = logging.getLogger("hub.server")
@@ -176,6 +177,7 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
+    app.include_router(vae_router(hub))
     add_playground(app, hub.store)
 
     @app.exception_handler(HubError)

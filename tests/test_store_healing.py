@@ -74,11 +74,11 @@ def test_no_usable_version_is_an_integrity_error_with_every_reason(two_versions)
 
 def test_unknown_keys_are_kept_and_written_back(two_versions):
     store = two_versions
-    edit_hub_json(store, "t@2", lambda d: d.update(vae={"latent": 32}))
-    assert store.show("t@2").meta.extra == {"vae": {"latent": 32}}
+    edit_hub_json(store, "t@2", lambda d: d.update(provenance={"latent": 32}))
+    assert store.show("t@2").meta.extra == {"provenance": {"latent": 32}}
     store.update_metrics("t@2", {"bleu": 1.0})
     data = json.loads((store.root / "t" / "2" / "hub.json").read_text())
-    assert data["vae"] == {"latent": 32} and data["metrics"]["bleu"] == 1.0
+    assert data["provenance"] == {"latent": 32} and data["metrics"]["bleu"] == 1.0
 
 
 def test_meta_round_trips_through_its_dict(two_versions):

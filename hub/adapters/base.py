@@ -21,6 +21,9 @@ from torch import nn
 from hub.model.hooks import HookSet
 
 NO_SLOT = 0  # a row this kind leaves alone: the plain base model, or another kind's adapter
+# `RowState.extra` keys the decode batch itself reads: one extra key/value per layer ([L, H, 1, d_head] each),
+# written into the row's cache before its prompt and visible to every query (a latent slot, e.g. a VAE's z).
+PREFIX_KEYS, PREFIX_VALUES = "prefix_keys", "prefix_values"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class AdapterKind(ABC):
     """One kind of adapter: its name in the store's metadata, bundle loading and parameter count."""
 
     name: str
+    text_input_error: str | None = None  # why this kind's adapters take no text prompt (None: they do)
 
     @abstractmethod
     def load(self, loaded, config) -> Any:
@@ -58,14 +62,23 @@ class KindRuntime(ABC):
         self.model = model
         self.hooks = HookSet()
         self.plan: Any = None  # what the hooks apply during the current forward; None: do nothing
+        self.slots: dict[int, Any] = {}  # slot -> the kind's device copy of a bundle
 
     @abstractmethod
     def add(self, bundle) -> int:
         """Put a bundle on the device; returns its slot (never NO_SLOT)."""
 
-    @abstractmethod
+    def claim(self, resident: Any) -> int:
+        """Store a device copy in the lowest free slot."""
+        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
+        self.slots[slot] = resident
+        return slot
+
     def remove(self, slot: int) -> None:
         """Free a slot's device memory."""
+        if slot not in self.slots:
+            raise ValueError(f"slot {slot} is not in use")
+        del self.slots[slot]
 
     @abstractmethod
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> Any:

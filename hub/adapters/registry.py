@@ -29,9 +29,11 @@ def kind_names() -> list[str]:
 
 
 def _register_builtin() -> None:
+    from hub.adapters.vae import VaeKind
     from hub.adapters.vlm import VlmKind
 
     register(VlmKind())
+    register(VaeKind())
 
 
 _register_builtin()

@@ -135,56 +135,62 @@ class VlmRuntime(KindRuntime):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
-        self.slots: dict[int, list[LayerWeights]] = {}
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
-        slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots)
-        self.slots[slot] = [LayerWeights.from_adapter(bundle, layer, self.device)
-                            for layer in range(bundle.ln_weight.shape[0])]
-        return slot
-
-    def remove(self, slot: int) -> None:
-        if slot not in self.slots:
-            raise ValueError(f"slot {slot} is not in use")
-        del self.slots[slot]
+        return self.claim(device_layers(bundle, self.device))
 
     def resident_bytes(self) -> int:
         return sum(layer.nbytes() for layers in self.slots.values() for layer in layers)
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan:
-        if rows is None:
-            return VlmPlan(((slot, slice(None)),) if slot != NO_SLOT else (), None)
-        order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT), key=lambda i: rows[i].slot)
-        groups, start = [], 0
-        for end in range(1, len(order) + 1):
-            if end == len(order) or rows[order[end]].slot != rows[order[start]].slot:
-                groups.append((rows[order[start]].slot, slice(start, end)))
-                start = end
-        if order == list(range(len(order))):
-            return VlmPlan(tuple(groups), None)
-        return VlmPlan(tuple(groups), torch.tensor(order, device=self.device))
+        return group_rows(rows, slot, self.device)
 
     def _hook(self, layer: int):
         def apply(module, args, output):
             plan: VlmPlan | None = self.plan
             if not plan or not plan.groups:
                 return output
-            h = output[0]
-            normed = F.layer_norm((h if plan.order is None else h.index_select(0, plan.order)).float(),
-                                  h.shape[-1:], eps=self.eps)
-            deltas = [self.slots[slot][layer].delta(normed[rows]) for slot, rows in plan.groups]
-            delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)).to(h.dtype)
-            if plan.order is not None:
-                h = h.index_add(0, plan.order, delta)
-            elif delta.shape[0] == h.shape[0]:
-                h = h + delta
-            else:  # rows in order, the last ones without a VLM adapter
-                h = torch.cat([h[: delta.shape[0]] + delta, h[delta.shape[0]:]])
+            h = add_deltas(output[0], plan, lambda slot: self.slots[slot][layer], self.eps)
             return (h,) + tuple(output[1:])
 
         return apply
+
+
+def device_layers(bundle: AdapterWeights, device: torch.device) -> list[LayerWeights]:
+    """An adapter's weights per layer on `device`, ready for `LayerWeights.delta`."""
+    return [LayerWeights.from_adapter(bundle, layer, device) for layer in range(bundle.ln_weight.shape[0])]
+
+
+def group_rows(rows: list[RowState] | None, slot: int, device: torch.device) -> VlmPlan:
+    """Rows grouped by slot, sorted so each slot's rows are one slice (rows None: `slot` on every row of a batch
+    of any size); NO_SLOT rows are left out."""
+    if rows is None:
+        return VlmPlan(((slot, slice(None)),) if slot != NO_SLOT else (), None)
+    order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT), key=lambda i: rows[i].slot)
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or rows[order[end]].slot != rows[order[start]].slot:
+            groups.append((rows[order[start]].slot, slice(start, end)))
+            start = end
+    if order == list(range(len(order))):
+        return VlmPlan(tuple(groups), None)
+    return VlmPlan(tuple(groups), torch.tensor(order, device=device))
+
+
+def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float) -> torch.Tensor:
+    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`. The
+    batch is layer-normalised once (fp32); each distinct adapter then reads its weights once."""
+    normed = F.layer_norm((h if plan.order is None else h.index_select(0, plan.order)).float(),
+                          h.shape[-1:], eps=eps)
+    deltas = [layer_of(slot).delta(normed[rows]) for slot, rows in plan.groups]
+    delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)).to(h.dtype)
+    if plan.order is not None:
+        return h.index_add(0, plan.order, delta)
+    if delta.shape[0] == h.shape[0]:
+        return h + delta
+    return torch.cat([h[: delta.shape[0]] + delta, h[delta.shape[0]:]])  # rows in order, the last without one
 
 
 class VlmKind(AdapterKind):

@@ -23,6 +23,10 @@ class HookSet:
     def add(self, module: nn.Module, hook: ForwardHook) -> None:
         self.handles.append(module.register_forward_hook(hook))
 
+    def add_pre(self, module: nn.Module, hook: Callable[[nn.Module, tuple], object]) -> None:
+        """A forward pre-hook (it sees, and may replace, the module's inputs)."""
+        self.handles.append(module.register_forward_pre_hook(hook))
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from hub.adapters.base import PREFIX_KEYS, PREFIX_VALUES
 from hub.model.task_tokens import mask_task_logits
 from hub.serving.sampling import sample
 from hub.serving.sequence import Sequence
@@ -40,6 +41,25 @@ def _context(seq: Sequence, no_type_id: int) -> tuple[list[int], list[int]]:
     return seq.prompt_ids + seq.output_ids, types + types[-1:] * len(seq.output_ids)
 
 
+def prefix_cache(sequences: list[Sequence], device: torch.device,
+                 dtype: torch.dtype) -> tuple[DynamicCache, torch.Tensor] | None:
+    """A cache holding each row's latent slot (`PREFIX_KEYS`/`PREFIX_VALUES` of its `RowState.extra`) and that
+    column's mask [B, 1]: 1 for rows with a slot, 0 (zero keys/values, never attended) for the others; None
+    when no row has one. Positions come from the mask, so a row's first token is at 1 after a slot, else 0."""
+    slots = [s.row.extra.get(PREFIX_KEYS) for s in sequences]
+    if all(k is None for k in slots):
+        return None
+    like = next(k for k in slots if k is not None)
+    pick = lambda s, key: s.row.extra.get(key, torch.zeros_like(like)).to(device=device, dtype=dtype)  # noqa: E731
+    keys = torch.stack([pick(s, PREFIX_KEYS) for s in sequences], dim=1)  # [L, B, H, 1, d_head]
+    values = torch.stack([pick(s, PREFIX_VALUES) for s in sequences], dim=1)
+    cache = DynamicCache()
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer], values[layer], layer)
+    column = torch.tensor([[int(k is not None)] for k in slots], device=device)
+    return cache, column
+
+
 @dataclass
 class Prefill:
     """Sequences whose prompts are being written into their own cache, `done` columns so far."""
@@ -49,6 +69,7 @@ class Prefill:
     has_types: bool
     plans: list
     cache: DynamicCache = field(default_factory=DynamicCache)
+    prefix: int = 0  # columns of latent slots before the prompts (`prefix_cache`)
     done: int = 0
 
     @property
@@ -82,8 +103,13 @@ class DecodeBatch:
         if not sequences:
             return
         inputs = left_pad([_context(s, self.engine.no_type_id) for s in sequences], self.device)
-        self.prefilling.append(Prefill(list(sequences), inputs, any(s.prompt_types for s in sequences),
-                                       self.engine.plans(sequences)))
+        job = Prefill(list(sequences), inputs, any(s.prompt_types for s in sequences), self.engine.plans(sequences))
+        prefix = prefix_cache(sequences, self.device, self.engine.backbone.dtype)
+        if prefix is not None:
+            job.cache, column = prefix
+            inputs["attention_mask"] = torch.cat([column, inputs["attention_mask"]], dim=1)
+            job.prefix = 1
+        self.prefilling.append(job)
         if self.prefill_chunk is None:
             self._prefill_next()
 
@@ -111,8 +137,8 @@ class DecodeBatch:
         end = job.width if self.prefill_chunk is None else min(job.width, job.done + self.prefill_chunk)
         columns = slice(job.done, end)
         types = job.inputs["token_type_ids"][:, columns] if job.has_types else None
-        logits = self._forward(job.inputs["input_ids"][:, columns], types, job.inputs["attention_mask"][:, :end],
-                               job.cache, job.plans)
+        logits = self._forward(job.inputs["input_ids"][:, columns], types,
+                               job.inputs["attention_mask"][:, : job.prefix + end], job.cache, job.plans)
         job.done = end
         if end == job.width:
             self.prefilling.pop(0)

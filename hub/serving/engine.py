@@ -39,12 +39,15 @@ class TokenRowTable:
     """
 
     ZERO_ROW = 0
+    NO_ROWS = -1
 
     def __init__(self, hidden_size: int, device: torch.device, dtype: torch.dtype, capacity: int = 64):
         self.table = torch.zeros(capacity, hidden_size, device=device, dtype=dtype)
         self.used: dict[int, int] = {self.ZERO_ROW: 1}  # offset -> length
 
     def allocate(self, rows: torch.Tensor) -> int:
+        if rows.shape[0] == 0:  # an adapter without task tokens (a sentence VAE) holds no block
+            return self.NO_ROWS
         offset = self._first_fit(rows.shape[0])
         if offset + rows.shape[0] > self.table.shape[0]:
             grown = torch.zeros(2 * max(self.table.shape[0], offset + rows.shape[0]), self.table.shape[1],
@@ -64,7 +67,8 @@ class TokenRowTable:
         return position
 
     def free(self, offset: int) -> None:
-        self.used.pop(offset)
+        if offset != self.NO_ROWS:
+            self.used.pop(offset)
 
 
 class Engine:
@@ -216,6 +220,9 @@ class Engine:
             return self._sequence(None, ids, None, params, self.backbone.tokenizer.eos_token_id or 0)
         with self.lock:
             adapter = self.resolve(task_name)
+            refusal = get_kind(adapter.kind).text_input_error
+            if refusal:
+                raise HubError(f"task {task_name!r} takes no text input: {refusal}")
             adapter.in_use += 1
         sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id)
         try:
@@ -226,6 +233,18 @@ class Engine:
         except BaseException:
             self.release(sequence)
             raise
+        return sequence
+
+    def new_state_sequence(self, task_name: str, prompt_ids: list[int], eos_id: int, params: SamplingParams,
+                           extra: dict[str, torch.Tensor]) -> Sequence:
+        """A sequence with a ready prompt whose row carries kind-specific state (`RowState.extra`, e.g. a
+        sentence VAE's latent slot): no task layout, the kind decides what the row means."""
+        params.validate()
+        with self.lock:
+            adapter = self.resolve(task_name)
+            adapter.in_use += 1
+        sequence = self._sequence(adapter, prompt_ids, None, params, eos_id)
+        sequence.row.extra = extra
         return sequence
 
     def _sequence(self, adapter, ids, types, params: SamplingParams, eos_id: int) -> Sequence:
@@ -244,9 +263,10 @@ class Engine:
                     return False
                 shift = lambda ids: [i + adapter.row_offset if i >= self.backbone.vocab_size else i  # noqa: E731
                                      for i in ids]
-                sequence.prompt_ids, sequence.prompt_types = shift(sequence.prompt_ids), shift(sequence.prompt_types)
+                sequence.prompt_ids = shift(sequence.prompt_ids)
+                sequence.prompt_types = shift(sequence.prompt_types) if sequence.prompt_types else None
                 sequence.eos_id = shift([sequence.eos_id])[0]
-                sequence.row = RowState(adapter.slot)
+                sequence.row.slot = adapter.slot  # keeps the row's kind-specific state (`RowState.extra`)
         sequence.bound = True
         return True
 

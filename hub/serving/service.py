@@ -171,6 +171,10 @@ class HubService:
                      prompt_text: str | None = None) -> Handle:
         """Parse and tokenize (in a worker thread), then queue; raises HubError for bad input or a full queue."""
         sequence = await asyncio.to_thread(self.engine.new_sequence, task, source, params, prompt_text)
+        return self.submit_sequence(sequence)
+
+    def submit_sequence(self, sequence: Sequence) -> Handle:
+        """Queue a sequence built by the engine (from the event loop's thread)."""
         handle = Handle(sequence, Updates(asyncio.get_running_loop()))
         sequence.on_update = handle.updates
         self.scheduler.submit(sequence)

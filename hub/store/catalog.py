@@ -3,7 +3,9 @@
 Layout: ``<root>/<name>/<version>/`` holds ``adapter_config.json``, ``adapter.safetensors``
 (AdapterHub format, loadable by plain ``adapters``), ``task_tokens.safetensors`` (tensor
 ``rows`` [k, d]) and ``hub.json`` (the trainer's metadata plus ``name``, ``version``,
-``created_at`` and the sha256 of every payload file). Directories starting with ``.``
+``created_at`` and the sha256 of every payload file). A sentence-VAE version (``adapter_kind: sentence_vae``,
+`hub.adapters.vae`) holds ``vae.safetensors`` and ``hub.json`` instead (`KIND_PAYLOAD_FILES`). Directories starting
+with ``.``
 (``.tmp-*`` staging, ``.trash-*`` removal) are internal and never listed; `gc` removes stale ones.
 
 Every version is validated fully (hub.json's schema, payload files, checksums, no pickle files, no symbolic
@@ -32,18 +34,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
-from hub.store.format import AdapterMeta
+from hub.store.format import SENTENCE_VAE, AdapterMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
+DEFAULT_KIND = "vlm"
 TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+VAE_KIND = SENTENCE_VAE
+VAE_WEIGHTS = "vae.safetensors"
+# adapter kind -> the files its bundle stores (and hub.json checksums); kinds not named here store a VLM bundle
+KIND_PAYLOAD_FILES = {DEFAULT_KIND: PAYLOAD_FILES, VAE_KIND: (VAE_WEIGHTS,)}
+KIND_WEIGHTS = {VAE_KIND: VAE_WEIGHTS}  # adapter kind -> the file LoadedAdapter.adapter_tensors come from
 
 LAYER_PARTS = {
     "adapter_down.0.weight": "ln_weight",
@@ -206,6 +215,15 @@ def adapter_layers(tensors: dict[str, torch.Tensor], name: str) -> list[dict[str
     return result
 
 
+def payload_files(meta: AdapterMeta) -> tuple[str, ...]:
+    """The files a version of `meta`'s kind stores besides hub.json, each checksummed in `meta.files`."""
+    return KIND_PAYLOAD_FILES.get(meta.adapter_kind, PAYLOAD_FILES)
+
+
+def weights_file(meta: AdapterMeta) -> str:
+    return KIND_WEIGHTS.get(meta.adapter_kind, ADAPTER_WEIGHTS)
+
+
 def export_dir(run_dir: Path) -> Path:
     """A run's `best/` export, or `run_dir` itself when it is an export folder."""
     return run_dir / "best" if (run_dir / "best").is_dir() else run_dir
@@ -294,17 +312,27 @@ def _check_shapes(path: Path, meta: AdapterMeta, layers: list[dict], rows: torch
         )
 
 
+def _read_vae_export(path: Path, meta: AdapterMeta) -> RunExport:
+    """A sentence-VAE export: its metadata and a readable `vae.safetensors` (shapes are checked on loading)."""
+    if not (path / VAE_WEIGHTS).is_file():
+        raise HubError(f"run export '{path}' is missing {VAE_WEIGHTS}")
+    return RunExport(path, meta, {"name": meta.name}, _read_export_tensors(path, VAE_WEIGHTS))
+
+
 def read_export(path: Path) -> RunExport:
     """Validate a trainer's run export; every problem is a HubError naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise HubError(f"run export '{path}' is not a directory")
+    if (path / ADAPTER_META).is_file():
+        meta = AdapterMeta.from_dict(_read_export_json(path, ADAPTER_META), f"{ADAPTER_META} in run export '{path}'")
+        if meta.adapter_kind == VAE_KIND:
+            return _read_vae_export(path, meta)
     missing = [f for f in EXPORT_FILES if not (path / f).is_file()]
     if missing:
         raise HubError(
             f"run export '{path}' is missing {', '.join(missing)} (expected {', '.join(EXPORT_FILES)})"
         )
-    meta = AdapterMeta.from_dict(_read_export_json(path, ADAPTER_META), f"{ADAPTER_META} in run export '{path}'")
     config = _read_export_json(path, ADAPTER_CONFIG)
     if not isinstance(config.get("name"), str):
         raise HubError(f"{ADAPTER_CONFIG} in run export '{path}' has no adapter name")
@@ -320,15 +348,19 @@ def read_export(path: Path) -> RunExport:
     return RunExport(path, meta, config, tensors)
 
 
-def loaded_adapter(stored: StoredVersion, backbone: dict | None, adapter_tensors: dict[str, torch.Tensor],
-                   token_tensors: dict[str, torch.Tensor]) -> LoadedAdapter:
-    """A verified version's tensors as a LoadedAdapter, after checking the backbone fingerprint (if given) and
-    the task rows' shape; every store backend ends its `load` here."""
+def loaded_adapter(stored: StoredVersion, backbone: dict | None,
+                   read_tensors: Callable[[str], dict[str, torch.Tensor]]) -> LoadedAdapter:
+    """A verified version's tensors (`read_tensors(payload file name)`) as a LoadedAdapter, after checking the
+    backbone fingerprint (if given) and the task rows' shape; every store backend ends its `load` here."""
     if backbone is not None:
         problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
         if problem:
             raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
-    rows = token_tensors.get("rows")
+    adapter_tensors = read_tensors(weights_file(stored.meta))
+    if not stored.meta.has_task_tokens:
+        no_rows = torch.zeros(0, stored.meta.backbone["n_embd"])
+        return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, no_rows)
+    rows = read_tensors(TASK_TOKENS).get("rows")
     k = len(stored.meta.special_tokens)
     if rows is None or rows.ndim != 2 or rows.shape[0] != k:
         raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
@@ -347,17 +379,21 @@ def read_training_log(stored: StoredVersion, read: Callable[[], bytes]) -> dict:
 
 
 def stage_payload(export: RunExport, name: str, staging: Path) -> dict[str, str]:
-    """Write the payload files into ``staging`` (renaming the adapter if needed); return checksums."""
-    if name == export.trained_name:
-        shutil.copyfile(export.path / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
-        shutil.copyfile(export.path / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+    """Write the payload files into ``staging`` (renaming a VLM adapter if needed); return checksums."""
+    payload = payload_files(export.meta)
+    if payload != PAYLOAD_FILES:
+        for filename in payload:
+            shutil.copyfile(export.path / filename, staging / filename)
+    elif name == export.trained_name:
+        for filename in PAYLOAD_FILES:
+            shutil.copyfile(export.path / filename, staging / filename)
     else:
         _write_renamed_adapter(export, name, staging)
-    shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
+        shutil.copyfile(export.path / TASK_TOKENS, staging / TASK_TOKENS)
     if (export.path / TRAIN_LOG).is_file():
         shutil.copyfile(export.path / TRAIN_LOG, staging / TRAIN_LOG)
     files = {}
-    for filename in PAYLOAD_FILES:
+    for filename in payload:
         _fsync_file(staging / filename)
         files[filename] = sha256_file(staging / filename)
     return files
@@ -489,8 +525,7 @@ class AdapterStore:
         """Verify checksums again (and the backbone fingerprint, if given) and read the tensors."""
         stored = self.show(ref)
         self._verify(stored.path, stored.ref, stored.meta)
-        return loaded_adapter(stored, backbone, load_file(stored.path / ADAPTER_WEIGHTS, device="cpu"),
-                              load_file(stored.path / TASK_TOKENS, device="cpu"))
+        return loaded_adapter(stored, backbone, lambda filename: load_file(stored.path / filename, device="cpu"))
 
     @staticmethod
     def _verify(path: Path, ref: str, meta: AdapterMeta) -> None:
@@ -500,7 +535,7 @@ class AdapterStore:
                 raise IntegrityError(f"'{ref}' contains the symbolic link {entry.name}; the store refuses links")
             if entry.suffix in PICKLE_SUFFIXES:
                 raise IntegrityError(f"'{ref}' contains {entry.name}; refusing pickle files, only safetensors are read")
-        for filename in PAYLOAD_FILES:
+        for filename in payload_files(meta):
             file = path / filename
             if filename not in meta.files or not stat.S_ISREG(_lstat_mode(file)):
                 raise IntegrityError(f"{filename} of '{ref}' is missing")

@@ -4,6 +4,10 @@
 field; keys it does not know are kept in `extra` and written back unchanged, so other tools (and later versions
 of the hub) may add optional fields without breaking readers. The store-only fields (`version`, `created_at`,
 `files`) are None/empty in a run export.
+
+Which fields are required depends on `adapter_kind`: a VLM version (the default kind) needs its task's
+`task_config`, `special_tokens` and `eos_token`; a sentence VAE (`SENTENCE_VAE`) adds no task tokens, so those
+default to empty, and it needs its `vae` settings (`hub.adapters.vae.VAEConfig` as an object) instead.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from hub.errors import IntegrityError
 FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 _FINGERPRINT_INTS = ("n_layer", "n_embd", "n_head", "vocab_size")
 _STORE_FIELDS = ("version", "created_at", "files")
-_OPTIONAL_FIELDS = ("adapter_kind", "layout")  # absent in versions written before the field existed
+_OPTIONAL_FIELDS = ("adapter_kind", "layout", "vae", "max_length")  # absent before the field existed
+SENTENCE_VAE = "sentence_vae"  # the adapter kind of `hub.adapters.vae`
+_TASK_TOKEN_FIELDS = ("task_config", "special_tokens", "eos_token")  # what a kind without task tokens may omit
 
 
 def _frozen(mapping: Mapping) -> Mapping:
@@ -58,6 +64,8 @@ class AdapterMeta:
     backbone: Mapping[str, Any]
     adapter_kind: str = "vlm"  # `hub.adapters.registry` name of the kind whose bundle this version holds
     layout: Mapping[str, Any] | None = None  # how prompts and token types are built (`hub.interop.prompt_layout`)
+    vae: Mapping[str, Any] | None = None  # a sentence VAE's `VAEConfig` (required for that kind, else None)
+    max_length: int | None = None  # the longest sentence in tokens a sentence VAE was trained on
     version: str | None = None
     created_at: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
@@ -69,11 +77,14 @@ class AdapterMeta:
         if not isinstance(data, dict):
             raise IntegrityError(f"{where} must hold a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = [k for k in known if (k not in _STORE_FIELDS or stored) and k not in _OPTIONAL_FIELDS]
-        missing = sorted(k for k in required if k not in data)
+        is_vae = data.get("adapter_kind") == SENTENCE_VAE
+        optional = (*_OPTIONAL_FIELDS, *(_TASK_TOKEN_FIELDS if is_vae else ()))
+        required = [k for k in known if (k not in _STORE_FIELDS or stored) and k not in optional]
+        missing = sorted(k for k in [*required, *(["vae"] if is_vae else [])] if k not in data)
         if missing:
             raise IntegrityError(f"{where} lacks {', '.join(missing)}")
-        problems = _field_problems(data, stored)
+        data = {"task_config": {}, "special_tokens": [], "eos_token": "", **data} if is_vae else data
+        problems = _field_problems(data, stored) + (_vae_problems(data) if is_vae else _task_token_problems(data))
         if problems:
             raise IntegrityError(f"{where}: {'; '.join(problems)}")
         return cls(
@@ -83,6 +94,7 @@ class AdapterMeta:
             trainable_pct=float(data["trainable_pct"]), metrics=_frozen(data["metrics"]),
             backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", "vlm"),
             layout=_frozen(data["layout"]) if data.get("layout") is not None else None,
+            vae=_frozen(data["vae"]) if data.get("vae") is not None else None, max_length=data.get("max_length"),
             version=data.get("version"), created_at=data.get("created_at"),
             files=_frozen(data.get("files", {})),
             extra=_frozen({k: v for k, v in data.items() if k not in known}),
@@ -94,6 +106,11 @@ class AdapterMeta:
         return cls(name=name, task_type=task_type, task_config=_frozen({}), special_tokens=tuple(special_tokens),
                    eos_token=special_tokens[-1], bottleneck=bottleneck, trainable_params=0, trainable_pct=0.0,
                    metrics=_frozen({}), backbone=_frozen({}))
+
+    @property
+    def has_task_tokens(self) -> bool:
+        """Whether this version's bundle holds task-token rows (a sentence VAE's does not)."""
+        return self.adapter_kind != SENTENCE_VAE
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object to write: unknown keys first, then every field (store-only ones when set)."""
@@ -116,19 +133,17 @@ class AdapterMeta:
 def _field_problems(data: dict, stored: bool) -> list[str]:
     """Every type or value problem of the known fields, as short phrases naming the field."""
     problems = []
-    for key in ("name", "task_type", "eos_token", "adapter_kind"):
+    for key in ("name", "task_type", "adapter_kind"):
         if not isinstance(data.get(key, "-"), str) or not data.get(key, "-"):
             problems.append(f"{key} must be a non-empty string")
     for key in ("task_config", "metrics"):
         if not isinstance(data[key], dict):
             problems.append(f"{key} must be an object")
-    if data.get("layout") is not None and not isinstance(data["layout"], dict):
-        problems.append("layout must be an object")
-    tokens = data["special_tokens"]
-    if not isinstance(tokens, list) or len(tokens) < 2 or not all(isinstance(t, str) and t for t in tokens):
-        problems.append("special_tokens must be a list of at least two non-empty strings")
-    elif data["eos_token"] not in tokens:
-        problems.append(f"eos_token {data['eos_token']!r} is not one of special_tokens")
+    for key in ("layout", "vae"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            problems.append(f"{key} must be an object")
+    if data.get("max_length") is not None and (not _is_int(data["max_length"]) or data["max_length"] < 1):
+        problems.append("max_length must be a positive integer")
     if not _is_int(data["bottleneck"]) or data["bottleneck"] < 1:
         problems.append("bottleneck must be a positive integer")
     if not _is_int(data["trainable_params"]) or data["trainable_params"] < 0:
@@ -138,6 +153,27 @@ def _field_problems(data: dict, stored: bool) -> list[str]:
     problems += _fingerprint_problems(data["backbone"])
     if stored:
         problems += _store_problems(data)
+    return problems
+
+
+def _task_token_problems(data: dict) -> list[str]:
+    """A kind with task tokens: at least two special tokens, the eos token one of them."""
+    tokens, eos = data["special_tokens"], data["eos_token"]
+    problems = [] if isinstance(eos, str) and eos else ["eos_token must be a non-empty string"]
+    if not isinstance(tokens, list) or len(tokens) < 2 or not all(isinstance(t, str) and t for t in tokens):
+        problems.append("special_tokens must be a list of at least two non-empty strings")
+    elif not problems and eos not in tokens:
+        problems.append(f"eos_token {eos!r} is not one of special_tokens")
+    return problems
+
+
+def _vae_problems(data: dict) -> list[str]:
+    """A sentence VAE: its settings are an object, and it has no task tokens."""
+    problems = [] if data["vae"] is not None else ["vae must be an object"]
+    if data["special_tokens"]:
+        problems.append("a sentence_vae version has no special_tokens")
+    if not isinstance(data["eos_token"], str):
+        problems.append("eos_token must be a string")
     return problems
 
 

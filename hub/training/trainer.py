@@ -118,6 +118,19 @@ def encode_all(codec: TaskCodec, examples: list[Example], max_target: int, what:
     return encoded
 
 
+def epoch_batches(count: int, size: int, rng: random.Random, skip: int) -> Iterator[list[int]]:
+    """Endless shuffled epochs of `size` indices into `count` items (an epoch's last partial batch is dropped),
+    without the first `skip` batches (those a resumed run has already seen)."""
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        for start in range(0, count - size + 1, size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield order[start : start + size]
+
+
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Target tokens the loss counts (labels shifted by one, as in `Trainer._loss`)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -281,16 +294,9 @@ class Trainer:
     def _batches(self, train_set: list[Encoded], rng: random.Random):
         """Endless shuffled epochs of micro-batches (this process's slice of the global one, `batch_size` per
         process); skips what a resumed run has already seen."""
-        seen = self.step * self.config.grad_accum
         size = self.config.batch_size * self.dist.world_size
-        while True:
-            order = list(range(len(train_set)))
-            rng.shuffle(order)
-            for start in range(0, len(order) - size + 1, size):
-                if seen > 0:
-                    seen -= 1
-                    continue
-                yield [train_set[i] for i in self.dist.shard(order[start : start + size])]
+        for batch in epoch_batches(len(train_set), size, rng, skip=self.step * self.config.grad_accum):
+            yield [train_set[i] for i in self.dist.shard(batch)]
 
     def _eval_and_checkpoint(self, eval_set, optimizer, schedule, bar) -> None:
         result = self.evaluate(eval_set)
@@ -310,33 +316,21 @@ class Trainer:
             self.on_eval(self, result)
 
     def _save_checkpoint(self, optimizer, schedule) -> None:
-        state = {
-            "step": self.step,
-            "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "log": asdict(self.log),
-            "regularizers": [regularizer.state_dict() for regularizer in self.regularizers],
-        }
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir / "checkpoint.pt")
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_checkpoint(self.run_dir, self.step, trainable, optimizer, schedule, asdict(self.log),
+                        regularizers=[regularizer.state_dict() for regularizer in self.regularizers])
 
     def _resume(self, optimizer, schedule) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        if not path.exists():
+        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+        if state is None:
             return
-        state = torch.load(path, map_location=self.backbone.device, weights_only=True)
         params = dict(self.model.named_parameters())
         for name, value in state["trainable"].items():
             params[name].data.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         for regularizer, saved in zip(self.regularizers, state.get("regularizers", [])):
             regularizer.load_state_dict(saved)
         self.step = state["step"]
         self.log = TrainLog(**state["log"])
-        print(f"resuming {self.run_dir} from step {self.step}")
 
     def export(self, out_dir: Path, metrics: dict) -> None:
         """Write the adapter in the store's input format (`hub.store.catalog.EXPORT_FILES`), atomically replacing `out_dir`."""
@@ -385,6 +379,29 @@ def staging(out_dir: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, schedule,
+                    log: dict, **extra) -> None:
+    """`checkpoint.pt`: what a run needs to resume (and any `extra` state, e.g. regularisers'), replaced
+    atomically."""
+    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "log": log, **extra}
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) -> dict | None:
+    """Restore the optimizer and schedule from `checkpoint.pt` and return the state (None: a fresh run)."""
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    print(f"resuming {run_dir} from step {state['step']}")
+    return state
 
 
 def write_log(run_dir: Path, log: TrainLog) -> None:

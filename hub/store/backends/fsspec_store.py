@@ -29,9 +29,9 @@ from safetensors.torch import load as load_safetensors
 
 from hub.errors import HubError, IntegrityError, NotFoundError
 from hub.store.catalog import (
-    ADAPTER_WEIGHTS, HUB_JSON, MAX_PUBLISH_ATTEMPTS, PAYLOAD_FILES, STALE_AFTER_S, TASK_TOKENS, TRAIN_LOG,
-    AdapterSummary, LoadedAdapter, SkippedVersion, StoredVersion, loaded_adapter, parse_ref, read_export,
-    read_training_log, stage_payload, utc_now, validate_name, version_key,
+    HUB_JSON, MAX_PUBLISH_ATTEMPTS, STALE_AFTER_S, TRAIN_LOG, AdapterSummary, LoadedAdapter, SkippedVersion,
+    StoredVersion, loaded_adapter, parse_ref, payload_files, read_export, read_training_log, stage_payload, utc_now,
+    validate_name, version_key,
 )
 from hub.store.format import AdapterMeta
 
@@ -70,7 +70,7 @@ class FsspecStore:
             chosen = self._claim(name, version)
             hub = export.meta.stored_as(name, chosen, utc_now(), files)
             try:
-                for filename in [*PAYLOAD_FILES, TRAIN_LOG]:
+                for filename in [*payload_files(hub), TRAIN_LOG]:
                     if (Path(staging) / filename).is_file():
                         self.fs.put_file(str(Path(staging) / filename), self._path(name, chosen, filename))
                 self.fs.pipe_file(self._path(name, chosen, HUB_JSON), _json_bytes(hub.to_dict()), mode="create")
@@ -164,14 +164,13 @@ class FsspecStore:
         """Read the files through the local cache, each verified against hub.json's sha256."""
         stored = self.show(ref)
         blobs = {}
-        for filename in PAYLOAD_FILES:
+        for filename in payload_files(stored.meta):
             expected = stored.meta.files.get(filename)
             if expected is None:
                 raise IntegrityError(f"{filename} of '{stored.ref}' is missing from its {HUB_JSON}")
             blobs[filename] = self.cache.get(expected, lambda f=filename: self.fs.cat_file(
                 self._path(stored.name, stored.version, f)), f"{filename} of '{stored.ref}'")
-        return loaded_adapter(stored, backbone, load_safetensors(blobs[ADAPTER_WEIGHTS]),
-                              load_safetensors(blobs[TASK_TOKENS]))
+        return loaded_adapter(stored, backbone, lambda filename: load_safetensors(blobs[filename]))
 
     def training_log(self, ref: str) -> tuple[StoredVersion, dict]:
         """The version and its stored `train_log.json`; NotFoundError when it was published without one."""

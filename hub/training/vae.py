@@ -1,0 +1,322 @@
+"""Training a sentence VAE bundle on the frozen backbone: AdaVAE's recipe, Park & Lee's two phases, or no remedy.
+
+Every remedy is its own option (`VAETrainConfig`); a recipe only chooses their defaults (`RECIPES`). A run
+directory holds `run_config.json`, `checkpoint.pt` (to resume), `train_log.json`, `vae_curves.png` and
+`best/` (lowest held-out −ELBO), the export `hub publish` reads (`hub.store.catalog`, kind `sentence_vae`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from hub.adapters.vae import SentenceVAE, VAEConfig, encode_sentences, pad_rows
+from hub.errors import HubError
+from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
+from hub.model.backbone import Backbone
+from hub.store.catalog import ADAPTER_META, VAE_KIND, VAE_WEIGHTS
+from hub.store.format import AdapterMeta
+from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging
+from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
+                                        elbo_loss)
+
+RECIPES: dict[str, dict] = {
+    # AdaVAE (spec §3): β cyclical 4 × (25 % zero, 25 % ramp), total hinge at 0.5·nz, decoder adapters from T/6.
+    "adavae": {"beta_schedule": "cyclical", "kl_floor": "total_hinge", "kl_lambda": 0.5, "decoder_start": 1 / 6},
+    # Park & Lee (spec §4): phase 1 an autoencoder (β 0, decoder side frozen, early stop on held-out Rec), then
+    # β annealed linearly over the first half of phase 2, with a per-dimension KL floor.
+    "two-phase": {"beta_schedule": "linear", "beta_ratio_increase": 0.5, "phase1": 1 / 3,
+                  "phase1_freeze_decoder": True, "kl_floor": "per_dim_clamp", "kl_lambda": 0.5},
+    # No remedy: β = 1 from the first step, no floor (the collapse baseline).
+    "none": {"beta_schedule": "constant", "kl_floor": "none"},
+}
+
+
+@dataclass
+class VAETrainConfig:
+    name: str
+    data: str
+    base: str
+    vae: dict
+    recipe: str = "adavae"
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 32  # tokens of `<bos> x <eos>`; longer sentences are cut (their EOS kept)
+    max_steps: int = 2000
+    eval_every: int | None = None  # default: 10 evaluations per run
+    max_eval_sentences: int = 500
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    beta_schedule: str = "cyclical"
+    beta_max: float = 1.0
+    beta_cycles: int = 4
+    beta_ratio_zero: float = 0.25
+    beta_ratio_increase: float = 0.25
+    kl_floor: str = "none"
+    kl_lambda: float = 0.5  # nats: per dimension (floors per_dim_*), or per dimension of the total (hinge: λ·nz)
+    kl_normalisation: str = "per_sentence"
+    denoise: float = 0.0
+    decoder_start: float = 0.0  # fraction of the steps before the decoder adapters train
+    phase1: float = 0.0  # fraction of the steps as a β = 0 autoencoder (ends early on held-out Rec)
+    phase1_freeze_decoder: bool = False  # phase 1 trains the encoder side only (P&L "yf")
+    phase1_patience: int = 2
+
+    @classmethod
+    def for_recipe(cls, recipe: str, **options) -> "VAETrainConfig":
+        """The recipe's defaults, then every option given (None = not given)."""
+        if recipe not in RECIPES:
+            raise HubError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+        return cls(recipe=recipe, **{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}}).validate()
+
+    def validate(self) -> "VAETrainConfig":
+        """Every choice and range checked before a run directory is created."""
+        for value, allowed, what in ((self.beta_schedule, BETA_SCHEDULES, "--beta-schedule"),
+                                     (self.kl_floor, KL_FLOORS, "--kl-floor"),
+                                     (self.kl_normalisation, NORMALISATIONS, "--kl-normalisation")):
+            if value not in allowed:
+                raise HubError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1}
+        bad = [name for name, value in fractions.items() if not 0 <= value < 1]
+        if bad or self.max_steps < 1 or self.batch_size < 1 or self.max_length < 3:
+            raise HubError(f"need 0 <= {', '.join(bad or fractions)} < 1, max_steps and batch_size >= 1, "
+                           f"max_length >= 3")
+        return self
+
+    def resumes(self, other: "VAETrainConfig") -> bool:
+        return all(getattr(self, k) == getattr(other, k) for k in ("name", "base", "vae", "recipe"))
+
+    def steps(self, fraction: float) -> int:
+        return int(round(fraction * self.max_steps))
+
+
+@dataclass
+class VAETrainLog:
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    best_neg_elbo: float | None = None
+    best_step: int | None = None
+    phase2_start: int | None = None  # where β may first be > 0 (after an early-stopped phase 1)
+    train_seconds: float = 0.0
+
+
+def prepare_vae_run_dir(run_dir: Path, config: VAETrainConfig) -> None:
+    """Create the run dir, or check that an existing one holds the same run (so it resumes)."""
+    path = run_dir / "run_config.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        known = {f.name for f in fields(VAETrainConfig)}
+        if set(stored) - known or not config.resumes(VAETrainConfig(**stored)):
+            raise HubError(f"{run_dir} holds another run; choose another --out")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise HubError(f"{run_dir} exists and is not a run directory; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(config), indent=2))
+
+
+class VAETrainer:
+    def __init__(self, backbone: Backbone, config: VAETrainConfig, run_dir: Path):
+        self.backbone, self.config, self.run_dir = backbone, config, run_dir
+        self.model = backbone.model
+        torch.manual_seed(config.seed)
+        self.vae = SentenceVAE(VAEConfig(**config.vae), self.model.config).to(backbone.device)
+        self.tokenizer = backbone.tokenizer
+        self.eos_id = self.tokenizer.eos_token_id or 0
+        self.log = VAETrainLog(phase2_start=config.steps(config.phase1))
+        self.step = 0
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.vae.parameters())
+
+    def parameter_report(self) -> dict:
+        total = self.backbone.num_parameters
+        return {"trainable_params": self.trainable_count, "backbone_params": total,
+                "trainable_pct": 100.0 * self.trainable_count / total, "parts": self.vae.parameter_counts()}
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def encode(self, sentences: list[str], what: str) -> list[list[int]]:
+        rows = encode_sentences(self.tokenizer, sentences, self.config.max_length)
+        if not rows:
+            raise HubError(f"no usable {what} sentences")
+        return rows
+
+    def _batches(self, rows: list[list[int]], rng: random.Random):
+        """Endless shuffled epochs; skips the batches a resumed run has already seen."""
+        for batch in epoch_batches(len(rows), self.config.batch_size, rng, skip=self.step):
+            yield [rows[i] for i in batch]
+
+    # -- schedule -------------------------------------------------------------------------------------------
+    def beta(self, step: int) -> float:
+        c = self.config
+        return beta_at(step, c.max_steps, c.beta_schedule, c.beta_max, self.log.phase2_start, c.beta_cycles,
+                       c.beta_ratio_zero, c.beta_ratio_increase)
+
+    def frozen(self, step: int) -> list[torch.nn.Module]:
+        """Parts that do not train at `step`: decoder adapters before `decoder_start`; in a "yf" phase 1 the
+        decoder adapters and the injector."""
+        parts = []
+        in_phase1 = step < self.log.phase2_start
+        if step < self.config.steps(self.config.decoder_start) or (in_phase1 and self.config.phase1_freeze_decoder):
+            parts.append(self.vae.decoder_adapters)
+        if in_phase1 and self.config.phase1_freeze_decoder:
+            parts.append(self.vae.injector)
+        return parts
+
+    def _optimizer_and_schedule(self):
+        c = self.config
+        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=c.lr, eps=1e-6, weight_decay=0.0)
+        warmup = max(1, c.steps(c.warmup_ratio))
+        lr_factor = lambda s: min((s + 1) / warmup, max(0.0, (c.max_steps - s) / max(1, c.max_steps - warmup)))  # noqa: E731
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    # -- training -------------------------------------------------------------------------------------------
+    def loss(self, rows: list[list[int]], beta: float, rng: random.Random) -> dict[str, torch.Tensor]:
+        c, device = self.config, self.backbone.device
+        enc_ids, enc_mask = pad_rows([delete_tokens(r, c.denoise, rng) for r in rows], device)
+        ids, mask = pad_rows(rows, device)
+        mu, logvar = self.vae.encode(self.model, enc_ids, enc_mask)
+        nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar))
+        return elbo_loss(nll, mask[:, 1:], mu, logvar, beta, c.kl_floor, c.kl_lambda, c.kl_normalisation)
+
+    def train(self, train_sentences: list[str], eval_sentences: list[str]) -> VAETrainLog:
+        c = self.config
+        train_rows = self.encode(train_sentences, "training")
+        eval_rows = self.encode(eval_sentences, "held-out")[: c.max_eval_sentences]
+        eval_every = c.eval_every or max(1, c.max_steps // 10)
+        optimizer, schedule = self._optimizer_and_schedule()
+        self._resume(optimizer, schedule)
+        batches = self._batches(train_rows, random.Random(c.seed))
+        self.model.train()
+        self.vae.train()
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"train {c.name}", unit="step")
+        started = time.time() - self.log.train_seconds
+        while self.step < c.max_steps:
+            beta = self.beta(self.step)
+            parts = self.loss(next(batches), beta, random.Random(c.seed * 1_000_003 + self.step))
+            parts["loss"].backward()
+            for module in self.frozen(self.step):
+                for p in module.parameters():
+                    p.grad = None
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            record = {"step": self.step, "beta": beta, "lr": schedule.get_last_lr()[0],
+                      **{k: float(v.detach()) for k, v in parts.items()}}
+            self.log.steps.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}",
+                            beta=f"{beta:.2f}")
+            bar.update()
+            if self.step % eval_every == 0 or self.step == c.max_steps:
+                self.log.train_seconds = time.time() - started
+                self._eval_and_checkpoint(eval_rows, optimizer, schedule, bar)
+        bar.close()
+        print(f"trained {self.step} steps in {self.log.train_seconds:.0f}s; best held-out -ELBO "
+              f"{self.log.best_neg_elbo:.3f} at step {self.log.best_step}")
+        return self.log
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[list[int]]) -> dict:
+        """Held-out −ELBO, Rec and KL per sentence (one z sample, fixed seed), AU and MI of the set."""
+        self.model.eval()
+        self.vae.eval()
+        generator = torch.Generator().manual_seed(self.config.seed)
+        rec = kl = 0.0
+        mus, logvars = [], []
+        for start in range(0, len(rows), 2 * self.config.batch_size):
+            ids, mask = pad_rows(rows[start : start + 2 * self.config.batch_size], self.backbone.device)
+            mu, logvar = self.vae.encode(self.model, ids, mask)
+            z = self.vae.reparameterize(mu.cpu(), logvar.cpu(), generator=generator).to(mu)
+            rec += float(self.vae.token_nll(self.model, ids, mask, z).sum())
+            kl += float(kl_per_dim(mu, logvar).sum())
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+        self.model.train()
+        self.vae.train()
+        mu, logvar, n = torch.cat(mus), torch.cat(logvars), len(rows)
+        return {"step": self.step, "neg_elbo": (rec + kl) / n, "rec": rec / n, "kl": kl / n,
+                "au": active_units(mu), "mi": mutual_information(mu, logvar, generator), "beta": self.beta(self.step)}
+
+    def _eval_and_checkpoint(self, eval_rows, optimizer, schedule, bar) -> None:
+        result = self.evaluate(eval_rows)
+        self.log.evals.append(result)
+        bar.write(f"step {self.step}: held-out -ELBO {result['neg_elbo']:.3f} (Rec {result['rec']:.3f}, "
+                  f"KL {result['kl']:.3f}), AU {result['au']}, MI {result['mi']:.2f}, beta {result['beta']:.2f}")
+        self._end_phase1_if_stalled()
+        if self.step >= self.log.phase2_start and (self.log.best_neg_elbo is None
+                                                   or result["neg_elbo"] < self.log.best_neg_elbo):
+            self.log.best_neg_elbo, self.log.best_step = result["neg_elbo"], self.step
+            self.export(self.run_dir / "best", {"held_out": {k: result[k] for k in ("neg_elbo", "rec", "kl", "au", "mi")},
+                                                "step": self.step})
+        self._save_checkpoint(optimizer, schedule)
+        write_vae_log(self.run_dir, self.log)
+
+    def _end_phase1_if_stalled(self) -> None:
+        """Phase 1 stops early once held-out Rec has not improved for `phase1_patience` evaluations."""
+        phase1 = [e["rec"] for e in self.log.evals if e["step"] <= self.log.phase2_start]
+        if self.step >= self.log.phase2_start or len(phase1) <= self.config.phase1_patience:
+            return
+        patience = self.config.phase1_patience
+        if min(phase1[-patience:]) >= min(phase1[:-patience]) - 1e-3:
+            self.log.phase2_start = self.step
+            print(f"phase 1 stopped at step {self.step}: held-out reconstruction no longer improves")
+
+    def _save_checkpoint(self, optimizer, schedule) -> None:
+        save_checkpoint(self.run_dir, self.step, self.vae.state_dict(), optimizer, schedule, asdict(self.log))
+
+    def _resume(self, optimizer, schedule) -> None:
+        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+        if state is not None:
+            self.vae.load_state_dict(state["trainable"])
+            self.step, self.log = state["step"], VAETrainLog(**state["log"])
+
+    def export(self, out_dir: Path, metrics: dict) -> None:
+        """The bundle (`vae.safetensors`) and its metadata, atomically replacing `out_dir`."""
+        with staging(out_dir) as tmp:
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vae.state_dict().items()}
+            save_file(tensors, str(tmp / VAE_WEIGHTS))
+            vae = self.vae.config
+            meta = {"adapter_kind": VAE_KIND, "name": self.config.name, "task_type": VAE_KIND, "vae": vae.as_dict(),
+                    "nz": vae.nz, "encoder_layers": vae.encoder_layers, "pooling": vae.pooling,
+                    "injection": vae.injection, "bottleneck": vae.bottleneck, "recipe": self.config.recipe,
+                    "eos_token": self.tokenizer.eos_token, "max_length": self.config.max_length,
+                    **self.parameter_report(), "metrics": metrics, "backbone": self.backbone.fingerprint,
+                    "training": asdict(self.config)}
+            checked = AdapterMeta.from_dict(meta, f"the {ADAPTER_META} of '{out_dir}'")
+            (tmp / ADAPTER_META).write_text(json.dumps(checked.to_dict(), indent=2))
+
+
+def write_vae_log(run_dir: Path, log: VAETrainLog) -> None:
+    """`train_log.json` and `vae_curves.png`: reconstruction, KL and β per step; held-out KL and AU."""
+    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s["step"] for s in log.steps]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, [s["rec"] for s in log.steps], label="reconstruction (nats/sentence)", alpha=0.6)
+    top.plot(steps, [s["kl"] for s in log.steps], label="KL (nats/sentence)", alpha=0.6)
+    top.plot([e["step"] for e in log.evals], [e["kl"] for e in log.evals], "o-", label="held-out KL")
+    top.set_yscale("symlog")
+    top.legend()
+    bottom.plot(steps, [s["beta"] for s in log.steps], label="β")
+    au = bottom.twinx()
+    au.plot([e["step"] for e in log.evals], [e["au"] for e in log.evals], "s-", color="C3", label="held-out AU")
+    au.set_ylabel("active units")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("β")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / "vae_curves.png", dpi=100)
+    plt.close(fig)
+
