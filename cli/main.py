@@ -146,6 +146,12 @@ def train(
     if task_type == "sentence_vae":
         from cli.vae import train_sentence_vae
 
+        unsupported = {"--mvcr": mvcr, "--method": method != Method.adapter, "--nproc": nproc > 1,
+                       "--train-examples": train_examples is not None}
+        if any(unsupported.values()):
+            raise HubError(f"sentence_vae training does not support {', '.join(k for k, v in unsupported.items() if v)}"
+                           f" (its options: hub vae train-options --help)")
+
         return train_sentence_vae(ctx.args, data=data, name=name, base=base, bottleneck=bottleneck,
                                   max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
                                   eval_every=eval_every, seed=seed, device=device, out=out)

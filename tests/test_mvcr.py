@@ -227,3 +227,15 @@ def test_subset_of_examples_without_inputs_is_a_random_sample():
     texts = [Example(None, f"sentence {i}") for i in range(100)]
     subset = low_resource_subset(texts, 10, seed=0)
     assert len({e.target for e in subset}) == 10 and subset != texts[:10]
+
+
+def test_mvcr_on_a_sentence_vae_is_refused_clearly(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "sentence_vae", "--data", str(tmp_path), "--mvcr", "--out",
+                                      str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert "sentence_vae training does not support --mvcr" in result.output + str(result.exception)
+    assert not (tmp_path / "run").exists()
