@@ -56,9 +56,10 @@ def _store(location: str):
     return open_store(location)
 
 
-def _set_threads(threads: int | None) -> str:
-    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else the physical cores (two trainings
-    side by side with a thread per logical core each run several times slower). Returns what was chosen."""
+def _set_threads(threads: int | None, processes: int = 1) -> str:
+    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else the physical cores shared by the
+    `processes` of this run (two trainings side by side with a thread per logical core each run several times
+    slower). Returns what was chosen."""
     import psutil
     import torch
 
@@ -67,7 +68,9 @@ def _set_threads(threads: int | None) -> str:
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
         threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
-        threads, why = psutil.cpu_count(logical=False) or os.cpu_count() or 1, "physical cores"
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        threads, why = max(1, cores // processes), "physical cores" + (f" / {processes} processes" if processes > 1
+                                                                         else "")
     torch.set_num_threads(threads)
     return f"{threads} torch threads ({why})"
 
@@ -98,6 +101,7 @@ def train(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example (prompt + target)"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="evaluate every N steps (default: epoch)"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = ThreadsOption,
     device: str = DeviceOption,
     out: Path = typer.Option(Path("runs/latest"), "--out", help="run directory (re-run to resume)"),
     input_field: Optional[str] = typer.Option(None, "--input-field", help="text2text: input field name"),
@@ -151,6 +155,7 @@ def train(
         if any(unsupported.values()):
             raise HubError(f"sentence_vae training does not support {', '.join(k for k, v in unsupported.items() if v)}"
                            f" (its options: hub vae train-options --help)")
+        typer.echo(f"sentence_vae: {_set_threads(threads)}", err=True)
 
         return train_sentence_vae(ctx.args, data=data, name=name, base=base, bottleneck=bottleneck,
                                   max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
@@ -177,12 +182,13 @@ def train(
     if train_examples is not None:
         check_subset_size(train_examples, len(training))
     process = distributed.DataParallel.current(backbone.device)
+    threads_used = _set_threads(threads, process.world_size)
     trainer = make_trainer(backbone, task, config, out)  # first: it checks and completes the MVCR settings
     process.on_main(lambda: prepare_run_dir(out, config))
     if process.is_main:
         typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone {backbone.source} "
-                   f"on {backbone.device} ({process.world_size} process(es)); {method.value}: "
-                   f"{describe_trainable(trainer)}")
+                   f"on {backbone.device} ({process.world_size} process(es), {threads_used} each); "
+                   f"{method.value}: {describe_trainable(trainer)}")
     trainer.train(training, held_out)
     if not process.is_main:
         return

@@ -114,3 +114,12 @@ def test_bad_input_gets_a_clear_error(store, tiny_base, other_base, e2e_dir, tmp
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     fails_clearly(hub("generate", "--store", corrupt, "--task", "e2e", MR, check=False), "adapter.safetensors")
+
+
+def test_train_sets_and_reports_its_torch_threads(tiny_base, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(40)))
+    out = hub("train", "text2text", "--base", tiny_base, "--data", data, "--input-field", "question",
+              "--target-field", "answer", "--max-steps", "1", "--batch-size", "2", "--threads", "1",
+              "--device", "cpu", "--out", tmp_path / "run").stdout
+    assert "1 torch threads (--threads) each" in out
