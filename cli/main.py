@@ -155,7 +155,7 @@ def train(
         if any(unsupported.values()):
             raise HubError(f"sentence_vae training does not support {', '.join(k for k, v in unsupported.items() if v)}"
                            f" (its options: hub vae train-options --help)")
-        typer.echo(f"sentence_vae: {_set_threads(threads)}", err=True)
+        typer.echo(f"sentence_vae: {_set_threads(threads)}")
 
         return train_sentence_vae(ctx.args, data=data, name=name, base=base, bottleneck=bottleneck,
                                   max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
