@@ -516,9 +516,10 @@ class AdapterStore:
 
     def snapshot(self) -> dict[str, str]:
         """``name@version -> created_at`` (or why it is skipped); poll and diff to spot changes."""
+        listing = self.list()
         return {
-            **{v.ref: v.created_at for s in self.list() for v in s.versions},
-            **{k.ref: f"skipped: {k.reason}" for s in self.list() for k in s.skipped},
+            **{v.ref: v.created_at for s in listing for v in s.versions},
+            **{k.ref: f"skipped: {k.reason}" for s in listing for k in s.skipped},
         }
 
     def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter:
