@@ -400,7 +400,10 @@ def serve(
     device: str = DeviceOption,
     max_batch: int = typer.Option(32, "--max-batch", help="most sequences decoded together"),
     max_queue: int = typer.Option(256, "--max-queue", help="waiting requests before 429"),
-    max_resident: Optional[int] = typer.Option(None, "--max-resident", help="adapters on the device (LRU)"),
+    max_resident: Optional[int] = typer.Option(None, "--max-resident", min=1, help="adapters on the device (LRU)"),
+    max_cpu_adapters: Optional[int] = typer.Option(
+        None, "--max-cpu-adapters", min=0, help="weights of adapters off the device kept in CPU memory (LRU); the "
+        "others are read from the store when a request needs them (default: all, read at start-up)"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds"),
     watch_interval: float = typer.Option(0.5, "--watch-interval", help="store polling period, 0 = off"),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
@@ -424,7 +427,7 @@ def serve(
     from server.app import create_app
 
     settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                               request_timeout=request_timeout, watch_interval=watch_interval,
+                               max_cpu_adapters=max_cpu_adapters, request_timeout=request_timeout, watch_interval=watch_interval,
                                prefill_chunk=prefill_chunk)
     if ray:
         from server.ray_serve import RayServeOptions, serve_on_ray

@@ -23,3 +23,7 @@ class CapacityError(HubError):
 
 class UnavailableError(HubError):
     """Something the server depends on (the adapter store) did not answer in time; retry later."""
+
+
+class AdapterLoadError(UnavailableError):
+    """A listed adapter's weights could not be read when a request needed them (changed or damaged since)."""

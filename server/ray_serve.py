@@ -423,7 +423,7 @@ def application(options: RayServeOptions):
 
 # The numeric fields of RayServeOptions and ServiceSettings; every other argument is a string.
 NUMBER_ARGUMENTS = {"replicas": int, "max_tasks_per_replica": int, "replica_cpus": float, "replica_gpus": float,
-                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int,
+                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int, "max_cpu_adapters": int,
                     "request_timeout": float, "watch_interval": float, "prefill_chunk": int, "store_timeout": float}
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from hub.errors import HubError, NotFoundError
+from hub.errors import AdapterLoadError, HubError, IntegrityError, NotFoundError
 from hub.model.backbone import load_backbone
 from hub.serving.batch import DecodeBatch
 from hub.serving.detokenize import IncrementalText
@@ -221,3 +221,55 @@ def test_incremental_text_equals_decoding_everything(engine):
         partial = text.extend(ids[:n])
         assert "\ufffd" not in partial and tokenizer.decode(ids).startswith(partial)
     assert text.extend(ids) == text.final(ids) == tokenizer.decode(ids)
+
+
+def test_adapters_beyond_the_cpu_tier_are_read_from_the_store_when_needed(tiny_base):
+    """`add_stored` reads nothing; a request reads the weights; beyond `max_cpu_adapters` the least recently
+    used adapters off the device drop their CPU copy and are read again, with the same outputs."""
+    engine = Engine(load_backbone(str(tiny_base), "cpu"), make_task, max_resident=1, max_cpu_adapters=1)
+    reads: list[str] = []
+    weights = {name: loaded(adapters_model(tiny_base, 10, seed=50 + i), name, seed=i)
+               for i, name in enumerate(["x", "y", "z"])}
+
+    def fetch(name):
+        reads.append(name)
+        return weights[name]
+
+    for name, adapter in weights.items():
+        engine.add_stored(name, adapter.version, adapter.meta, lambda name=name: fetch(name))
+    assert reads == [] and all(a.bundle is None for a in engine.adapters.values())
+    reference = Engine(load_backbone(str(tiny_base), "cpu"), make_task)
+    for adapter in weights.values():
+        reference.add_adapter(adapter)
+    expected = {n: reference.run([greedy(reference, n, MRS[0])])[0].output_ids for n in weights}
+    for name in ["x", "y", "z", "x"]:
+        assert engine.run([greedy(engine, name, MRS[0])])[0].output_ids == expected[name]
+    assert reads == ["x", "y", "z", "x"], "x's CPU copy was dropped (LRU) while z ran and y kept it"
+    held = [n for n, a in engine.adapters.items() if a.bundle is not None and a.slot is None]
+    assert len(held) <= 1 and engine.resident_count() == 1
+
+
+def test_an_adapter_that_no_longer_loads_fails_its_request_alone(tiny_base):
+    engine = Engine(load_backbone(str(tiny_base), "cpu"), make_task, max_cpu_adapters=0)
+    good = loaded(adapters_model(tiny_base, 10, seed=60), "good", seed=0)
+
+    def broken():
+        raise IntegrityError("adapter.safetensors of 'bad@1' is corrupted or modified (sha256 mismatch)")
+
+    engine.add_stored("good", good.version, good.meta, lambda: good)
+    engine.add_stored("bad", good.version, good.meta, broken)
+    scheduler = Scheduler(engine, max_batch=4)
+    sequences = [greedy(engine, "bad", MRS[0], 4), greedy(engine, "good", MRS[1], 4)]
+    done = threading.Event()
+    for sequence in sequences:
+        sequence.on_update = lambda s: done.set() if all(q.finished for q in sequences) else None
+    scheduler.start()
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    assert done.wait(60)
+    scheduler.stop(10)
+    bad, ok = sequences
+    assert bad.finish_reason == "error" and isinstance(bad.error, AdapterLoadError)
+    assert "bad@1 could not be loaded" in str(bad.error) and "sha256" in str(bad.error)
+    assert ok.finish_reason in ("stop", "length") and ok.output_ids
+    assert engine.adapters["bad"].in_use == engine.adapters["good"].in_use == 0

@@ -551,6 +551,30 @@ def test_corrupt_adapters_are_refused_while_the_others_keep_serving(client, stor
         assert response.status_code == 200 and response.json()["version"] == "1"
 
 
+def test_with_a_bounded_cpu_tier_weights_are_read_when_needed_and_a_damaged_file_fails_only_its_requests(
+        trained_run, second_run, tiny_base, tmp_path):
+    """`--max-cpu-adapters 0 --max-resident 1`: start-up reads no weights; each request reads its adapter from the
+    store; a file damaged after start-up gives that task 503 with the reason, the other keeps serving."""
+    store = tmp_path / "store"
+    publish(trained_run, store, "e2e")
+    publish(second_run, store, OTHER)
+    server = start_server(tmp_path, store, tiny_base, "--max-cpu-adapters", "0", "--max-resident", "1",
+                          "--watch-interval", "0")
+    try:
+        with server.client() as client:
+            tasks = {t["name"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+            assert not any(t["resident"] for t in tasks.values()), "nothing read at start-up"
+            first = {name: gen(client, name, max_new_tokens=4) for name in ("e2e", OTHER)}
+            assert all(r.status_code == 200 for r in first.values())
+            flip_last_byte(store / "e2e" / "1" / "adapter.safetensors")  # e2e is off the device after OTHER ran
+            damaged = gen(client, "e2e", max_new_tokens=4)
+            assert damaged.status_code == 503 and "sha256" in damaged.json()["detail"]
+            again = gen(client, OTHER, max_new_tokens=4)
+            assert again.status_code == 200 and again.json()["text"] == first[OTHER].json()["text"]
+    finally:
+        server.stop()
+
+
 def test_adapter_of_another_backbone_is_refused(client, store, other_run, trained_run):
     publish(other_run, store, "e2e-other")
     publish(trained_run, store, "sentinel-2")

@@ -18,13 +18,14 @@ import torch
 
 from hub.adapters.base import KindRuntime, RowState
 from hub.adapters.registry import get_kind
-from hub.errors import CapacityError, HubError, NotFoundError
+from hub.errors import AdapterLoadError, CapacityError, HubError, NotFoundError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
 from hub.serving.detokenize import IncrementalText
 from hub.serving.sampling import SamplingParams, new_generator
 from hub.serving.sequence import ResidentAdapter, Sequence
 from hub.store.catalog import LoadedAdapter
+from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 
 __all__ = ["Engine", "ResidentAdapter", "SamplingParams", "Sequence"]
@@ -79,10 +80,12 @@ class Engine:
     to take every hook and the task-token table off the model again.
     """
 
-    def __init__(self, backbone: Backbone, make_task: Callable[[str, dict], Task], max_resident: int | None = None):
+    def __init__(self, backbone: Backbone, make_task: Callable[[str, dict], Task], max_resident: int | None = None,
+                 max_cpu_adapters: int | None = None):
         self.backbone = backbone
         self.make_task = make_task
         self.max_resident = max_resident
+        self.max_cpu_adapters = max_cpu_adapters
         model = backbone.model
         self.runtimes: dict[str, KindRuntime] = {}
         self.token_rows = TokenRowTable(model.config.n_embd, backbone.device, backbone.dtype)
@@ -109,20 +112,59 @@ class Engine:
     def add_adapter(self, loaded: LoadedAdapter) -> ResidentAdapter:
         """Make a stored adapter servable under its name; a newer version replaces the older one. It becomes
         resident now if a slot is free, else when a request needs it."""
-        meta = loaded.meta
-        kind = get_kind(meta.adapter_kind)
-        bundle = kind.load(loaded, self.backbone.model.config)
+        adapter = self._known(loaded.name, loaded.version, loaded.meta, None)
+        self._take_weights(adapter, loaded)
+        return self._register(adapter, make_resident=True)
+
+    def add_stored(self, name: str, version: str, meta: AdapterMeta,
+                   fetch: Callable[[], LoadedAdapter]) -> ResidentAdapter:
+        """Know a stored adapter by its metadata only; `fetch` reads its weights when a request first needs them
+        (and again after the CPU tier dropped them: `max_cpu_adapters`). Nothing is read from the store here."""
+        return self._register(self._known(name, version, meta, fetch), make_resident=False)
+
+    def _known(self, name: str, version: str, meta: AdapterMeta, fetch) -> ResidentAdapter:
         task = self.make_task(meta.task_type, dict(meta.task_config))
         encoder = TaskCodec(task, self.backbone.tokenizer, self.backbone.vocab_size, self.backbone.n_positions)
-        adapter = ResidentAdapter(loaded.name, loaded.version, task, meta, meta.adapter_kind, bundle,
-                                  loaded.token_rows.float(), encoder, kind.parameter_count(bundle))
+        return ResidentAdapter(name, version, task, meta, meta.adapter_kind, None, None, encoder,
+                               meta.trainable_params, fetch=fetch)
+
+    def _register(self, adapter: ResidentAdapter, make_resident: bool) -> ResidentAdapter:
         with self.lock:
-            previous = self.adapters.pop(loaded.name, None)
+            previous = self.adapters.pop(adapter.name, None)
             if previous is not None:
                 self._retire(previous)
-            self.adapters[loaded.name] = adapter
-            self.make_resident(adapter)
+            self.adapters[adapter.name] = adapter
+            if make_resident:
+                self.make_resident(adapter)
+            self._trim_cpu_tier()
         return adapter
+
+    def _take_weights(self, adapter: ResidentAdapter, loaded: LoadedAdapter) -> None:
+        kind = get_kind(adapter.kind)
+        adapter.bundle = kind.load(loaded, self.backbone.model.config)
+        adapter.rows = loaded.token_rows.float()
+        adapter.parameter_count = kind.parameter_count(adapter.bundle)
+
+    def weights(self, adapter: ResidentAdapter) -> Any:
+        """The adapter's bundle on the CPU, read from the store first if the CPU tier does not hold it."""
+        with self.lock:
+            if adapter.bundle is None:
+                try:
+                    self._take_weights(adapter, adapter.fetch())
+                except Exception as err:  # a store file changed or went bad since it was listed
+                    raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded: {err}") from err
+                self._trim_cpu_tier(keep=adapter)
+            return adapter.bundle
+
+    def _trim_cpu_tier(self, keep: ResidentAdapter | None = None) -> None:
+        """Drop the CPU weights of the least recently used adapters without a slot beyond `max_cpu_adapters`
+        (only those the store can give back: `add_stored`)."""
+        if self.max_cpu_adapters is None:
+            return
+        held = [a for a in self.adapters.values() if a.bundle is not None and a.slot is None and a.fetch]
+        for adapter in held[: max(0, len(held) - self.max_cpu_adapters)]:
+            if adapter is not keep:
+                adapter.bundle = adapter.rows = None
 
     def remove_adapter(self, name: str) -> None:
         with self.lock:
@@ -154,7 +196,7 @@ class Engine:
                 return True
             if not self._room_for_one():
                 return False
-            adapter.slot = self._runtime(adapter.kind).add(adapter.bundle)
+            adapter.slot = self._runtime(adapter.kind).add(self.weights(adapter))
             adapter.row_offset = self.token_rows.allocate(adapter.rows)
             self.embedding.extra.data = self.token_rows.table
             return True
@@ -180,6 +222,7 @@ class Engine:
         self.runtimes[adapter.kind].remove(adapter.slot)
         self.token_rows.free(adapter.row_offset)
         adapter.slot = None
+        self._trim_cpu_tier()
 
     def _retire(self, adapter: ResidentAdapter) -> None:
         adapter.retired = True

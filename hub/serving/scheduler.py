@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hub.errors import CapacityError
+from hub.errors import CapacityError, HubError
 from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine, Sequence
 from hub.serving.isolation import isolate_failed_step
@@ -86,12 +86,22 @@ class Scheduler:
                 sequence = self.waiting.popleft()
                 if sequence.cancelled:
                     self._finish(sequence, "cancelled")
-                elif len(taken) < room and self.engine.bind(sequence):
+                elif len(taken) < room and self._bind(sequence):
                     taken.append(sequence)
-                else:
+                elif not sequence.finished:
                     kept.append(sequence)
             self.waiting = kept
             return taken
+
+    def _bind(self, sequence: Sequence) -> bool:
+        """Bind a sequence to its adapter's slot; one whose adapter cannot be read from the store fails alone."""
+        try:
+            return self.engine.bind(sequence)
+        except HubError as err:
+            log.warning("request %s failed: %s", sequence.id, err)
+            sequence.error = err
+            self._finish(sequence, "error")
+            return False
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
         """End a sequence that is not (or no longer) in the batch."""

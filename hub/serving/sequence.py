@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from hub.adapters.base import RowState
+from hub.errors import HubError
 from hub.serving.detokenize import IncrementalText
 from hub.serving.sampling import SamplingParams
 from hub.store.format import AdapterMeta
@@ -30,14 +31,15 @@ class ResidentAdapter:
     task: Task
     meta: AdapterMeta
     kind: str
-    bundle: Any  # the kind's weights on the CPU, the copy that comes back after eviction
-    rows: torch.Tensor  # task-token rows [k, d] on the CPU
+    bundle: Any  # the kind's weights on the CPU, the copy that comes back after eviction (None: in the store)
+    rows: torch.Tensor | None  # task-token rows [k, d] on the CPU (None with `bundle`)
     encoder: TaskCodec
     parameter_count: int
     slot: int | None = None
     row_offset: int = 0
     in_use: int = 0
     retired: bool = False  # replaced or unloaded: freed once no sequence uses it
+    fetch: Callable[[], Any] | None = None  # reads the weights from the store again (`Engine.add_stored`)
 
     @property
     def ref(self) -> str:
@@ -80,6 +82,7 @@ class Sequence:
     released: bool = False
     detokenizer: IncrementalText | None = None
     stop_scan: int = 0  # stop strings are searched for in `text` from here on
+    error: HubError | None = None  # why it ended with finish_reason "error", when that is known
     input_tokens_dropped: int = 0  # cut from a too-long input by a task that truncates (`Task.truncates_input`)
 
     @property

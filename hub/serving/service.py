@@ -43,6 +43,7 @@ class ServiceSettings:
     max_batch: int = 32
     max_queue: int = 256
     max_resident: int | None = None
+    max_cpu_adapters: int | None = None  # None: every served adapter's weights stay in CPU memory
     request_timeout: float = 120.0
     watch_interval: float = 0.5
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
@@ -116,7 +117,8 @@ class HubService:
                  settings: ServiceSettings | None = None):
         self.settings = settings or ServiceSettings()
         self.store = store
-        self.engine = Engine(backbone, make_task, max_resident=self.settings.max_resident)
+        self.engine = Engine(backbone, make_task, max_resident=self.settings.max_resident,
+                             max_cpu_adapters=self.settings.max_cpu_adapters)
         self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
                                    self.settings.prefill_chunk)
         self.sync = StoreSync(store, self.engine)
@@ -203,7 +205,7 @@ class HubService:
                     sent = len(ready)
                 if done:
                     if sequence.finish_reason == "error":
-                        raise GenerationFailedError("generation failed; the server log has the details")
+                        raise sequence.error or GenerationFailedError("generation failed; the server log has the details")
                     return
         finally:  # every request is counted once, cancelled and timed-out ones included
             reason = sequence.finish_reason if sequence.finished else outcome

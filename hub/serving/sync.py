@@ -6,11 +6,12 @@ serving; a name unloaded by an operator stays unloaded until a newer version of 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
 from hub.serving.engine import Engine
-from hub.store.catalog import AdapterStore, StoredVersion
+from hub.store.catalog import AdapterStore, StoredVersion, check_backbone
 
 log = logging.getLogger("hub.serving.sync")
 
@@ -65,7 +66,7 @@ class StoreSync:
             if stored.ref in self.refused:
                 continue
             try:
-                self.engine.add_adapter(self.store.load(stored.ref, self.engine.backbone.fingerprint))
+                self._add(stored)
             except Exception as err:  # whatever one bad version raises, the other names and versions still load
                 self.refused[stored.ref] = result.refused[stored.ref] = str(err) or type(err).__name__
                 log.warning("refused adapter %s: %s", stored.ref, result.refused[stored.ref])
@@ -73,6 +74,17 @@ class StoreSync:
             result.loaded.append(stored.ref)
             self.excluded.pop(name, None)
             return
+
+    def _add(self, stored: StoredVersion) -> None:
+        """Load the version's weights now, or, with a bounded CPU tier (`Engine.max_cpu_adapters`), only check
+        its backbone and metadata and leave the weights in the store until a request needs them."""
+        fingerprint = self.engine.backbone.fingerprint
+        if self.engine.max_cpu_adapters is None:
+            self.engine.add_adapter(self.store.load(stored.ref, fingerprint))
+            return
+        check_backbone(stored, fingerprint)
+        self.engine.add_stored(stored.name, stored.version, stored.meta,
+                               functools.partial(self.store.load, stored.ref, fingerprint))
 
     def unload(self, name: str) -> None:
         """Unload `name` until a newer version is published."""

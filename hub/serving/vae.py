@@ -41,7 +41,7 @@ class VaeOps:
             raise HubError(f"task {task!r} is not a sentence VAE (its type is {self.adapter.meta.task_type!r}); "
                            f"the /v1/vae routes serve sentence_vae adapters only")
         self.task = task
-        self.vae: SentenceVAE = self.adapter.bundle
+        self.vae: SentenceVAE = engine.weights(self.adapter)
         self.nz = self.vae.config.nz
         self.max_length = self.adapter.meta.max_length or 32
         self.eos = engine.backbone.tokenizer.eos_token_id or 0

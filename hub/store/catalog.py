@@ -348,14 +348,19 @@ def read_export(path: Path) -> RunExport:
     return RunExport(path, meta, config, tensors)
 
 
+def check_backbone(stored: StoredVersion, backbone: dict) -> None:
+    """BackboneMismatchError unless the version was trained on the backbone with this fingerprint."""
+    problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
+    if problem:
+        raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
+
+
 def loaded_adapter(stored: StoredVersion, backbone: dict | None,
                    read_tensors: Callable[[str], dict[str, torch.Tensor]]) -> LoadedAdapter:
     """A verified version's tensors (`read_tensors(payload file name)`) as a LoadedAdapter, after checking the
     backbone fingerprint (if given) and the task rows' shape; every store backend ends its `load` here."""
     if backbone is not None:
-        problem = fingerprint_mismatch(dict(stored.meta.backbone), backbone)
-        if problem:
-            raise BackboneMismatchError(f"adapter '{stored.ref}' {problem}")
+        check_backbone(stored, backbone)
     adapter_tensors = read_tensors(weights_file(stored.meta))
     if not stored.meta.has_task_tokens:
         no_rows = torch.zeros(0, stored.meta.backbone["n_embd"])
@@ -481,22 +486,22 @@ class AdapterStore:
 
     def list(self) -> list[AdapterSummary]:
         """Every name (sorted) with its usable versions, oldest to newest, and the skipped ones with why."""
-        summaries = []
-        for name_dir in sorted(self._visible_dirs(self.root)):
-            if name_dir.is_symlink():
-                reason = f"'{name_dir}' is a symbolic link; the store refuses links"
-                summaries.append(AdapterSummary(name_dir.name, [], [SkippedVersion(name_dir.name, None, reason)]))
-                continue
-            versions, skipped = self._versions(name_dir)
-            if versions or skipped:
-                summaries.append(AdapterSummary(name_dir.name, versions, skipped))
-        return summaries
+        summaries = (self._summary(name_dir) for name_dir in sorted(self._visible_dirs(self.root)))
+        return [summary for summary in summaries if summary is not None]
+
+    def _summary(self, name_dir: Path) -> AdapterSummary | None:
+        """One name's versions (None: no folder or nothing in it)."""
+        if name_dir.is_symlink():
+            reason = f"'{name_dir}' is a symbolic link; the store refuses links"
+            return AdapterSummary(name_dir.name, [], [SkippedVersion(name_dir.name, None, reason)])
+        versions, skipped = self._versions(name_dir)
+        return AdapterSummary(name_dir.name, versions, skipped) if versions or skipped else None
 
     def show(self, ref: str) -> StoredVersion:
         """``NAME`` (newest usable by created_at) or ``NAME@VERSION``; NotFoundError lists what exists,
-        IntegrityError says why a version is skipped."""
+        IntegrityError says why a version is skipped. Reads only that name's folder."""
         name, version = parse_ref(ref)
-        summary = next((s for s in self.list() if s.name == name), None)
+        summary = self._summary(self.root / name)
         if summary is None:
             known = ", ".join(s.name for s in self.list() if s.versions) or "none"
             raise NotFoundError(f"no adapter named '{name}' in store '{self.root}' (available: {known})")
