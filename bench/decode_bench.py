@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,29 +141,49 @@ class PassThroughBlocks(torch.nn.Module):
 
 
 def hook_times(folder: Path, repeats: int = 5) -> dict:
-    """Milliseconds per decode step (every layer, ROWS rows of one token) spent in the VLM hooks alone."""
+    """Milliseconds per decode step (every layer, ROWS rows of one token) spent in the VLM hooks alone, the bytes
+    of adapter weights that step reads, and the machine's read bandwidth: the floor those bytes set. The
+    distinct and cycling plans also run as two dense `F.linear` calls per adapter and layer (`dense`: no rank
+    buckets), the form before `F.embedding_bag`, to show what the buckets save."""
     from transformers import GPT2Config
 
     from hub.adapters.base import RowState
-    from hub.adapters.vlm import VlmRuntime, stack_layers
+    from hub.adapters.vlm import VlmRuntime, group_rows, stack_layers
     from hub.store.catalog import adapter_layers
 
     config = GPT2Config.from_pretrained(folder)
     model, (b100, cycling) = PassThroughBlocks(config), scenario_adapters(config)
     runtime = VlmRuntime(model)
     slots = {a.name: runtime.add(stack_layers(adapter_layers(a.adapter_tensors, a.name))) for a in b100 + cycling}
-    plans = {"single": [slots["h0"]] * ROWS, "distinct": [slots[a.name] for a in b100],
-             "cycling": [slots[a.name] for a in cycling]}
+    rows = {"single": [slots["h0"]] * ROWS, "distinct": [slots[a.name] for a in b100],
+            "cycling": [slots[a.name] for a in cycling]}
+    plans = {name: runtime.make_plan([RowState(s) for s in row_slots]) for name, row_slots in rows.items()}
+    for name in ("distinct", "cycling"):
+        plans[f"{name}, dense"] = group_rows([RowState(s) for s in rows[name]], 0, runtime.device)
     h, times = torch.randn(ROWS, 1, config.n_embd), {}
-    for name, row_slots in plans.items():
-        with torch.inference_mode(), runtime.active(runtime.make_plan([RowState(s) for s in row_slots])):
+    for name, plan in plans.items():
+        with torch.inference_mode(), runtime.active(plan):
             model(h)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model(h)
-        times[name] = 1000 * (time.perf_counter() - start) / repeats
+            times[name] = best_ms(lambda: model(h), repeats)
+    read = {name: sum(runtime.layer_weights(s, layer).nbytes() for s in set(rows[name.split(",")[0]])
+                      for layer in range(config.n_layer)) for name in plans}
     runtime.close()
-    return times
+    return {"ms": times, "bytes_read": read, "read_gb_s": read_bandwidth_gb_s()}
+
+
+def best_ms(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
+
+
+def read_bandwidth_gb_s(megabytes: int = 512) -> float:
+    """Reading a tensor far larger than the caches (a sum over it), with torch's threads: bytes / second."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    return data.numel() * 4 / best_ms(data.sum, 5) / 1e6
 
 
 def keep(results: dict, name: str, result: dict) -> None:
@@ -274,6 +295,60 @@ def publish_latency(folder: Path, work: Path, count: int) -> dict:
             "p99_ms": 1000 * percentile(latencies, 99), "max_ms": 1000 * max(latencies)}
 
 
+# -- 1,000 stored, 256 resident ---------------------------------------------------------------------------------
+SCALE_STORED, SCALE_RESIDENT, SCALE_RANKS = 1000, 256, (10, 100, 300)
+
+
+def scale(folder: Path, work: Path) -> dict:
+    """`hub serve --max-resident 256 --max-cpu-adapters 256` over a store of 1,000 adapters of mixed bottleneck:
+    start-up (listing and validating the store, registering every adapter from its metadata), RSS, making 256
+    resident through requests, and the latency of a one-token request whose adapter is in neither tier."""
+    store = AdapterStore(work / "scale-store")
+    started = time.perf_counter()
+    publish_random(store, folder, [(f"s{i}", SCALE_RANKS[i % 3]) for i in range(SCALE_STORED)], seed=20000)
+    stored_bytes = sum(f.stat().st_size for f in store.root.rglob("*.safetensors"))
+    print(f"scale: store of {SCALE_STORED} written in {time.perf_counter() - started:.0f}s", flush=True)
+    os.sync()
+    backbone = load_backbone(str(folder), "cpu")
+    sources = prompt_sources(backbone.tokenizer, 1)
+    settings = ServiceSettings(max_batch=ROWS, max_resident=SCALE_RESIDENT, max_cpu_adapters=SCALE_RESIDENT,
+                               watch_interval=0, request_timeout=3600)
+    rss_before = rss_gb()
+
+    async def measure() -> dict:
+        begin = time.perf_counter()
+        service = HubService(backbone, store, make_task, settings)
+        await service.start()
+        startup = time.perf_counter() - begin
+        rss_started = rss_gb()
+
+        async def one(name: str) -> float:
+            start = time.perf_counter()
+            handle = await service.submit(name, sources[0], sampling_params(max_new_tokens=1, ignore_eos=True))
+            await service.complete(handle, lambda: asyncio.sleep(0, False))
+            return time.perf_counter() - start
+
+        begin = time.perf_counter()
+        for batch in range(0, SCALE_RESIDENT, ROWS):  # 256 adapters made resident by requests, 64 at a time
+            await asyncio.gather(*(one(f"s{i}") for i in range(batch, batch + ROWS)))
+        fill = time.perf_counter() - begin
+        resident = {"rss_gb": rss_gb(), "bank_bytes": service.engine.resident_bytes(),
+                    "resident": service.engine.resident_count(), "seconds": fill}
+        warm_ids = range(max(0, SCALE_RESIDENT - 30), SCALE_RESIDENT)  # resident: the last ones made so
+        cold_ids = range(SCALE_STORED - min(30, SCALE_STORED - SCALE_RESIDENT), SCALE_STORED)  # never read yet
+        warm = {r: [await one(f"s{i}") for i in warm_ids if i % 3 == k] for k, r in enumerate(SCALE_RANKS)}
+        cold = {r: [await one(f"s{i}") for i in cold_ids if i % 3 == k] for k, r in enumerate(SCALE_RANKS)}
+        service.stop()
+        return {"startup_s": startup, "rss_gb_started": rss_started, "resident_256": resident,
+                "rss_gb_end": rss_gb(),
+                "resident_request_ms": {r: 1000 * statistics.median(v) for r, v in warm.items()},
+                "cold_request_ms": {r: 1000 * statistics.median(v) for r, v in cold.items()},
+                "cold_request_ms_max": {r: 1000 * max(v) for r, v in cold.items()}}
+
+    return {"stored": SCALE_STORED, "stored_bytes": stored_bytes, "rss_gb_backbone": rss_before,
+            **asyncio.run(measure())}
+
+
 LABELS = {"single": "single task, b=100", "distinct": "64 distinct tasks, b=100",
           "cycling": "64 distinct tasks, b cycling 10/100/300", "base": "frozen base, no adapter",
           "single+300": "single task b=100, b=300 adapters resident too"}
@@ -281,15 +356,32 @@ TARGETS = [("distinct", "single", 0.95), ("cycling", "single", 0.95), ("single+3
            ("single", "base", None), ("distinct", "base", None), ("cycling", "base", None)]
 
 
+def hooks_lines(hooks: dict) -> list[str]:
+    bandwidth = hooks["read_gb_s"]
+    lines = [f"VLM hooks alone, one decode step of {ROWS} rows (machine read bandwidth {bandwidth:.1f} GB/s):", "",
+             "| plan | ms per step | adapter bytes read (MB) | bytes / bandwidth (ms) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {hooks['bytes_read'][name] / 1e6:.0f} | "
+              f"{hooks['bytes_read'][name] / bandwidth / 1e6:.1f} |" for name, ms in hooks["ms"].items()]
+    return lines
+
+
+def scale_lines(scale: dict) -> list[str]:
+    resident = scale["resident_256"]
+    per_rank = lambda values: ", ".join(f"b={r} {ms:.0f} ms" for r, ms in values.items())  # noqa: E731
+    return [f"{scale['stored']} adapters in the store ({scale['stored_bytes'] / 1e9:.1f} GB, b cycling 10/100/300), "
+            f"`--max-resident {resident['resident']} --max-cpu-adapters {resident['resident']}`: start-up "
+            f"{scale['startup_s']:.1f} s (RSS {scale['rss_gb_started']:.2f} GB, backbone alone "
+            f"{scale['rss_gb_backbone']:.2f} GB); {resident['resident']} made resident by requests in "
+            f"{resident['seconds']:.1f} s (RSS {resident['rss_gb']:.2f} GB, bank {resident['bank_bytes'] / 1e9:.2f} GB); "
+            f"a one-token request, median: resident adapter {per_rank(scale['resident_request_ms'])}; adapter in "
+            f"neither tier (read from the store) {per_rank(scale['cold_request_ms'])} "
+            f"(max {per_rank(scale['cold_request_ms_max'])})."]
+
+
 def markdown(result: dict) -> str:
     """The tables of docs/BENCHMARKS.md from a decode_bench.json."""
     runs, memory = result.get("scenarios", {}), result.get("memory")
-    if "hooks" in result:
-        hooks = result["hooks"]
-        lines_hooks = [f"VLM hooks alone, one decode step of {ROWS} rows: " + ", ".join(
-            f"{name} {ms:.0f} ms" for name, ms in hooks.items()) + "."]
-    else:
-        lines_hooks = []
+    lines_hooks = hooks_lines(result["hooks"]) if "hooks" in result else []
     lines = ["| scenario | generated tokens/s | p50 latency (s) | p99 latency (s) | peak RSS so far (GB) |",
              "|---|---|---|---|---|"]
     lines += [f"| {LABELS[k]} | {r['tokens_per_s']:.1f} | {r['p50_s']:.1f} | {r['p99_s']:.1f} | {r['peak_rss_gb']:.2f} |"
@@ -313,6 +405,7 @@ def markdown(result: dict) -> str:
                   f"{http['p99_s']:.1f} |",
                   f"| HTTP / engine | {http['tokens_per_s'] / engine['tokens_per_s']:.2f} (target ≥ 0.9) | | |"]
     lines += [""] + lines_hooks if lines_hooks else []
+    lines += [""] + scale_lines(result["scale"]) if "scale" in result else []
     if "publish" in result:
         publish = result["publish"]
         lines += ["", f"Publish -> served ({publish['count']} publishes, store watched "
@@ -328,7 +421,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="memory,scenarios,hooks,http,publish",
-                        help="comma-separated: memory, scenarios, hooks, http, publish")
+                        help="comma-separated: memory, scenarios, hooks, http, publish, scale")
     parser.add_argument("--rows", type=int, default=ROWS, help="smaller for a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     args = parser.parse_args()
@@ -337,7 +430,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hub-decode-bench-"))
     folder = random_gpt2_small(work / "gpt2-random")
     parts = {"memory": lambda: bank_memory(folder), "hooks": lambda: hook_times(folder), "scenarios": lambda: engine_scenarios(folder, args.rounds),
-             "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20)}
+             "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20),
+             "scale": lambda: scale(folder, work)}
     result = {"machine": machine(), "load_before": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):

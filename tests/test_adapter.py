@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hub.adapters import registry
 from hub.adapters.base import AdapterKind, KindRuntime, RowState
-from hub.adapters.vlm import (AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
+from hub.adapters.vlm import (DENSE_ROWS, AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
                               vlm_adapter_config)
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
@@ -219,6 +219,33 @@ def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
     assert runtime.add(small) == a
     runtime.close()
     assert all(not block._forward_hooks for block in model.transformer.h)
+
+
+def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula():
+    """One token per row: adapters with few rows go through their rank bucket's `F.embedding_bag` pair, one with
+    DENSE_ROWS rows or more through dense matmuls; every row equals its own adapter's formula, also after the
+    buckets grew (adapters added later) and after an index was freed and reused."""
+    model, g = Blocks(n_layer=2), torch.Generator().manual_seed(1)
+    runtime = VlmRuntime(model)
+    weights = {name: random_weights(2, 8, rank, g) for name, rank in (("a", 3), ("b", 20), ("c", 3), ("d", 3))}
+    slots = {name: runtime.add(w) for name, w in weights.items()}
+    runtime.remove(slots.pop("d"))
+    slots["e"], weights["e"] = runtime.add(weights["d"]), weights["d"]  # reuses d's index in the rank-3 bucket
+    for i in range(6):  # grow both buckets well past their first capacity
+        runtime.add(random_weights(2, 8, (3, 20)[i % 2], g))
+    names = ["a", "c", "b", None, "a", "e", "a", "c", "a", "a"]
+    assert names.count("a") >= DENSE_ROWS > names.count("c")
+    h = torch.randn(len(names), 1, 8)
+    plan = runtime.make_plan([RowState(slots[n]) if n else RowState() for n in names])
+    assert {type(piece).__name__ for piece in plan.decode} == {"Bag", "tuple"}
+    with runtime.active(plan):
+        out = model(h)[1]
+    for row, name in enumerate(names):
+        expected = h[row] if name is None else vlm_adapter(h[row:row + 1], weights[name].map(lambda t: t[1]), 1e-5)[0]
+        assert torch.allclose(out[row], expected, atol=1e-5), (row, name)
+    assert {rank: bucket.used for rank, bucket in runtime.buckets.items()} == {3: 6, 20: 4}
+    assert all(bucket.capacity <= 1.2 * bucket.used + 1 for bucket in runtime.buckets.values())
+    runtime.close()
 
 
 def test_engines_take_their_hooks_off_the_model(tiny_base):

@@ -136,7 +136,7 @@ def test_replacing_a_version_keeps_running_sequences_on_the_old_one(tiny_base):
     assert old.retired and old.slot is not None, "still used by a running sequence"
     engine.run([running])
     assert old.slot is None and engine.adapters["t"].version == "2"
-    assert torch.equal(engine.runtimes["vlm"].slots[engine.adapters["t"].slot][0].up_bias,
+    assert torch.equal(engine.runtimes["vlm"].layer_weights(engine.adapters["t"].slot, 0).up_bias,
                        new.adapter_tensors["transformer.h.0.output_adapters.adapters.t.adapter_up.bias"])
 
 

@@ -12,7 +12,9 @@ adapters. Tests prove the library, the formula and the grouped path give the sam
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
@@ -21,6 +23,7 @@ from adapters import SeqBnConfig
 from torch import nn
 
 from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
+from hub.adapters.rank_buckets import Bag, Location, RankBucket
 from hub.errors import HubError
 from hub.store.catalog import adapter_layers
 
@@ -112,47 +115,69 @@ class LayerWeights:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
 
 
+DENSE_ROWS = 4  # an adapter with this many rows in a decode step runs as dense matmuls, not through its bucket
+
+
 @dataclass(frozen=True)
 class VlmPlan:
-    """Rows grouped by slot for one batch. `groups` pairs a slot with a range of rows after reordering by
-    `order` (None: rows already in order); `order` also says where the deltas are added back. A plan with
-    `order` None and one group covering every row applies to a batch of any size."""
+    """Rows grouped for one batch, after reordering by `order` (None: rows already in order; `order` also says
+    where the deltas are added back). `groups` pairs each slot with its rows (dense matmuls: prefill);
+    `decode` covers the same rows for steps of one token per row: rank buckets' `Bag`s for adapters with
+    few rows, dense groups for the others. A plan with `order` None and one group covering every row applies
+    to a batch of any size."""
 
     groups: tuple[tuple[int, slice], ...]
     order: torch.Tensor | None
+    decode: tuple[tuple[int, slice] | Bag, ...]
 
 
 class VlmRuntime(KindRuntime):
-    """Resident VLM adapters, each stored once at its own bottleneck in fp32, and one hook per GPT-2 block.
+    """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`), fp32, and one hook per GPT-2 block.
 
-    Memory is the resident adapters' own weights (less the folded LN vectors): no slot is padded to another
-    adapter's rank and nothing is regrown by concatenation. Per step and layer the batch is normalised once;
-    then each distinct adapter reads its weights once, in two `F.linear` calls over its own rows (contiguous
-    after sorting by slot); rows without a VLM adapter pass unchanged.
+    Memory is the resident adapters' own weights (less the folded LN vectors) plus at most a fifth of free room
+    per bucket: no slot is padded to another adapter's rank. Per step and layer the batch is normalised once;
+    in a decode step each rank bucket applies all its rows' adapters in one `F.embedding_bag` pair (each
+    adapter's weights read once per row), and an adapter with many rows (or any adapter during prefill) runs
+    as two `F.linear` calls over its own rows; rows without a VLM adapter pass unchanged.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
+        self.buckets: dict[int, RankBucket] = {}
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
-        return self.claim(device_layers(bundle, self.device))
+        layers = device_layers(bundle, self.device)
+        rank = layers[0].down.shape[0]
+        if rank not in self.buckets:
+            self.buckets[rank] = RankBucket(rank, len(layers), layers[0].down.shape[1], self.device)
+        return self.claim(Location(rank, self.buckets[rank].put(layers)))
+
+    def remove(self, slot: int) -> None:
+        location: Location | None = self.slots.get(slot)
+        super().remove(slot)
+        self.buckets[location.rank].release(location.index)
+
+    def layer_weights(self, slot: int, layer: int) -> LayerWeights:
+        location: Location = self.slots[slot]
+        return LayerWeights(*self.buckets[location.rank].layer_views(location.index, layer))
 
     def resident_bytes(self) -> int:
-        return sum(layer.nbytes() for layers in self.slots.values() for layer in layers)
+        return sum(bucket.nbytes() for bucket in self.buckets.values())
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan:
-        return group_rows(rows, slot, self.device)
+        return group_rows(rows, slot, self.device, self.slots, self.buckets)
 
     def _hook(self, layer: int):
         def apply(module, args, output):
             plan: VlmPlan | None = self.plan
             if not plan or not plan.groups:
                 return output
-            h = add_deltas(output[0], plan, lambda slot: self.slots[slot][layer], self.eps)
+            h = add_deltas(output[0], plan, lambda slot: self.layer_weights(slot, layer), self.eps,
+                           lambda bag, x: self.buckets[bag.rank].bag_delta(x, layer, bag))
             return (h,) + tuple(output[1:])
 
         return apply
@@ -163,28 +188,48 @@ def device_layers(bundle: AdapterWeights, device: torch.device) -> list[LayerWei
     return [LayerWeights.from_adapter(bundle, layer, device) for layer in range(bundle.ln_weight.shape[0])]
 
 
-def group_rows(rows: list[RowState] | None, slot: int, device: torch.device) -> VlmPlan:
+def group_rows(rows: list[RowState] | None, slot: int, device: torch.device,
+               locations: dict[int, Location] | None = None, buckets: dict[int, RankBucket] | None = None) -> VlmPlan:
     """Rows grouped by slot, sorted so each slot's rows are one slice (rows None: `slot` on every row of a batch
-    of any size); NO_SLOT rows are left out."""
+    of any size); NO_SLOT rows are left out. With `locations` (slot -> place in `buckets`), slots with fewer
+    than DENSE_ROWS rows are ordered by rank after the others, so each bucket's rows are one `Bag` slice in
+    decode steps."""
     if rows is None:
-        return VlmPlan(((slot, slice(None)),) if slot != NO_SLOT else (), None)
-    order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT), key=lambda i: rows[i].slot)
-    groups, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or rows[order[end]].slot != rows[order[start]].slot:
-            groups.append((rows[order[start]].slot, slice(start, end)))
-            start = end
-    if order == list(range(len(order))):
-        return VlmPlan(tuple(groups), None)
-    return VlmPlan(tuple(groups), torch.tensor(order, device=device))
+        groups = ((slot, slice(None)),) if slot != NO_SLOT else ()
+        return VlmPlan(groups, None, groups)
+    count = Counter(row.slot for row in rows if row.slot != NO_SLOT)
+    bucket = lambda s: locations[s].rank if locations and count[s] < DENSE_ROWS else 0  # noqa: E731  0: dense
+    order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT),
+                   key=lambda i: (bucket(rows[i].slot), rows[i].slot))
+    slots = [rows[i].slot for i in order]
+    groups = tuple((s, slice(start, start + count[s])) for start, s in _run_starts(slots))
+    decode: list = []
+    for rank, members in itertools.groupby(groups, key=lambda group: bucket(group[0])):
+        members = list(members)
+        if not rank:
+            decode += members
+            continue
+        span = slice(members[0][1].start, members[-1][1].stop)
+        decode.append(buckets[rank].bag(span, [locations[s].index for s in slots[span]]))
+    identity = order == list(range(len(order)))
+    return VlmPlan(groups, None if identity else torch.tensor(order, device=device), tuple(decode))
 
 
-def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float) -> torch.Tensor:
-    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`. The
-    batch is layer-normalised once (fp32); each distinct adapter then reads its weights once."""
+def _run_starts(values: list[int]) -> list[tuple[int, int]]:
+    """(start, value) of each run of equal values."""
+    return [(i, v) for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
+
+
+def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float, bag_delta=None) -> torch.Tensor:
+    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`,
+    `bag_delta(bag, x [n, d])` a rank bucket's deltas (decode steps, one token per row). The batch is
+    layer-normalised once (fp32); each distinct adapter then reads its weights once per step (per row in a bag)."""
     normed = F.layer_norm((h if plan.order is None else h.index_select(0, plan.order)).float(),
                           h.shape[-1:], eps=eps)
-    deltas = [layer_of(slot).delta(normed[rows]) for slot, rows in plan.groups]
+    decoding = h.shape[1] == 1 and bag_delta is not None
+    deltas = [bag_delta(piece, normed[piece.rows, 0]).unsqueeze(1) if isinstance(piece, Bag)
+              else layer_of(piece[0]).delta(normed[piece[1]])
+              for piece in (plan.decode if decoding else plan.groups)]
     delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)).to(h.dtype)
     if plan.order is not None:
         return h.index_add(0, plan.order, delta)
