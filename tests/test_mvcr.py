@@ -141,6 +141,38 @@ def test_reconstruction_step_touches_only_the_autoencoders(tiny_base):
     assert optimised == {id(p) for p in mvcr.parameters()}
 
 
+def _reconstruct_on_own_data(rank: int, world_size: int, base: str, init_file: str, out: str) -> None:
+    """One data-parallel process: MVCR's reconstruction steps on this rank's own batches."""
+    import torch.distributed as dist
+
+    from hub.training.distributed import DataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(100 + rank)  # each rank's own data and noise, as in training
+    model = load_backbone(base, "cpu", dtype=torch.float32).model
+    mvcr = MVCR(MVCR.resolve({"layers": [1], "dims": [8, 6]}, model), model, seed=0,
+                average_gradients=DataParallel.current(torch.device("cpu")).average_gradients)
+    with mvcr.attached(model):
+        for _ in range(3):
+            model.train()(torch.randint(0, 8000, (2, 7)))
+            mvcr.after_step()
+    torch.save([p.detach() for p in mvcr.parameters()], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_processes_keep_equal_autoencoders(tiny_base, tmp_path):
+    """Each process steps the autoencoders on its own batches; gradients averaged first, they stay equal."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "params")
+    mp.spawn(_reconstruct_on_own_data, args=(2, str(tiny_base), str(tmp_path / "init"), out), nprocs=2)
+    first, second = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    single = MVCR(MVCR.resolve({"layers": [1], "dims": [8, 6]}, load_backbone(str(tiny_base), "cpu").model),
+                  load_backbone(str(tiny_base), "cpu").model, seed=0).parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(first, single)), "the steps changed the autoencoders"
+
+
 # -- plugged out after training -------------------------------------------------------------------------------
 
 def test_hooks_are_gone_after_training(mvcr_trainer):

@@ -101,6 +101,15 @@ class DataParallel:
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
             offset += grad.numel()
 
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Replace gradients by their mean over processes (steps every process takes on its own data, such as a
+        regulariser's, stay identical everywhere)."""
+        if self.world_size == 1:
+            return
+        self.sum_gradients(params)
+        for param in params:
+            param.grad /= self.world_size
+
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter], seed: int) -> None:
         """Start every process from rank 0's trainable weights; then seed each process's dropout differently."""
         if self.world_size == 1:

@@ -158,9 +158,10 @@ class Trainer:
         self.model = backbone.model
         self.rows = self._attach()
         config.regularizers = resolve_regularizers(config.regularizers, self.model)  # recorded as resolved
-        self.regularizers = build_regularizers(config.regularizers, self.model, config.seed)
-        self.params = trainable_parameters(self.model) + [p for r in self.regularizers for p in r.parameters()]
         self.dist = DataParallel.current(backbone.device)
+        self.regularizers = build_regularizers(config.regularizers, self.model, config.seed,
+                                               self.dist.average_gradients)
+        self.params = trainable_parameters(self.model) + [p for r in self.regularizers for p in r.parameters()]
         self.dist.broadcast_parameters(self.params, config.seed)
         self.codec = TaskCodec(task, backbone.tokenizer, backbone.vocab_size, config.max_length)
         self.pad_id = backbone.tokenizer.eos_token_id or 0

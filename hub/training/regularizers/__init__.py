@@ -22,9 +22,14 @@ from hub.errors import HubError
 # What a warm-up may ask of the trainer: one pass over the training batches, each run through the model in
 # the mode given (no gradients), so that the regulariser's hooks can see the activations.
 ForwardBatches = Callable[[], Iterable[None]]
+# Averages parameters' gradients over data-parallel processes (a no-op in one process).
+GradientSync = Callable[[list[torch.nn.Parameter]], None]
 
 
 class Regularizer(ABC):
+    """Built as `cls(settings, model, seed, average_gradients)`; a regulariser that steps its own optimiser on
+    each process's data calls `average_gradients` first, so its modules stay equal on every process."""
+
     name: ClassVar[str]
 
     @classmethod
@@ -69,7 +74,9 @@ def resolve_regularizers(specs: dict[str, dict], model: torch.nn.Module) -> dict
     return {name: types[name].resolve(options, model) for name, options in specs.items()}
 
 
-def build_regularizers(settings: dict[str, dict], model: torch.nn.Module, seed: int) -> list[Regularizer]:
-    """One regulariser per entry of resolved `settings`, on the model's device."""
+def build_regularizers(settings: dict[str, dict], model: torch.nn.Module, seed: int,
+                       average_gradients: GradientSync = lambda params: None) -> list[Regularizer]:
+    """One regulariser per entry of resolved `settings`, on the model's device. `average_gradients(params)`
+    averages gradients over data-parallel processes before a regulariser's own optimiser steps."""
     types = regularizer_types()
-    return [types[name](options, model, seed) for name, options in settings.items()]
+    return [types[name](options, model, seed, average_gradients) for name, options in settings.items()]

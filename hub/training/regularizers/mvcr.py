@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hub.errors import HubError
-from hub.training.regularizers import ForwardBatches, Regularizer
+from hub.training.regularizers import ForwardBatches, GradientSync, Regularizer
 
 REFERENCE_LAYERS, REFERENCE_DEPTH = (6, 8, 11), 12  # MVCR's `--layer_sets` in a 12-layer model
 REFERENCE_DIMS, REFERENCE_WIDTH = (128, 256, 512), 768  # `--vae_sets` for hidden size 768
@@ -105,8 +105,10 @@ class MVCR(Regularizer):
         check_settings(settings, n_layer)
         return {**settings, "p_identity": view_probabilities(len(dims))[-1]}
 
-    def __init__(self, settings: dict[str, Any], model: nn.Module, seed: int):
+    def __init__(self, settings: dict[str, Any], model: nn.Module, seed: int,
+                 average_gradients: GradientSync = lambda params: None):
         self.settings = settings
+        self.average_gradients = average_gradients
         hidden, device = model.config.n_embd, next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # the run's own random stream stays that of a run without MVCR
             torch.manual_seed(seed)
@@ -203,6 +205,7 @@ class MVCR(Regularizer):
         for layer, h in inputs.items():
             loss = reconstruction_loss(h, self.autoencoders[layer])
             loss.backward()
+            self.average_gradients(list(self.autoencoders[layer].parameters()))
             torch.nn.utils.clip_grad_norm_(self.autoencoders[layer].parameters(), 1.0)
             self.optimizers[layer].step()
             self.schedules[layer].step()
