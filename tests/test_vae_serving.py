@@ -24,12 +24,10 @@ NZ = 4
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
 
 
-@pytest.fixture(scope="module")
-def vae_export(tiny_base, tmp_path_factory) -> Path:
+def export_vae(tiny_base: Path, run: Path, site: str) -> Path:
     """A VAE bundle with random weights everywhere (decoder adapters and both injections do visible work)."""
     backbone = load_backbone(str(tiny_base), "cpu")
-    run = tmp_path_factory.mktemp("vae-serving")
-    vae = {"nz": NZ, "encoder_layers": 1, "bottleneck": 3, "injection": "both"}
+    vae = {"nz": NZ, "encoder_layers": 1, "bottleneck": 3, "injection": "both", "adapter_site": site}
     trainer = VAETrainer(backbone, VAETrainConfig.for_recipe("adavae", name="vae", data="-", base=str(tiny_base),
                                                              vae=vae, max_length=16), run)
     torch.manual_seed(0)
@@ -40,21 +38,50 @@ def vae_export(tiny_base, tmp_path_factory) -> Path:
     return run / "best"
 
 
-@pytest.fixture(scope="module")
-def store(vae_export, trained_run, tmp_path_factory) -> AdapterStore:
-    store = AdapterStore(tmp_path_factory.mktemp("vae-store") / "store")
+def vae_and_e2e_store(vae_export: Path, trained_run: Path, folder: Path) -> AdapterStore:
+    store = AdapterStore(folder / "store")
     store.publish(vae_export, name="vae")
     store.publish(trained_run / "best", name="e2e")
     return store
 
 
+@pytest.fixture(scope="module")
+def vae_export(tiny_base, tmp_path_factory) -> Path:
+    return export_vae(tiny_base, tmp_path_factory.mktemp("vae-serving"), "block_output")
+
+
+@pytest.fixture(scope="module")
+def store(vae_export, trained_run, tmp_path_factory) -> AdapterStore:
+    return vae_and_e2e_store(vae_export, trained_run, tmp_path_factory.mktemp("vae-store"))
+
+
+@pytest.fixture(scope="module")
+def ffn_store(tiny_base, trained_run, tmp_path_factory) -> AdapterStore:
+    """The same with AdaVAE's FFN-parallel decoder adapters."""
+    export = export_vae(tiny_base, tmp_path_factory.mktemp("vae-ffn"), "ffn_parallel")
+    return vae_and_e2e_store(export, trained_run, tmp_path_factory.mktemp("vae-ffn-store"))
+
+
+def serving_engine(tiny_base: Path, store: AdapterStore):
+    backbone = load_backbone(str(tiny_base), "cpu")
+    engine = Engine(backbone, make_task)
+    for name in ("vae", "e2e"):
+        engine.add_adapter(store.load(name, backbone.fingerprint))
+    return engine
+
+
 @pytest.fixture
 def engine(tiny_base, store):
-    backbone = load_backbone(str(tiny_base), "cpu")
-    with Engine(backbone, make_task) as engine:
-        for name in ("vae", "e2e"):
-            engine.add_adapter(store.load(name, backbone.fingerprint))
+    with serving_engine(tiny_base, store) as engine:
         yield engine
+
+
+@pytest.fixture(params=["block_output", "ffn_parallel"])
+def site(request, tiny_base, store, ffn_store):
+    """(engine, store) for a VAE at each adapter site."""
+    chosen = store if request.param == "block_output" else ffn_store
+    with serving_engine(tiny_base, chosen) as engine:
+        yield engine, chosen
 
 
 def plain_vae(engine: Engine, store: AdapterStore) -> SentenceVAE:
@@ -69,8 +96,10 @@ def record_logits(batch: DecodeBatch) -> list[torch.Tensor]:
     return seen
 
 
-def test_served_decoder_equals_the_plain_decoder(engine, store):
-    """Greedy tokens and fp32 logits (≤ 1e-4) of the engine's fused path against `SentenceVAE.decoder_logits`."""
+def test_served_decoder_equals_the_plain_decoder(site):
+    """Greedy tokens and fp32 logits (≤ 1e-4) of the engine's fused path against `SentenceVAE.decoder_logits`,
+    at either adapter site."""
+    engine, store = site
     ops, vae = VaeOps(engine, "vae"), plain_vae(engine, store)
     z = torch.randn(3, NZ, generator=torch.Generator().manual_seed(1))
     sequences = ops.sequences(z, SamplingParams(max_new_tokens=6))
@@ -97,8 +126,9 @@ def test_served_decoder_equals_the_plain_decoder(engine, store):
             torch.testing.assert_close(logits[:vocab], plain[step][:vocab], rtol=0, atol=1e-4)
 
 
-def test_vae_rows_share_a_fused_batch_with_e2e_rows(engine):
+def test_vae_rows_share_a_fused_batch_with_e2e_rows(site):
     """A VAE decode in a batch mixed with E2E rows gives the same greedy tokens as alone, and so do the E2E rows."""
+    engine = site[0]
     ops = VaeOps(engine, "vae")
     z = torch.randn(2, NZ, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(max_new_tokens=8)

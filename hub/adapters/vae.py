@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
@@ -387,53 +387,67 @@ EMBEDDING_OFFSET = "embedding_offset"
 
 @dataclass
 class ResidentVae:
-    """A bundle on the device: the module (encoder, heads, injector) and its decoder adapters per layer."""
+    """A bundle on the device: the module (encoder, heads, injector), its decoder adapters per layer and their
+    site (block output: `LayerWeights` with the LN folded in; FFN-parallel: no LN, applied to ln_2's input)."""
 
     vae: SentenceVAE
     decoder: list  # `hub.adapters.vlm.LayerWeights` per block
+    site: str
 
 
 @dataclass(frozen=True)
 class VaePlan:
-    """Decoder adapters grouped by slot (a `VlmPlan`) and the rows' embedding offsets [B, d] (None: none)."""
+    """Decoder adapters grouped by slot (`VlmPlan`s: rows at the block-output site, rows at the FFN-parallel
+    site) and the rows' embedding offsets [B, d] (None: none)."""
 
     adapters: VlmPlan
+    parallel: VlmPlan
     embedding: torch.Tensor | None
 
 
 class VaeRuntime(KindRuntime):
     """Resident sentence VAEs on the engine's backbone. Per decode step, rows of a VAE get its decoder adapters
-    (block-output site, `LayerWeights.delta`) and their own z's embedding offset; their z's KV prefix is in the
-    batch's cache from the prefill on (`latent_row_state`, `hub.serving.batch`). Other rows pass unchanged."""
+    at the VAE's site (`LayerWeights.delta`: after the block, or beside its MLP on the post-attention stream)
+    and their own z's embedding offset; their z's KV prefix is in the batch's cache from the prefill on
+    (`latent_row_state`, `hub.serving.batch`). Other rows pass unchanged."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
+        self.streams: dict[int, torch.Tensor] = {}  # layer -> ln_2's input in the current forward
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._block_hook(layer))
+            self.hooks.add_pre(block.ln_2, self._stream_hook(layer))
+            self.hooks.add(block.mlp, self._mlp_hook(layer))
         self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
 
     def add(self, bundle: SentenceVAE) -> int:
         dtype = next(self.model.parameters()).dtype  # the encoder runs on the backbone's own dtype
         vae = copy.deepcopy(bundle).to(device=self.device, dtype=dtype)  # the bundle stays on the CPU
         weights = vae.decoder_adapters.weights().map(lambda t: t.detach())
-        return self.claim(ResidentVae(vae, device_layers(weights, self.device)))
+        site = vae.config.adapter_site
+        if site == "ffn_parallel":  # f(x) has no LN: fold the identity affine
+            weights = replace(weights, ln_weight=torch.ones_like(weights.ln_weight),
+                              ln_bias=torch.zeros_like(weights.ln_bias))
+        return self.claim(ResidentVae(vae, device_layers(weights, self.device), site))
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for r in self.slots.values() for p in r.vae.parameters())
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VaePlan:
-        adapters = group_rows(rows, slot, self.device)
+        at_site = lambda s, site: s if s != NO_SLOT and self.slots[s].site == site else NO_SLOT  # noqa: E731
+        plans = [group_rows(None if rows is None else [RowState(at_site(r.slot, site)) for r in rows],
+                            at_site(slot, site), self.device) for site in ADAPTER_SITES]
         if rows is None:
-            return VaePlan(adapters, None)
+            return VaePlan(*plans, None)
         offsets = [row.extra.get(EMBEDDING_OFFSET) for row in rows]
         embedding = None
         if any(o is not None for o in offsets):
             d = self.model.config.n_embd
             embedding = torch.stack([o.to(self.device) if o is not None else torch.zeros(d, device=self.device)
                                      for o in offsets])
-        return VaePlan(adapters, embedding)
+        return VaePlan(*plans, embedding)
 
     def _block_hook(self, layer: int):
         def apply(module, args, output):
@@ -442,6 +456,24 @@ class VaeRuntime(KindRuntime):
                 return output
             h = add_deltas(output[0], plan.adapters, lambda slot: self.slots[slot].decoder[layer], self.eps)
             return (h,) + tuple(output[1:])
+
+        return apply
+
+    def _stream_hook(self, layer: int):
+        def keep(module, args):
+            plan: VaePlan | None = self.plan
+            if plan and plan.parallel.groups:
+                self.streams[layer] = args[0]
+
+        return keep
+
+    def _mlp_hook(self, layer: int):
+        def apply(module, args, output):
+            plan: VaePlan | None = self.plan
+            if not plan or not plan.parallel.groups:
+                return output
+            return add_deltas(output, plan.parallel, lambda slot: self.slots[slot].decoder[layer], self.eps,
+                              inputs=self.streams.pop(layer))
 
         return apply
 
@@ -460,11 +492,7 @@ class VaeKind(AdapterKind):
                         "/interpolate or /analogy (CLI: hub vae ...)")
 
     def load(self, loaded, config) -> SentenceVAE:
-        vae = load_vae(loaded.adapter_tensors, loaded.meta, config)
-        if vae.config.adapter_site != "block_output":
-            raise HubError(f"sentence VAE {loaded.ref} uses {vae.config.adapter_site} adapters, which fused "
-                           f"serving does not apply; train it with --adapter-site block_output")
-        return vae
+        return load_vae(loaded.adapter_tensors, loaded.meta, config)
 
     def parameter_count(self, bundle: SentenceVAE) -> int:
         return sum(p.numel() for p in bundle.parameters())

@@ -220,12 +220,15 @@ def _run_starts(values: list[int]) -> list[tuple[int, int]]:
     return [(i, v) for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
 
 
-def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float, bag_delta=None) -> torch.Tensor:
+def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float, bag_delta=None,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
     """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`,
-    `bag_delta(bag, x [n, d])` a rank bucket's deltas (decode steps, one token per row). The batch is
-    layer-normalised once (fp32); each distinct adapter then reads its weights once per step (per row in a bag)."""
-    normed = F.layer_norm((h if plan.order is None else h.index_select(0, plan.order)).float(),
-                          h.shape[-1:], eps=eps)
+    `bag_delta(bag, x [n, d])` a rank bucket's deltas (decode steps, one token per row). The adapters read
+    LN(h), layer-normalised once for the batch (fp32), or `inputs` as they are (an adapter without LN on
+    another stream, e.g. AdaVAE's FFN-parallel one); each distinct adapter reads its weights once per step."""
+    source = h if inputs is None else inputs
+    ordered = (source if plan.order is None else source.index_select(0, plan.order)).float()
+    normed = F.layer_norm(ordered, h.shape[-1:], eps=eps) if inputs is None else ordered
     decoding = h.shape[1] == 1 and bag_delta is not None
     deltas = [bag_delta(piece, normed[piece.rows, 0]).unsqueeze(1) if isinstance(piece, Bag)
               else layer_of(piece[0]).delta(normed[piece[1]])
