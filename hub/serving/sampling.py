@@ -11,15 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from hub.errors import HubError
+from hub.store.format import is_int
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_TEMPERATURE = 5.0
 SEED_LIMIT = 2**63  # torch generators take seeds below 2^64; JSON clients commonly handle signed 64-bit
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -38,18 +35,18 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Refuse any value that could make sampling raise inside a shared decode step."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise HubError("max_new_tokens must be a whole number of at least 1")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (self.temperature, self.top_p)):
             raise HubError("temperature and top_p must be finite numbers")
-        if not 0 <= self.temperature <= MAX_TEMPERATURE or not 0 < self.top_p <= 1 or not _is_int(self.top_k) \
+        if not 0 <= self.temperature <= MAX_TEMPERATURE or not 0 < self.top_p <= 1 or not is_int(self.top_k) \
                 or self.top_k < 0:
             raise HubError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g}, 0 < top_p <= 1 and a whole top_k >= 0")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise HubError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
             raise HubError(f"stop takes at most {MAX_STOP_STRINGS} strings, each 1 to {MAX_STOP_CHARS} characters")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise HubError(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                            f"not {self.min_tokens}")
 

@@ -40,12 +40,13 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true is not a number here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,11 @@ def _field_problems(data: dict, stored: bool) -> list[str]:
     for key in ("layout", "vae"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             problems.append(f"{key} must be an object")
-    if data.get("max_length") is not None and (not _is_int(data["max_length"]) or data["max_length"] < 1):
+    if data.get("max_length") is not None and (not is_int(data["max_length"]) or data["max_length"] < 1):
         problems.append("max_length must be a positive integer")
-    if not _is_int(data["bottleneck"]) or data["bottleneck"] < 1:
+    if not is_int(data["bottleneck"]) or data["bottleneck"] < 1:
         problems.append("bottleneck must be a positive integer")
-    if not _is_int(data["trainable_params"]) or data["trainable_params"] < 0:
+    if not is_int(data["trainable_params"]) or data["trainable_params"] < 0:
         problems.append("trainable_params must be a non-negative integer")
     if not _is_number(data["trainable_pct"]) or data["trainable_pct"] < 0:
         problems.append("trainable_pct must be a non-negative number")
@@ -180,7 +181,7 @@ def _vae_problems(data: dict) -> list[str]:
 def _fingerprint_problems(backbone: Any) -> list[str]:
     if not isinstance(backbone, dict) or any(k not in backbone for k in FINGERPRINT_KEYS):
         return [f"backbone must be a fingerprint with {', '.join(FINGERPRINT_KEYS)}"]
-    if not all(_is_int(backbone[k]) and backbone[k] > 0 for k in _FINGERPRINT_INTS):
+    if not all(is_int(backbone[k]) and backbone[k] > 0 for k in _FINGERPRINT_INTS):
         return [f"backbone's {', '.join(_FINGERPRINT_INTS)} must be positive integers"]
     if not isinstance(backbone["weights_sha256"], str) or not isinstance(backbone.get("source", ""), str):
         return ["backbone's weights_sha256 and source must be strings"]
