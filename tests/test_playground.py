@@ -12,7 +12,9 @@ from urllib.parse import urlparse
 
 import pytest
 
+from hub.store.catalog import AdapterStore
 from tests.test_server import ADMIN_TOKEN, Server, publish
+from tests.test_vae_serving import export_vae
 
 WAIT_MS = 30_000
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -29,11 +31,12 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def served(trained_run, tiny_base, tmp_path_factory):
-    """A server with the same trained adapter under two names, so compare mode has two tasks."""
+    """A server with the same trained adapter under two names, so compare mode has two tasks, and a sentence VAE."""
     folder = tmp_path_factory.mktemp("playground")
     store = folder / "store"
     for name in ("e2e", "e2e-b"):
         publish(trained_run, store, name)
+    AdapterStore(store).publish(export_vae(tiny_base, folder / "vae-run", "block_output"), name="vae")
     server = Server(store, tiny_base, folder / "server.log", "--watch-interval", "0.2", admin_token=ADMIN_TOKEN)
     try:
         server.wait_ready()
@@ -91,7 +94,7 @@ def set_max_tokens(page, n: int) -> None:
 
 def test_page_lists_the_tasks_with_type_version_and_share(page):
     rows = page.locator("#task-table tbody tr")
-    assert rows.count() == 2
+    assert rows.count() == 3 and rows.nth(2).locator("td").all_inner_texts()[:2] == ["vae", "sentence_vae"]
     cells = rows.first.locator("td").all_inner_texts()
     assert cells[0] == "e2e" and cells[1] == "e2e" and cells[2].startswith("1 of 1") and cells[3].endswith("%")
     assert "eval_loss" in cells[4]  # the held-out loss recorded at training
@@ -138,7 +141,7 @@ def test_training_curve_and_live_metrics(page):
     page.click("#task-table tbody tr >> nth=0 >> a")
     page.wait_for_function("() => document.querySelector('#curve img').naturalWidth > 0")
     page.wait_for_function("() => document.querySelector('#m-queue').textContent !== '–'")
-    assert page.inner_text("#m-batch").isdigit() and page.inner_text("#m-resident") == "2"
+    assert page.inner_text("#m-batch").isdigit() and page.inner_text("#m-resident") == "3"
 
 
 def test_admin_actions_need_a_token_and_show_the_servers_answer(page):
@@ -151,6 +154,22 @@ def test_admin_actions_need_a_token_and_show_the_servers_answer(page):
     page.click("#admin-token-form button")
     page.click("#admin-reload")
     page.wait_for_function("() => document.querySelector('#admin-result').textContent.includes('loaded')")
+
+
+def test_a_sentence_vae_gets_its_own_form_and_answers_an_interpolation(page):
+    page.select_option("#task-a", "vae")
+    page.select_option("select[name=operation]", "interpolate")
+    assert page.is_visible("textarea[name=b]") and page.is_hidden("textarea[name=c]")
+    page.fill("input[name=steps]", "3")
+    set_max_tokens(page, 4)
+    page.click("#send")
+    page.wait_for_function("() => /texts? ·|refused/.test(document.querySelector('#answer-a .stats').textContent)")
+    assert page.inner_text("#answer-a .stats").startswith("3 texts"), page.inner_text("#answer-a .text")
+    assert [line[:3] for line in page.inner_text("#answer-a .text").splitlines()] == ["0. ", "1. ", "2. "]
+    page.fill("input[name=steps]", "500")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelector('#answer-a .stats').textContent.includes('refused')")
+    assert page.inner_text("#answer-a .text").startswith("422:")
 
 
 def test_every_task_types_form_builds_the_input_its_task_reads(page):

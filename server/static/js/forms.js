@@ -123,7 +123,50 @@ function textForm(container, type) {
   return { read: () => required(text.value, "the input"), remember() {} };
 }
 
-const FORMS = { e2e: e2eForm, persona: personaForm, coqa: coqaForm };
+const VAE_OPERATIONS = {
+  interpolate: ["a", "b", "steps"],
+  reconstruct: ["texts"],
+  sample: ["n"],
+  analogy: ["a", "b", "c"],
+};
+
+/** A sentence VAE: an operation of /v1/vae/{task}/… and its inputs; `read()` gives { operation, body }. */
+function vaeForm(container) {
+  const operation = element("select", { name: "operation" },
+    ...Object.keys(VAE_OPERATIONS).map((name) => new Option(name, name)));
+  container.append(field("operation", operation));
+  const inputs = fields(container, [
+    { name: "a", label: "sentence a", rows: 1, value: "a man is playing a guitar ." },
+    { name: "b", label: "sentence b", rows: 1, value: "two dogs run through the snow ." },
+    { name: "c", label: "sentence c (analogy: a is to b as c is to …)", rows: 1, value: "a woman is singing ." },
+    { name: "texts", label: "sentences to reconstruct, one per line", rows: 3, value: "a man is playing a guitar ." },
+  ]);
+  const count = (label, value, min) => element("input", { type: "number", name: label, value, min, step: 1 });
+  const steps = count("steps", 5, 2);
+  const n = count("n", 3, 1);
+  container.append(field("interpolation points", steps), field("prior samples", n));
+  const shown = { ...inputs, steps, n };
+  const show = () => {
+    for (const [name, control] of Object.entries(shown)) {
+      control.closest("label").hidden = !VAE_OPERATIONS[operation.value].includes(name);
+    }
+  };
+  operation.addEventListener("change", show);
+  show();
+  const values = {
+    a: () => required(inputs.a.value, "sentence a"), b: () => required(inputs.b.value, "sentence b"),
+    c: () => required(inputs.c.value, "sentence c"), texts: () => lines(inputs.texts),
+    steps: () => Number(steps.value), n: () => Number(n.value),
+  };
+  return {
+    vae: true,
+    read: () => ({ operation: operation.value,
+      body: Object.fromEntries(VAE_OPERATIONS[operation.value].map((name) => [name, values[name]()])) }),
+    remember() {},
+  };
+}
+
+const FORMS = { e2e: e2eForm, persona: personaForm, coqa: coqaForm, sentence_vae: vaeForm };
 
 export function createForm(taskType, container) {
   container.replaceChildren();

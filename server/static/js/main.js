@@ -149,6 +149,30 @@ async function answerInto(pane, task, input, parameters) {
   return text.textContent;
 }
 
+/** A sentence-VAE operation (`POST /v1/vae/{task}/{operation}`): its texts, one per line, into the pane. */
+async function vaeInto(pane, task, { operation, body }, parameters) {
+  const text = pane.querySelector(".text");
+  const stats = pane.querySelector(".stats");
+  pane.querySelector("h3").textContent = `${task} · ${operation}`;
+  pane.classList.remove("failed");
+  text.textContent = "";
+  stats.textContent = "waiting…";
+  const started = performance.now();
+  const { stop, ...sampling } = parameters;  // the VAE routes take no stop strings
+  try {
+    const answer = await request(`/v1/vae/${encodeURIComponent(task)}/${operation}`,
+      { method: "POST", body: { ...body, ...sampling } });
+    const texts = answer.texts ?? [answer.text];
+    text.textContent = texts.map((t, i) => `${i}. ${t}`).join("\n");
+    stats.textContent = `${texts.length} text${texts.length === 1 ? "" : "s"} · ` +
+      `${Math.round(performance.now() - started)} ms`;
+    return text.textContent;
+  } catch (err) {
+    showFailure(pane, err.message, "the server refused the request");
+    return null;
+  }
+}
+
 async function generate(event) {
   event.preventDefault();
   showError(null);
@@ -163,11 +187,12 @@ async function generate(event) {
   const parameters = samplingParameters(event.target);
   $("#send").disabled = true;
   $("#answer-b").hidden = !comparing;
-  const panes = [answerInto($("#answer-a"), $("#task-a").value, input, parameters)];
-  if (comparing) panes.push(answerInto($("#answer-b"), $("#task-b").value, input, parameters));
-  const [answer] = await Promise.all(panes);
+  const answer = state.form.vae ? vaeInto : answerInto;
+  const panes = [answer($("#answer-a"), $("#task-a").value, input, parameters)];
+  if (comparing) panes.push(answer($("#answer-b"), $("#task-b").value, input, parameters));
+  const [first] = await Promise.all(panes);
   $("#send").disabled = false;
-  if (answer !== null) state.form.remember(input, answer);
+  if (first !== null) state.form.remember(input, first);
 }
 
 async function adminAction(run) {
