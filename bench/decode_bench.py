@@ -61,7 +61,7 @@ def run_engine(engine: Engine, tasks: list[str | None], sources: list[str]) -> d
     sequences = [engine.new_sequence(t, s, params, prompt_text=s) for t, s in zip(tasks, sources)]
     wall, latencies = timed_run(engine, sequences)
     tokens = sum(len(s.output_ids) for s in sequences)
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50),
+    return {"tokens": tokens, "outputs": [s.output_ids for s in sequences], "seconds": wall, "tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50),
             "p99_s": percentile(latencies, 99), "peak_rss_gb": peak_rss_gb()}
 
 
@@ -104,6 +104,17 @@ def engine_scenarios(folder: Path, rounds: int) -> dict:
                 engine.add_adapter(adapter)
             for name in ("single+300", "distinct", "cycling", "base"):
                 keep(results, name, run_engine(engine, scenarios[name], sources))
+    with Engine(backbone, make_task, bank_dtype=torch.float16) as engine:  # `hub serve --bank-dtype float16`
+        for adapter in b100 + cycling:
+            engine.add_adapter(adapter)
+        for _ in range(rounds):
+            for name in ("distinct", "cycling"):
+                keep(results, f"{name}, float16 bank", run_engine(engine, scenarios[name], sources))
+    for name in ("distinct", "cycling"):  # greedy agreement of the float16 bank with the float32 one
+        half = results[f"{name}, float16 bank"]
+        half["identical_outputs"] = statistics.mean(a == b for a, b in zip(half["outputs"], results[name]["outputs"]))
+    for result in results.values():
+        result.pop("outputs")
     return results
 
 
@@ -153,21 +164,25 @@ def hook_times(folder: Path, repeats: int = 5) -> dict:
 
     config = GPT2Config.from_pretrained(folder)
     model, (b100, cycling) = PassThroughBlocks(config), scenario_adapters(config)
-    runtime = VlmRuntime(model)
-    slots = {a.name: runtime.add(stack_layers(adapter_layers(a.adapter_tensors, a.name))) for a in b100 + cycling}
-    rows = {"single": [slots["h0"]] * ROWS, "distinct": [slots[a.name] for a in b100],
-            "cycling": [slots[a.name] for a in cycling]}
-    plans = {name: runtime.make_plan([RowState(s) for s in row_slots]) for name, row_slots in rows.items()}
-    for name in ("distinct", "cycling"):
-        plans[f"{name}, dense"] = group_rows([RowState(s) for s in rows[name]], 0, runtime.device)
-    h, times = torch.randn(ROWS, 1, config.n_embd), {}
-    for name, plan in plans.items():
-        with torch.inference_mode(), runtime.active(plan):
-            model(h)
-            times[name] = best_ms(lambda: model(h), repeats)
-    read = {name: sum(runtime.layer_weights(s, layer).nbytes() for s in set(rows[name.split(",")[0]])
-                      for layer in range(config.n_layer)) for name in plans}
-    runtime.close()
+    h, times, read = torch.randn(ROWS, 1, config.n_embd), {}, {}
+    for bank_dtype in (torch.float32, torch.float16):
+        runtime = VlmRuntime(model, bank_dtype)
+        slots = {a.name: runtime.add(stack_layers(adapter_layers(a.adapter_tensors, a.name))) for a in b100 + cycling}
+        rows = {"single": [slots["h0"]] * ROWS, "distinct": [slots[a.name] for a in b100],
+                "cycling": [slots[a.name] for a in cycling]}
+        plans = {name: runtime.make_plan([RowState(s) for s in row_slots]) for name, row_slots in rows.items()}
+        if bank_dtype == torch.float32:
+            for name in ("distinct", "cycling"):
+                plans[f"{name}, dense"] = group_rows([RowState(s) for s in rows[name]], 0, runtime.device)
+        else:
+            plans = {f"{name}, float16 bank": plans[name] for name in ("distinct", "cycling")}
+        for name, plan in plans.items():
+            with torch.inference_mode(), runtime.active(plan):
+                model(h)
+                times[name] = best_ms(lambda: model(h), repeats)
+            read[name] = sum(bank_dtype.itemsize * runtime.layer_weights(s, layer).nbytes() // 4
+                             for s in set(rows[name.split(",")[0]]) for layer in range(config.n_layer))
+        runtime.close()
     return {"ms": times, "bytes_read": read, "read_gb_s": read_bandwidth_gb_s()}
 
 
@@ -351,8 +366,11 @@ def scale(folder: Path, work: Path) -> dict:
 
 LABELS = {"single": "single task, b=100", "distinct": "64 distinct tasks, b=100",
           "cycling": "64 distinct tasks, b cycling 10/100/300", "base": "frozen base, no adapter",
-          "single+300": "single task b=100, b=300 adapters resident too"}
+          "single+300": "single task b=100, b=300 adapters resident too",
+          "distinct, float16 bank": "64 distinct tasks, b=100, `--bank-dtype float16`",
+          "cycling, float16 bank": "64 distinct tasks, b cycling 10/100/300, `--bank-dtype float16`"}
 TARGETS = [("distinct", "single", 0.95), ("cycling", "single", 0.95), ("single+300", "single", 0.97),
+           ("distinct, float16 bank", "single", 0.95), ("cycling, float16 bank", "single", 0.95),
            ("single", "base", None), ("distinct", "base", None), ("cycling", "base", None)]
 
 
@@ -391,6 +409,10 @@ def markdown(result: dict) -> str:
         ratio = runs[num]["tokens_per_s"] / runs[den]["tokens_per_s"]
         met = "(reference)" if target is None else f"≥ {target} | {'yes' if ratio >= target else '**no**'}"
         lines.append(f"| {num} / {den} | {ratio:.2f} | {met} |" + (" |" if target is None else ""))
+    agreement = {k: r["identical_outputs"] for k, r in runs.items() if "identical_outputs" in r}
+    if agreement:
+        lines += ["", "Greedy outputs identical to the float32 bank's: " + ", ".join(
+            f"{k} {100 * share:.0f} %" for k, share in agreement.items()) + "."]
     if memory:
         bank, own = memory["bank_bytes"], memory["adapter_bytes"]
         lines += ["", f"Bank: {memory['resident_adapters']} resident adapters (the b=100 set and the 10/100/300 set), "

@@ -36,6 +36,14 @@ class DType(str, Enum):
 DTypeOption = typer.Option(DType.auto, "--dtype", help="backbone dtype: auto = float32 on CPU, bfloat16 on GPU")
 
 
+class BankDType(str, Enum):
+    """What resident VLM adapter weights are stored in; their arithmetic stays float32."""
+
+    float32 = "float32"
+    float16 = "float16"  # half the bytes a decode step reads (docs/BENCHMARKS.md: speed and agreement)
+    bfloat16 = "bfloat16"
+
+
 class Method(str, Enum):
     """What `hub train` trains: the VLM adapter, or a baseline of `hub.training.baselines` to compare it with."""
 
@@ -411,6 +419,9 @@ def serve(
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger request bodies get 413"),
+    bank_dtype: BankDType = typer.Option(BankDType.float32, "--bank-dtype",
+                                         help="resident adapters' weights: float32, or float16/bfloat16 for half "
+                                         "the bytes per decode step (arithmetic stays float32)"),
     ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
                              "task routed to a replica that holds it (docs/DEPLOY.md)"),
     replicas: int = typer.Option(2, "--replicas", min=1, help="--ray: engine replicas"),
@@ -427,7 +438,7 @@ def serve(
     from server.app import create_app
 
     settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                               max_cpu_adapters=max_cpu_adapters, request_timeout=request_timeout, watch_interval=watch_interval,
+                               max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype.value, request_timeout=request_timeout, watch_interval=watch_interval,
                                prefill_chunk=prefill_chunk)
     if ray:
         from server.ray_serve import RayServeOptions, serve_on_ray
@@ -441,7 +452,7 @@ def serve(
     refs = [s.latest.ref for s in adapter_store.list() if s.versions]
     backbone = _backbone_for(adapter_store, refs, base, device, dtype)
     typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
-               f"on {backbone.device}, adapters float32", err=True)
+               f"on {backbone.device}, adapters {bank_dtype.value} (arithmetic float32)", err=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,

@@ -221,12 +221,15 @@ def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
     assert all(not block._forward_hooks for block in model.transformer.h)
 
 
-def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula():
+@pytest.mark.parametrize("bank_dtype, tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3),
+                                                   (torch.bfloat16, 1e-2)])
+def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula(bank_dtype, tolerance):
     """One token per row: adapters with few rows go through their rank bucket's `F.embedding_bag` pair, one with
     DENSE_ROWS rows or more through dense matmuls; every row equals its own adapter's formula, also after the
-    buckets grew (adapters added later) and after an index was freed and reused."""
+    buckets grew (adapters added later) and after an index was freed and reused; a float16/bfloat16 bank within
+    its rounding."""
     model, g = Blocks(n_layer=2), torch.Generator().manual_seed(1)
-    runtime = VlmRuntime(model)
+    runtime = VlmRuntime(model, bank_dtype)
     weights = {name: random_weights(2, 8, rank, g) for name, rank in (("a", 3), ("b", 20), ("c", 3), ("d", 3))}
     slots = {name: runtime.add(w) for name, w in weights.items()}
     runtime.remove(slots.pop("d"))
@@ -242,7 +245,7 @@ def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula():
         out = model(h)[1]
     for row, name in enumerate(names):
         expected = h[row] if name is None else vlm_adapter(h[row:row + 1], weights[name].map(lambda t: t[1]), 1e-5)[0]
-        assert torch.allclose(out[row], expected, atol=1e-5), (row, name)
+        assert (out[row] - expected).norm() <= tolerance * expected.norm(), (row, name)
     assert {rank: bucket.used for rank, bucket in runtime.buckets.items()} == {3: 6, 20: 4}
     assert all(bucket.capacity <= 1.2 * bucket.used + 1 for bucket in runtime.buckets.values())
     runtime.close()
@@ -275,7 +278,7 @@ class ShiftKind(AdapterKind):
     def parameter_count(self, bundle) -> int:
         return bundle.numel()
 
-    def runtime(self, model) -> KindRuntime:
+    def runtime(self, model, bank_dtype=torch.float32) -> KindRuntime:
         return ShiftRuntime(model)
 
 

@@ -16,6 +16,7 @@ from hub.serving.detokenize import IncrementalText
 from hub.serving.engine import Engine
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import QueueFullError, Scheduler
+from hub.serving.service import ServiceSettings
 from tasks import make_task
 from tests.test_adapter import adapters_model, loaded
 
@@ -273,3 +274,18 @@ def test_an_adapter_that_no_longer_loads_fails_its_request_alone(tiny_base):
     assert "bad@1 could not be loaded" in str(bad.error) and "sha256" in str(bad.error)
     assert ok.finish_reason in ("stop", "length") and ok.output_ids
     assert engine.adapters["bad"].in_use == engine.adapters["good"].in_use == 0
+
+
+def test_a_half_precision_bank_decodes_like_a_float32_one(tiny_base):
+    """`--bank-dtype float16`: half the bytes per decode step; the tiny model's greedy tokens stay the same."""
+    outputs = {}
+    for dtype in (torch.float32, torch.float16):
+        engine = Engine(load_backbone(str(tiny_base), "cpu"), make_task, bank_dtype=dtype)
+        for i, name in enumerate(["x", "y", "z"]):
+            engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=70 + i), name, seed=i))
+        outputs[dtype] = [s.output_ids for s in engine.run([greedy(engine, n, MRS[0]) for n in "xyz"])]
+        assert {b.down[0].dtype for b in engine.runtimes["vlm"].buckets.values()} == {dtype}
+        engine.close()
+    assert outputs[torch.float16] == outputs[torch.float32]
+    with pytest.raises(HubError, match="bank_dtype must be one of float32, float16, bfloat16"):
+        ServiceSettings(bank_dtype="int8")

@@ -51,8 +51,9 @@ class AdapterKind(ABC):
         """Parameters of one bundle (task-token rows not included)."""
 
     @abstractmethod
-    def runtime(self, model: nn.Module) -> "KindRuntime":
-        """Install this kind on `model` (hooks with handles) and return the live runtime."""
+    def runtime(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32) -> "KindRuntime":
+        """Install this kind on `model` (hooks with handles) and return the live runtime. `bank_dtype`: what
+        resident weights are stored in where the kind offers a choice (arithmetic stays float32)."""
 
 
 class KindRuntime(ABC):

@@ -12,6 +12,9 @@ input x as the per-sample weights, Σ_i x[i]·down[s·d + i] = (W_down·diag γ)
 row, with no per-row copy of them; likewise for the up projection. The same tables give each adapter's
 `LayerWeights` as views for dense matmuls over many rows (prefill, or an adapter with many rows).
 
+The tables may be stored in float16 or bfloat16 (`hub serve --bank-dtype`): half the bytes a decode step reads;
+inputs are rounded to the table's dtype and the results widened back to float32.
+
 Capacity grows by a fifth (at least one index) when a bucket is full, layer by layer, so the transient extra
 memory is one layer's table and the bank stays within 1.2× its high-water mark; freed indices are reused lowest
 first.
@@ -52,9 +55,9 @@ class Bag:
 class RankBucket:
     """Every resident adapter of one bottleneck size r, per layer in `down`, `up`, `down_bias`, `up_bias`."""
 
-    def __init__(self, rank: int, n_layer: int, d: int, device: torch.device):
+    def __init__(self, rank: int, n_layer: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.rank, self.d, self.capacity = rank, d, 0
-        zeros = lambda *shape: [torch.zeros(*shape, device=device) for _ in range(n_layer)]  # noqa: E731
+        zeros = lambda *shape: [torch.zeros(*shape, device=device, dtype=dtype) for _ in range(n_layer)]  # noqa: E731
         self.down, self.up = zeros(0, rank), zeros(0, d)
         self.down_bias, self.up_bias = zeros(0, rank), zeros(0, d)
         self.free: list[int] = []  # a heap of unused indices
@@ -91,10 +94,12 @@ class RankBucket:
         self.capacity = capacity
 
     def layer_views(self, index: int, layer: int) -> tuple[torch.Tensor, ...]:
-        """(down [r, d], down_bias [r], up [d, r], up_bias [d]) of one adapter: views, no copy."""
+        """(down [r, d], down_bias [r], up [d, r], up_bias [d]) of one adapter in float32: views of a float32
+        bank, no copy (a float16/bfloat16 bank is widened: dense matmuls run in float32)."""
         d, r = self.d, self.rank
-        return (self.down[layer][index * d : (index + 1) * d].t(), self.down_bias[layer][index],
-                self.up[layer][index * r : (index + 1) * r].t(), self.up_bias[layer][index])
+        views = (self.down[layer][index * d : (index + 1) * d].t(), self.down_bias[layer][index],
+                 self.up[layer][index * r : (index + 1) * r].t(), self.up_bias[layer][index])
+        return tuple(view.float() for view in views)
 
     def bag(self, rows: slice, indices: list[int]) -> Bag:
         """The plan entry for `rows` whose adapters sit at `indices` of this bucket."""
@@ -105,10 +110,11 @@ class RankBucket:
 
     def bag_delta(self, normed: torch.Tensor, layer: int, bag: Bag) -> torch.Tensor:
         """A(h) - h for rows x [n, d] (layer-normalised, no affine), row i through adapter `bag.index[i]`."""
-        z = F.embedding_bag(bag.down_ids, self.down[layer], per_sample_weights=normed, mode="sum")
-        z = torch.relu_(z + self.down_bias[layer].index_select(0, bag.index))
-        up = F.embedding_bag(bag.up_ids, self.up[layer], per_sample_weights=z, mode="sum")
-        return up + self.up_bias[layer].index_select(0, bag.index)
+        down, up = self.down[layer], self.up[layer]
+        z = F.embedding_bag(bag.down_ids, down, per_sample_weights=normed.to(down.dtype), mode="sum").float()
+        z = torch.relu_(z + self.down_bias[layer].index_select(0, bag.index).float())
+        delta = F.embedding_bag(bag.up_ids, up, per_sample_weights=z.to(up.dtype), mode="sum").float()
+        return delta + self.up_bias[layer].index_select(0, bag.index).float()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for tables in (self.down, self.up, self.down_bias, self.up_bias)

@@ -497,7 +497,8 @@ class VaeKind(AdapterKind):
     def parameter_count(self, bundle: SentenceVAE) -> int:
         return sum(p.numel() for p in bundle.parameters())
 
-    def runtime(self, model: nn.Module) -> VaeRuntime:
+    def runtime(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32) -> VaeRuntime:
+        """VAE bundles stay in the backbone's dtype whatever `bank_dtype` says."""
         return VaeRuntime(model)
 
 

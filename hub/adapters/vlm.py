@@ -134,17 +134,18 @@ class VlmPlan:
 class VlmRuntime(KindRuntime):
     """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`), fp32, and one hook per GPT-2 block.
 
-    Memory is the resident adapters' own weights (less the folded LN vectors) plus at most a fifth of free room
-    per bucket: no slot is padded to another adapter's rank. Per step and layer the batch is normalised once;
+    Memory is the resident adapters' own weights (less the folded LN vectors; in `bank_dtype`, float32 unless
+    asked otherwise) plus at most a fifth of free room per bucket: no slot is padded to another adapter's rank. Per step and layer the batch is normalised once;
     in a decode step each rank bucket applies all its rows' adapters in one `F.embedding_bag` pair (each
     adapter's weights read once per row), and an adapter with many rows (or any adapter during prefill) runs
     as two `F.linear` calls over its own rows; rows without a VLM adapter pass unchanged.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32):
         super().__init__(model)
         self.eps = model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
+        self.bank_dtype = bank_dtype
         self.buckets: dict[int, RankBucket] = {}
         for layer, block in enumerate(model.transformer.h):
             self.hooks.add(block, self._hook(layer))
@@ -153,7 +154,8 @@ class VlmRuntime(KindRuntime):
         layers = device_layers(bundle, self.device)
         rank = layers[0].down.shape[0]
         if rank not in self.buckets:
-            self.buckets[rank] = RankBucket(rank, len(layers), layers[0].down.shape[1], self.device)
+            self.buckets[rank] = RankBucket(rank, len(layers), layers[0].down.shape[1], self.device,
+                                            self.bank_dtype)
         return self.claim(Location(rank, self.buckets[rank].put(layers)))
 
     def remove(self, slot: int) -> None:
@@ -257,5 +259,5 @@ class VlmKind(AdapterKind):
     def parameter_count(self, bundle: AdapterWeights) -> int:
         return sum(getattr(bundle, f.name).numel() for f in fields(AdapterWeights))
 
-    def runtime(self, model: nn.Module) -> VlmRuntime:
-        return VlmRuntime(model)
+    def runtime(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32) -> VlmRuntime:
+        return VlmRuntime(model, bank_dtype)

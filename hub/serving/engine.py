@@ -81,11 +81,12 @@ class Engine:
     """
 
     def __init__(self, backbone: Backbone, make_task: Callable[[str, dict], Task], max_resident: int | None = None,
-                 max_cpu_adapters: int | None = None):
+                 max_cpu_adapters: int | None = None, bank_dtype: torch.dtype = torch.float32):
         self.backbone = backbone
         self.make_task = make_task
         self.max_resident = max_resident
         self.max_cpu_adapters = max_cpu_adapters
+        self.bank_dtype = bank_dtype  # what resident adapter weights are stored in (arithmetic stays float32)
         model = backbone.model
         self.runtimes: dict[str, KindRuntime] = {}
         self.token_rows = TokenRowTable(model.config.n_embd, backbone.device, backbone.dtype)
@@ -203,7 +204,7 @@ class Engine:
 
     def _runtime(self, kind: str) -> KindRuntime:
         if kind not in self.runtimes:
-            self.runtimes[kind] = get_kind(kind).runtime(self.backbone.model)
+            self.runtimes[kind] = get_kind(kind).runtime(self.backbone.model, self.bank_dtype)
         return self.runtimes[kind]
 
     def _room_for_one(self) -> bool:

@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import torch
+
 from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
 from hub.serving.engine import Engine, ResidentAdapter, Sequence
@@ -27,6 +29,7 @@ from hub.task import Task
 
 log = logging.getLogger("hub.serving.service")
 
+BANK_DTYPES = ("float32", "float16", "bfloat16")
 UPDATE_POLL = 0.25  # seconds between checks for a client that left or a deadline that passed
 
 
@@ -44,10 +47,15 @@ class ServiceSettings:
     max_queue: int = 256
     max_resident: int | None = None
     max_cpu_adapters: int | None = None  # None: every served adapter's weights stay in CPU memory
+    bank_dtype: str = "float32"  # resident VLM adapter weights: float32, float16 or bfloat16
     request_timeout: float = 120.0
     watch_interval: float = 0.5
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     store_timeout: float = 30.0  # a store call that takes longer answers 503 (a hung filesystem, a FIFO)
+
+    def __post_init__(self) -> None:
+        if self.bank_dtype not in BANK_DTYPES:
+            raise HubError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, not {self.bank_dtype!r}")
 
 
 class StoreCalls:
@@ -118,7 +126,8 @@ class HubService:
         self.settings = settings or ServiceSettings()
         self.store = store
         self.engine = Engine(backbone, make_task, max_resident=self.settings.max_resident,
-                             max_cpu_adapters=self.settings.max_cpu_adapters)
+                             max_cpu_adapters=self.settings.max_cpu_adapters,
+                             bank_dtype=getattr(torch, self.settings.bank_dtype))
         self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
                                    self.settings.prefill_chunk)
         self.sync = StoreSync(store, self.engine)
