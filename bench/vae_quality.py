@@ -203,6 +203,11 @@ def readings(rows: dict) -> list[str]:
         if floor is not None and abs(row["kl"] - floor) < 1.5:
             notes.append(f"KL {row['kl']:.1f} sits at the floor's {floor:.0f} nats (λ·nz): the floor, not the "
                          f"data, sets it")
+        lm = rows.get("lm")
+        if lm and "nll" in lm and "nll" in row:
+            notes.append(f"−log p(x) {row['nll']:.1f} nats per sentence against the lm adapter's {lm['nll']:.1f}: "
+                         f"z lowers reconstruction {lm['nll'] - row['rec']:+.1f} nats below the lm's −log p(x) "
+                         f"while KL costs {row['kl']:.1f}; the PPL reaches the lm's only once that gain pays the KL")
         if row["recon_bleu"] < 5:
             notes.append(f"reconstruction BLEU {row['recon_bleu']:.2f}: greedy decoding from μ does not reproduce "
                          f"the input, so the decoder uses z little even where MI is > 0")
