@@ -314,16 +314,19 @@ def publish_latency(folder: Path, work: Path, count: int) -> dict:
 SCALE_STORED, SCALE_RESIDENT, SCALE_RANKS = 1000, 256, (10, 100, 300)
 
 
-def scale(folder: Path, work: Path) -> dict:
+def scale(folder: Path, work: Path, store_dir: Path | None = None) -> dict:
     """`hub serve --max-resident 256 --max-cpu-adapters 256` over a store of 1,000 adapters of mixed bottleneck:
     start-up (listing and validating the store, registering every adapter from its metadata), RSS, making 256
-    resident through requests, and the latency of a one-token request whose adapter is in neither tier."""
-    store = AdapterStore(work / "scale-store")
-    started = time.perf_counter()
-    publish_random(store, folder, [(f"s{i}", SCALE_RANKS[i % 3]) for i in range(SCALE_STORED)], seed=20000)
+    resident through requests, and the latency of a one-token request whose adapter is in neither tier.
+    `store_dir` keeps the store between runs (it is built there when it does not hold the adapters yet)."""
+    store = AdapterStore(store_dir or work / "scale-store")
+    if sum(1 for p in store.root.glob("*/*/hub.json")) != SCALE_STORED:
+        started = time.perf_counter()
+        publish_random(store, folder, [(f"s{i}", SCALE_RANKS[i % 3]) for i in range(SCALE_STORED)], seed=20000)
+        print(f"scale: store of {SCALE_STORED} written in {time.perf_counter() - started:.0f}s", flush=True)
     stored_bytes = sum(f.stat().st_size for f in store.root.rglob("*.safetensors"))
-    print(f"scale: store of {SCALE_STORED} written in {time.perf_counter() - started:.0f}s", flush=True)
     os.sync()
+    store = AdapterStore(store.root)  # a fresh object: nothing validated yet, as in a starting server
     backbone = load_backbone(str(folder), "cpu")
     sources = prompt_sources(backbone.tokenizer, 1)
     settings = ServiceSettings(max_batch=ROWS, max_resident=SCALE_RESIDENT, max_cpu_adapters=SCALE_RESIDENT,
@@ -446,6 +449,7 @@ def main() -> None:
                         help="comma-separated: memory, scenarios, hooks, http, publish, scale")
     parser.add_argument("--rows", type=int, default=ROWS, help="smaller for a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--scale-store", type=Path, help="scale part: keep its 1,000-adapter store here")
     args = parser.parse_args()
     ROWS, NEW_TOKENS = args.rows, args.new_tokens
     torch.set_num_threads(args.threads)
@@ -453,7 +457,7 @@ def main() -> None:
     folder = random_gpt2_small(work / "gpt2-random")
     parts = {"memory": lambda: bank_memory(folder), "hooks": lambda: hook_times(folder), "scenarios": lambda: engine_scenarios(folder, args.rounds),
              "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20),
-             "scale": lambda: scale(folder, work)}
+             "scale": lambda: scale(folder, work, args.scale_store)}
     result = {"machine": machine(), "load_before": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):

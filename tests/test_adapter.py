@@ -221,8 +221,8 @@ def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
     assert all(not block._forward_hooks for block in model.transformer.h)
 
 
-@pytest.mark.parametrize("bank_dtype, tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3),
-                                                   (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bank_dtype, tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-2),
+                                                   (torch.bfloat16, 3e-2)])
 def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula(bank_dtype, tolerance):
     """One token per row: adapters with few rows go through their rank bucket's `F.embedding_bag` pair, one with
     DENSE_ROWS rows or more through dense matmuls; every row equals its own adapter's formula, also after the
@@ -238,7 +238,7 @@ def test_decode_steps_apply_rank_buckets_and_dense_groups_as_the_formula(bank_dt
         runtime.add(random_weights(2, 8, (3, 20)[i % 2], g))
     names = ["a", "c", "b", None, "a", "e", "a", "c", "a", "a"]
     assert names.count("a") >= DENSE_ROWS > names.count("c")
-    h = torch.randn(len(names), 1, 8)
+    h = torch.randn(len(names), 1, 8, generator=g)
     plan = runtime.make_plan([RowState(slots[n]) if n else RowState() for n in names])
     assert {type(piece).__name__ for piece in plan.decode} == {"Bag", "tuple"}
     with runtime.active(plan):
