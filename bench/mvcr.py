@@ -267,9 +267,9 @@ def timing_line(timing: dict | None) -> list[str]:
             "changing load and are not comparable with each other.", ""]
 
 
-def reading(rows: list[dict]) -> list[str]:
+def reading(rows: list[dict], longer: bool) -> list[str]:
     """What the finished cells can and cannot say: MVCR regularises against over-fitting, so it matters whether
-    the plain runs got that far."""
+    the plain runs got that far (`longer`: a longer-budget section follows)."""
     if not rows:
         return []
     at_last = sum(r["best_step"] == r["steps"] for r in rows)
@@ -281,9 +281,11 @@ def reading(rows: list[dict]) -> list[str]:
             "step budget (set by the shared 2-core machine) the adapters are still under-fitting, not over-fitting. "
             "That is the regime in which a regulariser has nothing to correct and costs capacity: MVCR's best "
             f"held-out loss is higher than the plain run's in {worse} of {len(pairs)} paired cells (curves above), "
-            "and the paired differences in the tables are what this budget measures. Whether MVCR helps a frozen-backbone adapter once the plain "
-            "adapter over-fits (longer training at small N, the MVCR paper's 100-epoch setting) is not measured "
-            "here; `python -m bench.mvcr --steps S` re-runs the cells with another budget.", ""]
+            "and the paired differences in the tables are what this budget measures. " + (
+                "The section after the tables trains N = 100 long enough for the plain adapter to over-fit."
+                if longer else "Whether MVCR helps a frozen-backbone adapter once the plain adapter over-fits "
+                "(longer training at small N, the MVCR paper's 100-epoch setting) is not measured here; "
+                "`python -m bench.mvcr --steps S` re-runs the cells with another budget."), ""]
 
 
 def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
@@ -310,10 +312,11 @@ def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
         lines += [f"## {task}", ""] + group_table(rows, task) + [""]
     notes = sorted({n for r in rows for n in r["test"]["notes"]})
     lines += [f"Note: {n}" for n in notes]
-    lines += ["", f"![held-out loss, plain vs MVCR]({curves.name})", ""] + reading(rows)
+    longer = bool(args.long_results and args.long_results.exists())
+    lines += ["", f"![held-out loss, plain vs MVCR]({curves.name})", ""] + reading(rows, longer)
     if missing:
         lines += [f"**Not run (time ran out): {len(missing)} of {len(planned)} cells:** {', '.join(missing)}.", ""]
-    if args.long_results and args.long_results.exists():
+    if longer:
         lines += long_budget_section(json.loads(args.long_results.read_text()), curves.with_name("mvcr_curves_long.png"))
     return "\n".join(lines + IMPLEMENTATION) + "\n"
 
