@@ -206,8 +206,10 @@ def readings(rows: dict) -> list[str]:
         lm = rows.get("lm")
         if lm and "nll" in lm and "nll" in row:
             notes.append(f"−log p(x) {row['nll']:.1f} nats per sentence against the lm adapter's {lm['nll']:.1f}: "
-                         f"z lowers reconstruction {lm['nll'] - row['rec']:+.1f} nats below the lm's −log p(x) "
-                         f"while KL costs {row['kl']:.1f}; the PPL reaches the lm's only once that gain pays the KL")
+                         f"reconstruction given z costs {row['rec']:.1f} nats, {abs(lm['nll'] - row['rec']):.1f} "
+                         f"{'fewer' if row['rec'] <= lm['nll'] else 'more'} than the lm's −log p(x), while KL costs "
+                         f"{row['kl']:.1f}; the PPL reaches the lm's only "
+                         f"once what z saves pays for the KL")
         if row["recon_bleu"] < 5:
             notes.append(f"reconstruction BLEU {row['recon_bleu']:.2f}: greedy decoding from μ does not reproduce "
                          f"the input, so the decoder uses z little even where MI is > 0")
