@@ -452,7 +452,7 @@ def serve(
     refs = [s.latest.ref for s in adapter_store.list() if s.versions]
     backbone = _backbone_for(adapter_store, refs, base, device, dtype)
     typer.echo(f"hub serve: {threads_used}, backbone {str(backbone.dtype).removeprefix('torch.')} "
-               f"on {backbone.device}, adapters {bank_dtype.value} (arithmetic float32)", err=True)
+               f"on {backbone.device}, adapter bank {bank_dtype.value}", err=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(backbone, adapter_store, settings, max_body_bytes), host=host, port=port,
