@@ -263,6 +263,17 @@ def http_vs_engine(folder: Path, work: Path, rounds: int) -> dict:
     return results
 
 
+def http_by_threads(folder: Path, work: Path) -> dict:
+    """HTTP against the engine with 1 and with 2 torch threads (server and engine alike), one round each: whether
+    the server's own threads cost the engine its cores."""
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        (work / f"threads-{threads}").mkdir()
+        results[threads] = http_vs_engine(folder, work / f"threads-{threads}", 1)
+    return results
+
+
 def wait_ready(url: str, server: subprocess.Popen) -> None:
     for _ in range(600):
         if server.poll() is not None:
@@ -446,7 +457,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="memory,scenarios,hooks,http,publish",
-                        help="comma-separated: memory, scenarios, hooks, http, publish, scale")
+                        help="comma-separated: memory, scenarios, hooks, http, publish, scale, http-threads")
     parser.add_argument("--rows", type=int, default=ROWS, help="smaller for a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--scale-store", type=Path, help="scale part: keep its 1,000-adapter store here")
@@ -457,7 +468,8 @@ def main() -> None:
     folder = random_gpt2_small(work / "gpt2-random")
     parts = {"memory": lambda: bank_memory(folder), "hooks": lambda: hook_times(folder), "scenarios": lambda: engine_scenarios(folder, args.rounds),
              "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20),
-             "scale": lambda: scale(folder, work, args.scale_store)}
+             "scale": lambda: scale(folder, work, args.scale_store),
+             "http-threads": lambda: http_by_threads(folder, work)}
     result = {"machine": machine(), "load_before": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):
