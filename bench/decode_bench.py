@@ -113,9 +113,12 @@ def engine_scenarios(folder: Path, rounds: int) -> dict:
     for name in ("distinct", "cycling"):  # greedy agreement of the float16 bank with the float32 one
         half = results[f"{name}, float16 bank"]
         half["identical_outputs"] = statistics.mean(a == b for a, b in zip(half["outputs"], results[name]["outputs"]))
-    for result in results.values():
-        result.pop("outputs")
-    return results
+    return without_outputs(results)
+
+
+def without_outputs(results: dict[str, dict]) -> dict[str, dict]:
+    """The results without the decoded token ids (kept only to compare runs)."""
+    return {name: {k: v for k, v in result.items() if k != "outputs"} for name, result in results.items()}
 
 
 def bank_memory(folder: Path) -> dict:
@@ -260,7 +263,7 @@ def http_vs_engine(folder: Path, work: Path, rounds: int) -> dict:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    return results
+    return without_outputs(results)
 
 
 def http_by_threads(folder: Path, work: Path) -> dict:
@@ -475,7 +478,7 @@ def main() -> None:
     for part in args.parts.split(","):
         result[part] = parts[part]()
         result["load_after"] = os.getloadavg()
-        (args.out / "decode_bench.json").write_text(json.dumps(result, indent=1))  # what is measured so far
+        (args.out / "decode_bench.json").write_text(json.dumps(result, indent=1, default=str))  # measured so far
     (args.out / "decode_bench.md").write_text(markdown(result))
     print(markdown(result))
 
