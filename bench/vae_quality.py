@@ -146,7 +146,9 @@ def render(results: dict, doc: Path) -> str:
              f"Budget: {meta.get('steps')} steps × batch {meta.get('batch_size')} = "
              f"{(meta.get('steps') or 0) * (meta.get('batch_size') or 0):,} sentences per row, under one epoch of "
              "every data set here (AdaVAE's LM runs: 22,000 steps × batch 90); the numbers are those of short runs "
-             "on a shared CPU, not of converged models. Rows missing below did not finish before the deadline.", ""]
+             "on a shared CPU, not of converged models." + (
+                 "" if len(results["rows"]) == len(DATASETS) * len(ROWS)
+                 else " Rows missing below did not finish before the deadline."), ""]
     for dataset in DATASETS:
         rows = {r: results["rows"].get(f"{dataset}/{r}") for r in ROWS}
         if not any(rows.values()):
