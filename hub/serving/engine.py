@@ -137,7 +137,6 @@ class Engine:
             self.adapters[adapter.name] = adapter
             if make_resident:
                 self.make_resident(adapter)
-            self._trim_cpu_tier()
         return adapter
 
     def _take_weights(self, adapter: ResidentAdapter, loaded: LoadedAdapter) -> None:
