@@ -5,7 +5,6 @@ from __future__ import annotations
 from hub.adapters.base import AdapterKind
 from hub.errors import HubError
 
-DEFAULT_KIND = "vlm"
 _KINDS: dict[str, AdapterKind] = {}
 
 

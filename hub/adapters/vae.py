@@ -32,7 +32,7 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
 from hub.adapters.vlm import AdapterWeights, VlmPlan, add_deltas, device_layers, group_rows, vlm_adapter
 from hub.errors import HubError
-from hub.store.format import AdapterMeta
+from hub.store.format import SENTENCE_VAE, AdapterMeta
 
 POOLINGS = ("latent_attn", "mean", "max")
 INJECTIONS = ("kv_prefix", "embedding", "both")
@@ -487,7 +487,7 @@ class VaeRuntime(KindRuntime):
 class VaeKind(AdapterKind):
     """Sentence VAE bundles (`vae.safetensors`, metadata `adapter_kind: sentence_vae`)."""
 
-    name = "sentence_vae"
+    name = SENTENCE_VAE
     text_input_error = ("it is a sentence VAE: use POST /v1/vae/{task}/encode, /decode, /reconstruct, /sample, "
                         "/interpolate or /analogy (CLI: hub vae ...)")
 

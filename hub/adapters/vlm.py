@@ -26,6 +26,7 @@ from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
 from hub.adapters.rank_buckets import Bag, Location, RankBucket
 from hub.errors import HubError
 from hub.store.catalog import adapter_layers
+from hub.store.format import VLM
 
 
 def vlm_adapter_config(hidden_size: int, bottleneck: int) -> SeqBnConfig:
@@ -135,8 +136,8 @@ class VlmRuntime(KindRuntime):
     """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`), fp32, and one hook per GPT-2 block.
 
     Memory is the resident adapters' own weights (less the folded LN vectors; in `bank_dtype`, float32 unless
-    asked otherwise) plus at most a fifth of free room per bucket: no slot is padded to another adapter's rank. Per step and layer the batch is normalised once;
-    in a decode step each rank bucket applies all its rows' adapters in one `F.embedding_bag` pair (each
+    asked otherwise) plus at most a fifth of free room per bucket: no slot is padded to another adapter's rank.
+    Per step and layer the batch is normalised once; in a decode step each rank bucket applies all its rows' adapters in one `F.embedding_bag` pair (each
     adapter's weights read once per row), and an adapter with many rows (or any adapter during prefill) runs
     as two `F.linear` calls over its own rows; rows without a VLM adapter pass unchanged.
     """
@@ -246,7 +247,7 @@ def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float, bag_delta=N
 class VlmKind(AdapterKind):
     """VLM residual adapters in AdapterHub's SeqBn format (`adapter.safetensors`)."""
 
-    name = "vlm"
+    name = VLM
 
     def load(self, loaded, config) -> AdapterWeights:
         weights = stack_layers(adapter_layers(loaded.adapter_tensors, loaded.name))

@@ -22,7 +22,6 @@ from hub.store.format import SENTENCE_VAE
 MAX_TEXTS = 64  # texts per encode/reconstruct request, z vectors per decode request
 MAX_SAMPLES = 64  # prior samples per request
 MAX_STEPS = 32  # points on an interpolation path
-VAE_KIND = SENTENCE_VAE
 
 
 @dataclass
@@ -37,7 +36,7 @@ class VaeOps:
     def __init__(self, engine: Engine, task: str):
         self.engine = engine
         self.adapter: ResidentAdapter = engine.resolve(task)
-        if self.adapter.kind != VAE_KIND:
+        if self.adapter.kind != SENTENCE_VAE:
             raise HubError(f"task {task!r} is not a sentence VAE (its type is {self.adapter.meta.task_type!r}); "
                            f"the /v1/vae routes serve sentence_vae adapters only")
         self.task = task
@@ -88,7 +87,7 @@ class VaeOps:
         """The resident copy on the backbone's device."""
         if not self.engine.make_resident(self.adapter):
             raise CapacityError(f"every resident adapter is busy; retry shortly to encode with {self.task!r}")
-        return self.engine.runtimes[VAE_KIND].slots[self.adapter.slot].vae
+        return self.engine.runtimes[SENTENCE_VAE].slots[self.adapter.slot].vae
 
     def sequences(self, z: torch.Tensor, params: SamplingParams) -> list[Sequence]:
         """One decode sequence per row of z [N, nz]: prompt `<bos>`, stop at `<eos>`, the row's latent state."""

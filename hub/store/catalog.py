@@ -34,25 +34,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
-from hub.store.format import SENTENCE_VAE, AdapterMeta
+from hub.store.format import SENTENCE_VAE, VLM, AdapterMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 TASK_TOKENS = "task_tokens.safetensors"
 ADAPTER_META = "adapter_meta.json"
 HUB_JSON = "hub.json"
-DEFAULT_KIND = "vlm"
 TRAIN_LOG = "train_log.json"  # optional: the run's losses, stored when the export has it (`hub show --plot`)
 EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS, ADAPTER_META)
 # adapter_meta.json is not stored: hub.json carries its content.
 PAYLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
-VAE_KIND = SENTENCE_VAE
 VAE_WEIGHTS = "vae.safetensors"
 # adapter kind -> the files its bundle stores (and hub.json checksums); kinds not named here store a VLM bundle
-KIND_PAYLOAD_FILES = {DEFAULT_KIND: PAYLOAD_FILES, VAE_KIND: (VAE_WEIGHTS,)}
-KIND_WEIGHTS = {VAE_KIND: VAE_WEIGHTS}  # adapter kind -> the file LoadedAdapter.adapter_tensors come from
+KIND_PAYLOAD_FILES = {VLM: PAYLOAD_FILES, SENTENCE_VAE: (VAE_WEIGHTS,)}
+KIND_WEIGHTS = {SENTENCE_VAE: VAE_WEIGHTS}  # adapter kind -> the file LoadedAdapter.adapter_tensors come from
 
 LAYER_PARTS = {
     "adapter_down.0.weight": "ln_weight",
@@ -326,7 +324,7 @@ def read_export(path: Path) -> RunExport:
         raise HubError(f"run export '{path}' is not a directory")
     if (path / ADAPTER_META).is_file():
         meta = AdapterMeta.from_dict(_read_export_json(path, ADAPTER_META), f"{ADAPTER_META} in run export '{path}'")
-        if meta.adapter_kind == VAE_KIND:
+        if meta.adapter_kind == SENTENCE_VAE:
             return _read_vae_export(path, meta)
     missing = [f for f in EXPORT_FILES if not (path / f).is_file()]
     if missing:

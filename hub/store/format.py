@@ -23,6 +23,7 @@ FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "
 _FINGERPRINT_INTS = ("n_layer", "n_embd", "n_head", "vocab_size")
 _STORE_FIELDS = ("version", "created_at", "files")
 _OPTIONAL_FIELDS = ("adapter_kind", "layout", "vae", "max_length")  # absent before the field existed
+VLM = "vlm"  # the adapter kind of `hub.adapters.vlm`, and the default of `adapter_kind`
 SENTENCE_VAE = "sentence_vae"  # the adapter kind of `hub.adapters.vae`
 _TASK_TOKEN_FIELDS = ("task_config", "special_tokens", "eos_token")  # what a kind without task tokens may omit
 
@@ -93,7 +94,7 @@ class AdapterMeta:
             special_tokens=tuple(data["special_tokens"]), eos_token=data["eos_token"],
             bottleneck=data["bottleneck"], trainable_params=data["trainable_params"],
             trainable_pct=float(data["trainable_pct"]), metrics=_frozen(data["metrics"]),
-            backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", "vlm"),
+            backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", VLM),
             layout=_frozen(data["layout"]) if data.get("layout") is not None else None,
             vae=_frozen(data["vae"]) if data.get("vae") is not None else None, max_length=data.get("max_length"),
             version=data.get("version"), created_at=data.get("created_at"),

@@ -21,8 +21,8 @@ from hub.adapters.vae import SentenceVAE, VAEConfig, encode_sentences, pad_rows
 from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
-from hub.store.catalog import ADAPTER_META, VAE_KIND, VAE_WEIGHTS
-from hub.store.format import AdapterMeta
+from hub.store.catalog import ADAPTER_META, VAE_WEIGHTS
+from hub.store.format import SENTENCE_VAE, AdapterMeta
 from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         elbo_loss)
@@ -284,7 +284,7 @@ class VAETrainer:
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vae.state_dict().items()}
             save_file(tensors, str(tmp / VAE_WEIGHTS))
             vae = self.vae.config
-            meta = {"adapter_kind": VAE_KIND, "name": self.config.name, "task_type": VAE_KIND, "vae": vae.as_dict(),
+            meta = {"adapter_kind": SENTENCE_VAE, "name": self.config.name, "task_type": SENTENCE_VAE, "vae": vae.as_dict(),
                     "nz": vae.nz, "encoder_layers": vae.encoder_layers, "pooling": vae.pooling,
                     "injection": vae.injection, "bottleneck": vae.bottleneck, "recipe": self.config.recipe,
                     "eos_token": self.tokenizer.eos_token, "max_length": self.config.max_length,
