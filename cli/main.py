@@ -438,7 +438,8 @@ def serve(
     from server.app import create_app
 
     settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
-                               max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype.value, request_timeout=request_timeout, watch_interval=watch_interval,
+                               max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype.value,
+                               request_timeout=request_timeout, watch_interval=watch_interval,
                                prefill_chunk=prefill_chunk)
     if ray:
         from server.ray_serve import RayServeOptions, serve_on_ray

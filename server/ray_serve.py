@@ -423,8 +423,9 @@ def application(options: RayServeOptions):
 
 # The numeric fields of RayServeOptions and ServiceSettings; every other argument is a string.
 NUMBER_ARGUMENTS = {"replicas": int, "max_tasks_per_replica": int, "replica_cpus": float, "replica_gpus": float,
-                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int, "max_cpu_adapters": int,
-                    "request_timeout": float, "watch_interval": float, "prefill_chunk": int, "store_timeout": float}
+                    "threads": int, "max_body_bytes": int, "max_batch": int, "max_queue": int, "max_resident": int,
+                    "max_cpu_adapters": int, "request_timeout": float, "watch_interval": float, "prefill_chunk": int,
+                    "store_timeout": float}
 
 
 def options_from_args(args: dict[str, str]) -> RayServeOptions:

@@ -2,7 +2,7 @@
 
 Per rank r and layer l the bucket holds
 
-    down [cap·d, r]   rows s·d … s·d+d-1: adapter s's (W_down·diag γ)ᵀ   (the LN affine folded in: `LayerWeights`)
+    down [cap·d, r]   rows s·d … s·d+d-1: adapter s's (W_down·diag γ)ᵀ  (LN affine folded in: `LayerWeights`)
     up   [cap·r, d]   rows s·r … s·r+r-1: adapter s's W_upᵀ
     down_bias [cap, r], up_bias [cap, d]
 

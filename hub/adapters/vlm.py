@@ -133,13 +133,14 @@ class VlmPlan:
 
 
 class VlmRuntime(KindRuntime):
-    """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`), fp32, and one hook per GPT-2 block.
+    """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`) and one hook per GPT-2 block.
 
     Memory is the resident adapters' own weights (less the folded LN vectors; in `bank_dtype`, float32 unless
     asked otherwise) plus at most a fifth of free room per bucket: no slot is padded to another adapter's rank.
-    Per step and layer the batch is normalised once; in a decode step each rank bucket applies all its rows' adapters in one `F.embedding_bag` pair (each
-    adapter's weights read once per row), and an adapter with many rows (or any adapter during prefill) runs
-    as two `F.linear` calls over its own rows; rows without a VLM adapter pass unchanged.
+    Per step and layer the batch is normalised once; in a decode step each rank bucket applies all its rows'
+    adapters in one `F.embedding_bag` pair (each adapter's weights read once per row), and an adapter with many
+    rows (or any adapter during prefill) runs as two `F.linear` calls over its own rows; rows without a VLM
+    adapter pass unchanged.
     """
 
     def __init__(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32):
