@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from hub.serving.batch import decode_to_completion
 from hub.adapters.vlm import vlm_adapter_config
 from hub.store.catalog import LoadedAdapter
 from hub.store.format import AdapterMeta
@@ -90,5 +91,5 @@ def timed_run(engine, sequences: list) -> tuple[float, list[float]]:
     for s in sequences:
         s.on_update = lambda seq: seq.finished and finished.setdefault(seq.id, time.perf_counter())
     start = time.perf_counter()
-    engine.run(sequences)
+    decode_to_completion(engine, sequences)
     return time.perf_counter() - start, [finished[s.id] - start for s in sequences]

@@ -38,6 +38,7 @@ import torch
 
 from bench.common import machine, percentile, random_adapter, random_gpt2_small, timed_run, write_export
 from bench.load_test import free_port
+from hub.serving.manager import ManagerSettings
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine
 from hub.serving.sampling import sampling_params
@@ -94,19 +95,19 @@ def engine_scenarios(folder: Path, rounds: int) -> dict:
     results: dict[str, dict] = {}
     with Engine(backbone, make_task) as engine:
         for adapter in b100:
-            engine.add_adapter(adapter)
+            engine.manager.add_adapter(adapter)
         run_engine(engine, scenarios["single"][:8], sources[:8])  # warm-up
         for _ in range(rounds):
             for adapter in cycling:
-                engine.remove_adapter(adapter.name) if adapter.name in engine.adapters else None
+                engine.manager.remove(adapter.name) if adapter.name in engine.manager.adapters else None
             keep(results, "single", run_engine(engine, scenarios["single"], sources))
             for adapter in cycling:
-                engine.add_adapter(adapter)
+                engine.manager.add_adapter(adapter)
             for name in ("single+300", "distinct", "cycling", "base"):
                 keep(results, name, run_engine(engine, scenarios[name], sources))
-    with Engine(backbone, make_task, bank_dtype=torch.float16) as engine:  # `hub serve --bank-dtype float16`
+    with Engine(backbone, make_task, ManagerSettings(bank_dtype=torch.float16)) as engine:  # `hub serve --bank-dtype float16`
         for adapter in b100 + cycling:
-            engine.add_adapter(adapter)
+            engine.manager.add_adapter(adapter)
         for _ in range(rounds):
             for name in ("distinct", "cycling"):
                 keep(results, f"{name}, float16 bank", run_engine(engine, scenarios[name], sources))
@@ -127,9 +128,9 @@ def bank_memory(folder: Path) -> dict:
     b100, cycling = scenario_adapters(backbone.model.config)
     with Engine(backbone, make_task) as engine:
         for adapter in b100 + cycling:
-            engine.add_adapter(adapter)
-        return {"bank_bytes": engine.resident_bytes(), "adapter_bytes": adapter_bytes(b100 + cycling),
-                "resident_adapters": engine.resident_count(), "rss_gb_all_resident": rss_gb()}
+            engine.manager.add_adapter(adapter)
+        return {"bank_bytes": engine.manager.resident_bytes(), "adapter_bytes": adapter_bytes(b100 + cycling),
+                "resident_adapters": engine.manager.resident_count(), "rss_gb_all_resident": rss_gb()}
 
 
 class PassThrough(torch.nn.Module):
@@ -256,7 +257,7 @@ def http_vs_engine(folder: Path, work: Path, rounds: int) -> dict:
         wait_ready(f"http://127.0.0.1:{port}", server)
         with Engine(backbone, make_task) as engine:
             for name in names:
-                engine.add_adapter(store.load(name, backbone.fingerprint))
+                engine.manager.add_adapter(store.load(name, backbone.fingerprint))
             for _ in range(rounds):
                 keep(results, "engine", run_engine(engine, tasks, sources))
                 keep(results, "http", asyncio.run(http_load(f"http://127.0.0.1:{port}", tasks, sources)))
@@ -308,7 +309,7 @@ def publish_latency(folder: Path, work: Path, count: int) -> dict:
         for export in exports:
             start = time.perf_counter()
             version = (await asyncio.to_thread(store.publish, export)).version
-            while getattr(service.engine.adapters.get("p"), "version", None) != version:
+            while getattr(service.engine.manager.adapters.get("p"), "version", None) != version:
                 await asyncio.sleep(0.001)
             latencies.append(time.perf_counter() - start)
         watcher.cancel()
@@ -364,8 +365,8 @@ def scale(folder: Path, work: Path, store_dir: Path | None = None) -> dict:
         for batch in range(0, SCALE_RESIDENT, ROWS):  # 256 adapters made resident by requests, 64 at a time
             await asyncio.gather(*(one(f"s{i}") for i in range(batch, batch + ROWS)))
         fill = time.perf_counter() - begin
-        resident = {"rss_gb": rss_gb(), "bank_bytes": service.engine.resident_bytes(),
-                    "resident": service.engine.resident_count(), "seconds": fill}
+        resident = {"rss_gb": rss_gb(), "bank_bytes": service.engine.manager.resident_bytes(),
+                    "resident": service.engine.manager.resident_count(), "seconds": fill}
         warm_ids = range(max(0, SCALE_RESIDENT - 30), SCALE_RESIDENT)  # resident: the last ones made so
         cold_ids = range(SCALE_STORED - min(30, SCALE_STORED - SCALE_RESIDENT), SCALE_STORED)  # never read yet
         warm = {r: [await one(f"s{i}") for i in warm_ids if i % 3 == k] for k, r in enumerate(SCALE_RANKS)}

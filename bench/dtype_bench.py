@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine
+from hub.serving.batch import decode_to_completion
 from hub.evaluation.decode import unique_sources
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine
@@ -33,12 +34,12 @@ def decode_all(base: str, device: str, dtype: torch.dtype, store: AdapterStore, 
                batch: int, new_tokens: int) -> tuple[list[list[int]], float]:
     backbone = load_backbone(base, device, dtype=dtype)
     with Engine(backbone, make_task) as engine:
-        name = engine.add_adapter(store.load(ref, backbone.fingerprint)).name
+        name = engine.manager.add_adapter(store.load(ref, backbone.fingerprint)).name
         params = sampling_params(max_new_tokens=new_tokens)
         start, outputs = time.perf_counter(), []
         for i in range(0, len(sources), batch):
             sequences = [engine.new_sequence(name, s, params) for s in sources[i:i + batch]]
-            outputs += [s.output_ids for s in engine.run(sequences)]
+            outputs += [s.output_ids for s in decode_to_completion(engine, sequences)]
         return outputs, time.perf_counter() - start
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import AdapterStore
@@ -60,9 +61,9 @@ def main() -> None:
     def on_eval(trainer: Trainer, result: dict) -> None:
         trainer.export(work / "export", {})
         stored = store.publish(work / "export", version=str(trainer.step))
-        engine.add_adapter(store.load(stored.ref, serving.fingerprint))
+        engine.manager.add_adapter(store.load(stored.ref, serving.fingerprint))
         sequences = [engine.new_sequence("e2e", mr, SamplingParams(max_new_tokens=60)) for mr in mrs]
-        engine.run(sequences)
+        decode_to_completion(engine, sequences)
         recalls = [slot_recall(mr, s.text) for mr, s in zip(mrs, sequences)]
         row = {**result, "name_rate": sum(n for n, _ in recalls) / len(recalls),
                "slot_recall": sum(r for _, r in recalls) / len(recalls), "example": sequences[0].text.strip()}

@@ -52,9 +52,9 @@ def run_engine(engine: Engine, tasks: list[str | None], prompt_ids: list[list[in
     sequences = []
     for task, ids in zip(tasks, prompt_ids):
         if task is None:
-            sequences.append(engine.new_sequence(None, None, params, prompt_text=engine.decode_text(ids)))
+            sequences.append(engine.new_sequence(None, None, params, prompt_text=engine.backbone.tokenizer.decode(ids)))
         else:
-            source = engine.decode_text(ids[: PROMPT_TOKENS - 3])  # + BOS, source and target markers = 32
+            source = engine.backbone.tokenizer.decode(ids[: PROMPT_TOKENS - 3])  # + BOS, source and target markers = 32
             sequences.append(engine.new_sequence(task, source, params))
     wall, latencies = timed_run(engine, sequences)
     return _result(wall, latencies, sum(len(s.output_ids) for s in sequences), [len(s.prompt_ids) for s in sequences])
@@ -113,7 +113,7 @@ def main() -> None:
     k = len(make_task("text2text").special_tokens)
     task_adapters = [random_adapter(f"task{i}", config, BOTTLENECK, "text2text", k, seed=i) for i in range(32)]
     for adapter in task_adapters:
-        engine.add_adapter(adapter)
+        engine.manager.add_adapter(adapter)
     names = [a.name for a in task_adapters]
     p8, p32 = prompts(backbone.tokenizer, 8, PROMPT_TOKENS), prompts(backbone.tokenizer, 32, PROMPT_TOKENS)
 

@@ -378,6 +378,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate with one task adapter (KV cache; stops at the task's end token)."""
+    from hub.serving.batch import decode_to_completion
     from hub.serving.engine import Engine
     from hub.serving.sampling import sampling_params
     from tasks import make_task
@@ -386,11 +387,11 @@ def generate(
     adapter_store = _store(store)
     backbone = _backbone_for(adapter_store, [task], base, device, dtype)
     engine = Engine(backbone, make_task)
-    resident = engine.add_adapter(adapter_store.load(task, backbone.fingerprint))
+    resident = engine.manager.add_adapter(adapter_store.load(task, backbone.fingerprint))
     params = sampling_params(resident.task.defaults.max_new_tokens, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              min_tokens=min_tokens, ignore_eos=ignore_eos)
-    sequence = engine.run([engine.new_sequence(resident.name, text, params)])[0]
+    sequence = decode_to_completion(engine, [engine.new_sequence(resident, text, params)])[0]
     if as_json:
         return _print_json({"task": resident.name, "version": resident.version, "text": sequence.text.strip(),
                             "finish_reason": sequence.finish_reason,

@@ -186,16 +186,17 @@ def _served(task: str, store: str, base: str | None, device: str):
     adapter_store = _store(store)
     backbone = _backbone_for(adapter_store, [task], base, device)
     engine = Engine(backbone, make_task)
-    name = engine.add_adapter(adapter_store.load(task, backbone.fingerprint)).name
-    return engine, VaeOps(engine, name)
+    adapter = engine.manager.add_adapter(adapter_store.load(task, backbone.fingerprint))
+    return engine, VaeOps(engine, adapter)
 
 
 def _decode(engine, ops, z, max_new_tokens: int | None, temperature: float, seed: int | None) -> list[str]:
+    from hub.serving.batch import decode_to_completion
     from hub.serving.sampling import sampling_params
 
     params = sampling_params(ops.adapter.task.defaults.max_new_tokens, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed)
-    return [s.text.strip() for s in engine.run(ops.sequences(z, params))]
+    return [s.text.strip() for s in decode_to_completion(engine, ops.sequences(z, params))]
 
 
 @vae_app.command()

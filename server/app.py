@@ -23,11 +23,10 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from hub.errors import CapacityError, HubError, NotFoundError, UnavailableError
 from hub.model.backbone import Backbone
+from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
 from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
-from hub.serving.sequence import Sequence
-from hub.serving.service import (GenerationFailedError, Handle, HubService, RequestTimeoutError,
-                                 ServiceSettings)
-from hub.store.catalog import AdapterStore
+from hub.serving.service import GenerationFailedError, HubService, RequestTimeoutError, ServiceSettings
+from hub.store.backends import Store
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
@@ -155,14 +154,18 @@ def _issues(err: RequestValidationError) -> list[dict]:
              "type": safe(e.get("type", "value_error"))} for e in err.errors()]
 
 
-def create_app(backbone: Backbone, store: AdapterStore, settings: ServiceSettings | None = None,
+NO_VAE_NOTE = ("The sentence-VAE routes (/v1/vae/{task}/...) are not served by this backend (hub serve --ray): "
+               "use `hub serve` without --ray for sentence VAEs.")
+
+
+def create_app(backbone: Backbone, store: Store, settings: ServiceSettings | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     return build_app(HubService(backbone, store, make_task, settings), max_body_bytes)
 
 
-def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               metrics: ServerMetrics | None = None) -> FastAPI:
-    """The routes over a service: `HubService` in this process, or `server.ray_serve.RemoteService`."""
+    """The routes over a backend: `HubService` in this process, or `server.ray_serve.RemoteService`."""
     metrics = metrics or ServerMetrics()
     hub.on_finished = metrics.observe_finished
 
@@ -174,10 +177,11 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         watch.cancel()
         await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
-    app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan)
+    app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan, description="" if hub.vae else NO_VAE_NOTE)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
-    app.include_router(vae_router(hub))
+    if hub.vae is not None:
+        app.include_router(vae_router(hub))
     add_playground(app, hub.store)
 
     @app.exception_handler(HubError)
@@ -196,15 +200,17 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 
     @app.get("/readyz", responses=_error_responses(503))
     async def readyz():
-        if not hub.ready:
-            raise HTTPException(503, "starting or stopping")
+        reason = hub.not_ready_reason()
+        if reason is not None:
+            raise HTTPException(503, reason)
         return {"status": "ready", "tasks": len(hub.task_names())}
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
     async def metrics_route():
-        return Response(metrics.render(hub.stats(), hub.resident_count()), media_type=metrics.content_type)
+        return Response(metrics.render(hub.stats(), hub.resident_count(), hub.not_ready_reason() is None),
+                        media_type=metrics.content_type)
 
     @app.get("/v1/tasks", responses=_error_responses(503))
     async def list_tasks():
@@ -215,18 +221,19 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
-        params = hub.params(body.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+        ref = await hub.resolve(body.task)
+        params = hub.params(ref, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
                             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
-        handle = await hub.submit(body.task, body.input, params)
-        metrics.requests.labels(task=body.task).inc()
+        handle = await hub.submit(ref, body.input, params)
+        metrics.requests.labels(task=ref.name).inc()
         if body.stream:
             return _sse(_generate_events(hub, request, handle), openai=False)
         text = await _complete(hub, request, handle)
-        sequence = handle.sequence
-        return GenerateResponse(task=sequence.adapter.name, version=sequence.adapter.version, text=text,
-                                finish_reason=sequence.finish_reason or "cancelled", usage=_usage(sequence),
-                                warnings=_warnings(sequence))
+        result = handle.result()
+        return GenerateResponse(task=result.task, version=result.version, text=text,
+                                finish_reason=result.finish_reason or "cancelled", usage=_usage(result),
+                                warnings=_warnings(result))
 
     @app.get("/v1/models")
     async def models():
@@ -237,12 +244,14 @@ def build_app(hub: HubService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     @app.post("/v1/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        return await _openai(hub, metrics, request, body, "text_completion", prompt, body.max_tokens)
+        ref = await hub.resolve(body.model)
+        return await _openai(hub, metrics, request, body, ref, "text_completion", prompt, body.max_tokens)
 
     @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        source = hub.resolve(body.model).task.parse_chat([m.model_dump() for m in body.messages])
-        return await _openai(hub, metrics, request, body, "chat.completion", source,
+        ref = await hub.resolve(body.model)
+        source = hub.parse_chat(ref, [m.model_dump() for m in body.messages])
+        return await _openai(hub, metrics, request, body, ref, "chat.completion", source,
                              body.max_completion_tokens or body.max_tokens)
 
     def admin(authorization: str | None = Header(None)) -> None:
@@ -286,11 +295,11 @@ def _bearer_matches(authorization: str | None, token: str) -> bool:
     return secrets.compare_digest(given, token.encode("utf-8"))
 
 
-def _stream(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[str]:
+def _stream(hub: ServingBackend, request: Request, handle) -> AsyncIterator[str]:
     return hub.stream(handle, request.is_disconnected)
 
 
-async def _complete(hub: HubService, request: Request, handle: Handle) -> str:
+async def _complete(hub: ServingBackend, request: Request, handle) -> str:
     return await hub.complete(handle, request.is_disconnected)
 
 
@@ -300,16 +309,16 @@ def _single(prompts: list[str]) -> str:
     return prompts[0]
 
 
-def _usage(sequence: Sequence) -> Usage:
-    return Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.output_ids),
-                 input_tokens_dropped=sequence.input_tokens_dropped)
+def _usage(result: RequestResult) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                 input_tokens_dropped=result.input_tokens_dropped)
 
 
-def _warnings(sequence: Sequence) -> list[str]:
-    if not sequence.input_tokens_dropped:
+def _warnings(result: RequestResult) -> list[str]:
+    if not result.input_tokens_dropped:
         return []
-    return [f"the input was too long: {sequence.input_tokens_dropped} of its tokens were cut to fit the "
-            f"{sequence.adapter.task.type_name} task's limits (the model saw {len(sequence.prompt_ids)} tokens)"]
+    return [f"the input was too long: {result.input_tokens_dropped} of its tokens were cut to fit the "
+            f"{result.task_type} task's limits (the model saw {result.prompt_tokens} tokens)"]
 
 
 def _sse_event(event: dict | str) -> str:
@@ -335,44 +344,41 @@ def _sse(events: AsyncIterator[dict], openai: bool) -> StreamingResponse:
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _generate_events(hub: HubService, request: Request, handle: Handle) -> AsyncIterator[dict]:
-    sequence = handle.sequence
+async def _generate_events(hub: ServingBackend, request: Request, handle) -> AsyncIterator[dict]:
     async for piece in _stream(hub, request, handle):
         yield {"text": piece}
-    if sequence.finished:
-        yield {"finish_reason": sequence.finish_reason, "usage": _usage(sequence).model_dump(),
-               "task": sequence.adapter.name, "version": sequence.adapter.version, "warnings": _warnings(sequence)}
+    result = handle.result()
+    if result.finished:
+        yield {"finish_reason": result.finish_reason, "usage": _usage(result).model_dump(),
+               "task": result.task, "version": result.version, "warnings": _warnings(result)}
 
 
-async def _openai(hub: HubService, metrics: ServerMetrics, request: Request, body, kind: str, source,
-                  max_tokens: int | None):
+async def _openai(hub: ServingBackend, metrics: ServerMetrics, request: Request, body, ref: TaskRef, kind: str,
+                  source, max_tokens: int | None):
     """Shared body of /v1/completions and /v1/chat/completions."""
-    model = body.model
-    params = hub.params(model, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+    params = hub.params(ref, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                         seed=body.seed, stop=body.stop, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
-    handle = await hub.submit(model, source, params)
-    sequence = handle.sequence
-    metrics.requests.labels(task=model).inc()
+    handle = await hub.submit(ref, source, params)
+    metrics.requests.labels(task=ref.name).inc()
     head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": f"{sequence.adapter.name}"}
+            "created": int(time.time()), "model": ref.name}
     choice = (lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": finish}) if kind == "chat.completion" else \
              (lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
     if body.stream:
         return _sse(_openai_events(hub, request, handle, head, kind), openai=True)
     text = await _complete(hub, request, handle)
-    return {**head, "object": kind, "choices": [choice(text, _openai_finish(sequence))],
-            "usage": {**_usage(sequence).model_dump(),
-                      "total_tokens": len(sequence.prompt_ids) + len(sequence.output_ids)},
-            "warnings": _warnings(sequence)}
+    result = handle.result()
+    return {**head, "object": kind, "choices": [choice(text, _openai_finish(result))],
+            "usage": {**_usage(result).model_dump(), "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "warnings": _warnings(result)}
 
 
-def _openai_finish(sequence: Sequence) -> str:
-    return "length" if sequence.finish_reason == "length" else "stop"
+def _openai_finish(result: RequestResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
 
 
-async def _openai_events(hub: HubService, request: Request, handle: Handle, head: dict, kind: str):
-    sequence = handle.sequence
+async def _openai_events(hub: ServingBackend, request: Request, handle, head: dict, kind: str):
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(text: str | None, finish: str | None) -> dict:
@@ -387,5 +393,6 @@ async def _openai_events(hub: HubService, request: Request, handle: Handle, head
                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
     async for piece in _stream(hub, request, handle):
         yield chunk(piece, None)
-    if sequence.finished:
-        yield chunk(None, _openai_finish(sequence))
+    result = handle.result()
+    if result.finished:
+        yield chunk(None, _openai_finish(result))

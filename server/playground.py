@@ -36,6 +36,6 @@ def add_playground(app: FastAPI, store: AdapterStore) -> None:
                         404: {"description": "unknown task or no training log"},
                         503: {"description": "the store did not answer"}})
     async def training_curve(name: str):
-        stored, log = await app.state.hub.store_calls(store.training_log, name)  # off the event loop, bounded
+        stored, log = await app.state.hub.store_call(store.training_log, name)  # off the event loop, bounded
         png = await run_in_threadpool(training_curve_png, log, f"{stored.ref}: training curve")
         return Response(png, media_type="image/png")

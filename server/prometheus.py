@@ -6,7 +6,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from hub.serving.engine import Sequence
+from hub.serving.protocol import RequestResult
 from hub.serving.scheduler import SchedulerStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -25,25 +25,28 @@ class ServerMetrics:
         self.queue_depth = Gauge("hub_queue_depth", "requests waiting to join the batch", registry=r)
         self.batch_size = Gauge("hub_running_batch_size", "sequences in the running batch", registry=r)
         self.resident = Gauge("hub_resident_adapters", "adapters resident on the device", registry=r)
+        self.ready = Gauge("hub_ready", "1 while the server can serve (its engine thread is running), else 0",
+                           registry=r)
         self.ttft = Histogram("hub_time_to_first_token_seconds", "time to first token", ["task"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.per_token = Histogram("hub_time_per_output_token_seconds", "decode time per generated token",
                                    ["task"], buckets=LATENCY_BUCKETS, registry=r)
 
-    def observe_finished(self, sequence: Sequence, reason: str) -> None:
+    def observe_finished(self, result: RequestResult, reason: str) -> None:
         """Count a request that ended: `reason` is its finish reason, or cancelled/timeout when it was left."""
-        task = sequence.adapter.name if sequence.adapter else "base"
+        task = result.task
         self.finished.labels(task=task, reason=reason).inc()
-        self.tokens.labels(task=task).inc(len(sequence.output_ids))
-        self.prompt_tokens.labels(task=task).inc(len(sequence.prompt_ids))
-        if sequence.first_token_at is not None:
-            self.ttft.labels(task=task).observe(sequence.first_token_at - sequence.created)
-            if len(sequence.output_ids) > 1:
-                decode = time.monotonic() - sequence.first_token_at
-                self.per_token.labels(task=task).observe(decode / (len(sequence.output_ids) - 1))
+        self.tokens.labels(task=task).inc(result.completion_tokens)
+        self.prompt_tokens.labels(task=task).inc(result.prompt_tokens)
+        if result.first_token_at is not None:
+            self.ttft.labels(task=task).observe(result.first_token_at - result.created)
+            if result.completion_tokens > 1:
+                decode = time.monotonic() - result.first_token_at
+                self.per_token.labels(task=task).observe(decode / (result.completion_tokens - 1))
 
-    def render(self, stats: SchedulerStats, resident: int) -> bytes:
+    def render(self, stats: SchedulerStats, resident: int, ready: bool = True) -> bytes:
         self.queue_depth.set(stats.waiting)
         self.batch_size.set(stats.running)
         self.resident.set(resident)
+        self.ready.set(int(ready))
         return generate_latest(self.registry)

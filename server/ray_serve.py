@@ -41,12 +41,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.model.backbone import load_backbone, resolve_base
 from hub.serving.engine import Engine
+from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import SchedulerStats
 from hub.serving.service import HubService, ServiceSettings, StoreCalls
 from hub.store.backends import Store, open_store
 from hub.store.catalog import AdapterSummary
-from hub.task import Task
 from server.edge import DEFAULT_MAX_BODY_BYTES
 from server.prometheus import ServerMetrics
 from tasks import make_task
@@ -90,7 +90,7 @@ class ResidentTask:
         if not self.unloaded:
             self.unloaded = True
             with contextlib.suppress(NotFoundError):  # already replaced or removed
-                self.engine.remove_adapter(self.name)
+                self.engine.manager.remove(self.name)
 
 
 @serve.deployment
@@ -121,19 +121,23 @@ class EngineReplica:
 
         return load
 
-    def _load_latest(self, task: str) -> None:
-        """Load the newest published version of `task` unless it is the one resident (hot publishing)."""
-        store, engine = self.service.store, self.service.engine
-        latest = store.show(task)
-        current = engine.adapters.get(task)
-        if current is None or current.version != latest.version:
-            engine.add_adapter(store.load(latest.ref, engine.backbone.fingerprint))
+    def _load_latest(self, task: str, version: str | None = None) -> None:
+        """Load `version` of `task` (default: the newest published) unless it is the one resident (hot
+        publishing); the ingress names the version it resolved the request to."""
+        store, manager = self.service.store, self.service.manager
+        wanted = store.show(task if version is None else f"{task}@{version}")
+        current = manager.get(task)
+        if current is None or current.version != wanted.version:
+            manager.add_adapter(store.load(wanted.ref, manager.backbone.fingerprint))
         self.checked_at[task] = time.monotonic()
 
-    async def _resident(self, task: str) -> None:
-        """Through Ray's LRU of tasks. A resident task is checked for a newer version every `watch_interval`, in
-        the background: the request goes on with the version resident now."""
+    async def _resident(self, task: str, version: str) -> None:
+        """Through Ray's LRU of tasks, then the version the ingress resolved. A resident task is checked for a
+        newer version every `watch_interval`, in the background."""
         await self.load_task(task)
+        current = self.service.manager.get(task)
+        if current is None or current.version != version:
+            await asyncio.to_thread(self._load_latest, task, version)
         if time.monotonic() - self.checked_at.get(task, 0.0) > self.watch_interval:
             self.checked_at[task] = time.monotonic()  # one check at a time per task
             self.checks.add(check := asyncio.create_task(asyncio.to_thread(self._load_latest, task)))
@@ -144,18 +148,17 @@ class EngineReplica:
         if not check.cancelled() and check.exception() is not None:
             log.warning("checking for a newer version failed: %s", check.exception())
 
-    async def generate(self, source: Any, params: SamplingParams, prompt_text: str | None) -> AsyncIterator[dict]:
-        """Events: {replica, version, prompt_ids}, then {text} pieces, then {finish_reason, output_ids, stats}."""
+    async def generate(self, version: str, source: Any, params: SamplingParams,
+                       prompt_text: str | None) -> AsyncIterator[dict]:
+        """Events: {replica, result}, then {text} pieces, then {result, stats, resident} (`RequestResult`s)."""
         task = serve.get_multiplexed_model_id()
-        await self._resident(task)
-        handle = await self.service.submit(task, source, params, prompt_text)
-        sequence = handle.sequence
-        yield {"replica": self.replica, "version": sequence.adapter.version, "prompt_ids": sequence.prompt_ids,
-               "input_tokens_dropped": sequence.input_tokens_dropped}
+        await self._resident(task, version)
+        handle = await self.service.submit(await self.service.resolve(task), source, params, prompt_text)
+        yield {"replica": self.replica, "result": handle.result()}
         async for piece in self.service.stream(handle, _never):
             yield {"text": piece}
-        yield {"finish_reason": sequence.finish_reason, "output_ids": sequence.output_ids,
-               "stats": asdict(self.service.stats()), "resident": self.service.resident_count()}
+        yield {"result": handle.result(), "stats": asdict(self.service.stats()),
+               "resident": self.service.resident_count()}
 
     def __del__(self) -> None:
         self.service.stop()
@@ -167,39 +170,22 @@ async def _never() -> bool:
 
 
 # -- ingress -----------------------------------------------------------------------------------------------------
-@dataclass
-class TaskRef:
-    """The adapter a remote sequence used, as the routes read it (`ResidentAdapter`'s name, version and task)."""
-
-    name: str
-    version: str
-    task: Task
-
-
-@dataclass
-class RemoteSequence:
-    """The ingress's mirror of a sequence decoded on a replica: what the routes and metrics read."""
-
-    adapter: TaskRef
-    params: SamplingParams
-    prompt_ids: list[int]
-    replica: str
-    input_tokens_dropped: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+NEGATIVE_TTL = 2.0  # seconds an unknown task name is answered 404 without listing the store again
+MIN_RELIST = 0.5  # seconds between listings that unknown names may force
+STALE_REPLICA = 60.0  # a replica not heard from for this long no longer counts in queue and batch gauges
 
 
 @dataclass
 class RemoteHandle:
-    sequence: RemoteSequence
+    """A request decoded on a replica: the result as the replica last reported it, and its event stream."""
+
+    task: TaskRef
+    replica: str
+    state: RequestResult
     events: DeploymentResponseGenerator
+
+    def result(self) -> RequestResult:
+        return self.state
 
 
 # The replica of the current HTTP request, for the response header (a holder set per request by the middleware).
@@ -207,53 +193,74 @@ _replica_of_request: contextvars.ContextVar[dict | None] = contextvars.ContextVa
 
 
 class RemoteService:
-    """`HubService`'s interface for the routes, over the engine deployment. Tasks come from the store: a listing
-    re-read at most every `watch_interval`, and at once for a name not seen yet."""
+    """The `ServingBackend` over the engine deployment. Tasks come from the store's listing, refreshed off the
+    event loop every `watch_interval` (`watch_store`); a name not seen yet forces a listing at most every
+    `MIN_RELIST` seconds, and an unknown name is answered from a negative cache for `NEGATIVE_TTL` seconds, so
+    unknown names cannot make the ingress list the bucket per request. Sentence-VAE routes are not served."""
+
+    vae = None
 
     def __init__(self, engine: DeploymentHandle, store: Store, options: RayServeOptions):
         self.engine, self.store, self.options = engine, store, options
-        self.on_finished: Callable[[RemoteSequence, str], None] | None = None
+        self.on_finished: Callable[[RequestResult, str], None] | None = None
         self.replicas: dict[str, dict] = {}  # replica -> its stats as last reported, "served" per task
         self.summaries: dict[str, AdapterSummary] = {}
         self.listed_at = -math.inf
-        self.lock = threading.Lock()
-        self.store_calls = StoreCalls(options.service.store_timeout)  # the playground reads training logs
+        self.unknown: dict[str, float] = {}  # task name -> when it was last found unknown
+        self.store_calls = StoreCalls(options.service.store_timeout)
         self.ready = False
 
     # -- lifecycle: the replicas own the engines ---------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.to_thread(self._summaries, True)
+        await self._relist()
         self.ready = True
 
     def stop(self) -> None:
         self.ready = False
         self.store_calls.close()
 
+    def not_ready_reason(self) -> str | None:
+        return None if self.ready else "starting or stopping"
+
     async def watch_store(self) -> None:
-        """Nothing to watch here: each replica checks its tasks' versions when it serves them."""
+        """Refresh the listing every `watch_interval` (off the event loop); replicas load new versions."""
+        interval = self.options.service.watch_interval
+        while interval > 0:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):  # a store that does not answer now may answer next time
+                await self._relist()
+
+    async def store_call(self, fn: Callable, *args) -> Any:
+        return await self.store_calls(fn, *args)
 
     # -- tasks ------------------------------------------------------------------------------------------------
-    def _summaries(self, force: bool = False) -> dict[str, AdapterSummary]:
-        with self.lock:
-            if force or time.monotonic() - self.listed_at > self.options.service.watch_interval:
-                self.summaries = {s.name: s for s in self.store.list() if s.versions}
-                self.listed_at = time.monotonic()
-            return self.summaries
+    async def _relist(self) -> None:
+        listing = await self.store_calls(self.store.list)
+        self.summaries = {s.name: s for s in listing if s.versions}
+        self.listed_at = time.monotonic()
 
-    def resolve(self, task: str) -> PublishedTask:
-        """The task's newest published version; 404 naming the available ones when there is none."""
-        summary = self._summaries().get(task) or self._summaries(force=True).get(task)
+    async def resolve(self, task: str) -> TaskRef:
+        """The task's newest published version, resolved once for the request; 404 naming the available ones."""
+        summary = self.summaries.get(task)
+        now = time.monotonic()
+        if summary is None and now - self.unknown.get(task, -math.inf) > NEGATIVE_TTL \
+                and now - self.listed_at > MIN_RELIST:
+            await self._relist()
+            summary = self.summaries.get(task)
         if summary is None:
+            if len(self.unknown) > 4096:
+                self.unknown.clear()
+            self.unknown[task] = now
             raise NotFoundError(f"unknown task {task!r}; available: {', '.join(self.task_names()) or 'none'}")
         meta = summary.latest.meta
-        return PublishedTask(summary, make_task(meta.task_type, dict(meta.task_config)))
+        return TaskRef(task, summary.latest.version, make_task(meta.task_type, dict(meta.task_config)))
 
     def task_names(self) -> list[str]:
-        return sorted(self._summaries())
+        return sorted(self.summaries)
 
     async def list_tasks(self) -> dict:
         """Published tasks (newest usable version) with the replicas that have served them, and skipped versions."""
-        listing = await asyncio.to_thread(self.store.list)
+        listing = await self.store_calls(self.store.list)
         tasks = [{"name": s.name, "version": s.latest.version, "versions": [v.version for v in s.versions],
                   "task_type": s.latest.meta.task_type, "bottleneck": s.latest.meta.bottleneck,
                   "trainable_pct": s.latest.meta.trainable_pct,
@@ -261,64 +268,73 @@ class RemoteService:
                  for s in listing if s.versions]
         return {"tasks": tasks, "skipped": [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]}
 
-    def params(self, task: str, **fields) -> SamplingParams:
-        return sampling_params(self.resolve(task).task.defaults.max_new_tokens, **fields)
+    @staticmethod
+    def params(task: TaskRef | None, **fields) -> SamplingParams:
+        return sampling_params(task.task.defaults.max_new_tokens if task else None, **fields)
+
+    @staticmethod
+    def parse_chat(task: TaskRef, messages: list[dict]) -> Any:
+        return task.task.parse_chat(messages)
 
     # -- requests ---------------------------------------------------------------------------------------------
-    async def submit(self, task: str | None, source: Any, params: SamplingParams,
+    async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
                      prompt_text: str | None = None) -> RemoteHandle:
         """Send the request to the replica Ray picks for `task`; its first event says it was accepted."""
         if task is None:
             raise HubError("name a task: the plain base model is not served with --ray")
-        published = self.resolve(task)
-        call = self.engine.options(multiplexed_model_id=task, stream=True)
-        events = call.generate.remote(source, params, prompt_text)
+        call = self.engine.options(multiplexed_model_id=task.name, stream=True)
+        events = call.generate.remote(task.version, source, params, prompt_text)
         first = await _next_event(events)
-        sequence = RemoteSequence(TaskRef(task, first["version"], published.task), params, first["prompt_ids"],
-                                  first["replica"], first["input_tokens_dropped"])
         holder = _replica_of_request.get()
         if holder is not None:
-            holder["replica"] = sequence.replica
-        return RemoteHandle(sequence, events)
+            holder["replica"] = first["replica"]
+        return RemoteHandle(task, first["replica"], first["result"], events)
 
-    async def stream(self, handle: RemoteHandle, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    async def stream(self, handle: RemoteHandle, disconnected: Disconnected) -> AsyncIterator[str]:
         """The replica's text as it arrives; the Ray call is cancelled if the client leaves first."""
-        sequence = handle.sequence
         try:
-            while not sequence.finished:
+            while not handle.state.finished:
                 event = await _next_event(handle.events)
                 if "text" in event:
-                    sequence.first_token_at = sequence.first_token_at or time.monotonic()
-                    sequence.text += event["text"]
+                    handle.state.first_token_at = handle.state.first_token_at or time.monotonic()
+                    handle.state.text += event["text"]
                     yield event["text"]
                 else:
-                    sequence.output_ids, sequence.finish_reason = event["output_ids"], event["finish_reason"]
-                    self._record(sequence, event)
+                    handle.state = replace(event["result"], created=handle.state.created,
+                                           first_token_at=handle.state.first_token_at)
+                    self._record(handle, event)
         finally:  # every request is counted once, as in HubService.stream
             self.cancel(handle)
             if self.on_finished:
-                self.on_finished(sequence, sequence.finish_reason or "cancelled")
+                self.on_finished(handle.state, handle.state.finish_reason or "cancelled")
 
-    def _record(self, sequence: RemoteSequence, event: dict) -> None:
-        seen = self.replicas.setdefault(sequence.replica, {"served": collections.Counter()})
-        seen.update(stats=SchedulerStats(**event["stats"]), resident=event["resident"])
-        seen["served"][sequence.adapter.name] += 1
+    def _record(self, handle: RemoteHandle, event: dict) -> None:
+        seen = self.replicas.setdefault(handle.replica, {"served": collections.Counter()})
+        seen.update(stats=SchedulerStats(**event["stats"]), resident=event["resident"], at=time.monotonic())
+        seen["served"][handle.task.name] += 1
 
     complete = HubService.complete  # the whole text of `stream`
 
     @staticmethod
     def cancel(handle: RemoteHandle) -> None:
-        if not handle.sequence.finished:
+        if not handle.state.finished:
             handle.events.cancel()
 
     # -- tables and operations ----------------------------------------------------------------------------
+    def _live_replicas(self) -> list[dict]:
+        now = time.monotonic()
+        return [seen for seen in self.replicas.values() if now - seen["at"] <= STALE_REPLICA]
+
     def stats(self) -> SchedulerStats:
-        """Summed over the replicas, each as it last reported (with the end of a request it served)."""
-        reported = [seen["stats"] for seen in self.replicas.values()]
-        return SchedulerStats(*(sum(getattr(s, f) for s in reported) for f in SchedulerStats.__dataclass_fields__))
+        """Queue and batch summed over the replicas heard from lately (a replaced replica drops out), decode
+        steps over every replica that ever reported."""
+        live, every = self._live_replicas(), [seen["stats"] for seen in self.replicas.values()]
+        return SchedulerStats(waiting=sum(s["stats"].waiting for s in live),
+                              running=sum(s["stats"].running for s in live),
+                              steps=sum(s.steps for s in every), mixed_steps=sum(s.mixed_steps for s in every))
 
     def resident_count(self) -> int:
-        return sum(seen["resident"] for seen in self.replicas.values())
+        return sum(seen["resident"] for seen in self._live_replicas())
 
     async def reload(self):
         raise HubError("with --ray each replica loads tasks from the store when it first serves them, and checks "
@@ -346,14 +362,6 @@ class ReplicaMetrics:
             steps.add_metric([replica], seen["stats"].steps)
             mixed.add_metric([replica], seen["stats"].mixed_steps)
         yield from (served, steps, mixed)
-
-
-@dataclass
-class PublishedTask:
-    """What the routes read of a task the ingress resolved (its `task` parses chat messages)."""
-
-    summary: AdapterSummary
-    task: Task
 
 
 async def _next_event(events: DeploymentResponseGenerator) -> dict:

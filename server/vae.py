@@ -1,7 +1,8 @@
 """HTTP routes of sentence VAEs: POST /v1/vae/{task}/encode | decode | reconstruct | sample | interpolate | analogy.
 
-Thin: checks and latent arithmetic are `hub.serving.vae.VaeOps`; decoding goes through the service's scheduler,
-so VAE rows share fused batches with every other task. Bad input is a HubError, answered 4xx by the app.
+Thin: checks and latent arithmetic are `hub.serving.vae.VaeOps`; decoding goes through the backend's VAE
+capability (`ServingBackend.vae`), so VAE rows share fused batches with every other task. Mounted only on a
+backend that has that capability (not under `--ray`). Bad input is a HubError, answered 4xx by the app.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from hub.serving.service import HubService
+from hub.serving.protocol import ServingBackend
 from hub.serving.vae import MAX_SAMPLES, MAX_STEPS, MAX_TEXTS, VaeOps
 
 
@@ -47,18 +48,16 @@ class AnalogyRequest(Sampling):
     c: str
 
 
-def vae_router(service: HubService) -> APIRouter:
+def vae_router(service: ServingBackend) -> APIRouter:
     router = APIRouter(prefix="/v1/vae/{task}", tags=["sentence VAE"])
 
     async def ops(task: str) -> VaeOps:
-        return await asyncio.to_thread(VaeOps, service.engine, task)
+        return await service.vae.ops(task)
 
     async def decode(vae: VaeOps, z, body: Sampling, request: Request) -> list[str]:
-        params = service.params(vae.task, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+        params = service.params(vae.ref, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed)
-        sequences = await asyncio.to_thread(vae.sequences, z, params)
-        handles = [service.submit_sequence(s) for s in sequences]
-        return list(await asyncio.gather(*(service.complete(h, request.is_disconnected) for h in handles)))
+        return await service.vae.decode(vae, z, params, request.is_disconnected)
 
     @router.post("/encode")
     async def encode(task: str, body: TextsRequest) -> dict:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from hub.serving.batch import decode_to_completion
 from hub.adapters import registry
 from hub.adapters.base import AdapterKind, KindRuntime, RowState
 from hub.adapters.vlm import (DENSE_ROWS, AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
@@ -107,7 +108,7 @@ def test_library_adapter_equals_the_formula_by_hand(tiny_base, ids):
 
 def engine_logits(engine: Engine, ids: torch.Tensor, slots: list[int], types=None) -> torch.Tensor:
     """Logits of one forward with row b on the VLM adapter in `slots[b]` (0: the plain base)."""
-    runtime = engine.runtimes["vlm"]
+    runtime = engine.manager.runtimes["vlm"]
     with torch.no_grad(), engine.applying([(runtime, runtime.make_plan([RowState(s) for s in slots]))]):
         return engine.backbone.model(input_ids=ids, token_type_ids=types).logits
 
@@ -119,7 +120,7 @@ def engine(tiny_base):
 
 def test_fused_path_equals_the_adapters_library(tiny_base, engine, ids):
     library = adapters_model(tiny_base, 10, seed=3)
-    resident = engine.add_adapter(loaded(library, "lib"))
+    resident = engine.manager.add_adapter(loaded(library, "lib"))
     vocab = engine.backbone.vocab_size
     with torch.no_grad():
         expected = library(ids).logits
@@ -128,7 +129,7 @@ def test_fused_path_equals_the_adapters_library(tiny_base, engine, ids):
 
 
 def test_slot_zero_rows_equal_the_plain_base(tiny_base, engine, ids):
-    engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=4), "other"))
+    engine.manager.add_adapter(loaded(adapters_model(tiny_base, 10, seed=4), "other"))
     plain = GPT2LMHeadModel.from_pretrained(tiny_base).eval()
     with torch.no_grad():
         expected = plain(ids).logits
@@ -138,8 +139,8 @@ def test_slot_zero_rows_equal_the_plain_base(tiny_base, engine, ids):
 
 def test_mixed_batch_equals_each_request_alone(tiny_base, engine):
     """Rows of different adapters (b 10 and b 100, zero-padded in one bank) and a base row, in one batch."""
-    engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=5), "mix-a", seed=1))
-    engine.add_adapter(loaded(adapters_model(tiny_base, 100, seed=6), "mix-b", "text2text", seed=2))
+    engine.manager.add_adapter(loaded(adapters_model(tiny_base, 10, seed=5), "mix-a", seed=1))
+    engine.manager.add_adapter(loaded(adapters_model(tiny_base, 100, seed=6), "mix-b", "text2text", seed=2))
     requests = [("mix-a", "name[The Eagle], food[French]"), ("mix-b", "translate this please"),
                 (None, None), ("mix-a", "name[Alimentum], area[city centre], familyFriendly[no]")]
 
@@ -149,8 +150,8 @@ def test_mixed_batch_equals_each_request_alone(tiny_base, engine):
         assert all(engine.bind(s) for s in made)
         return made
 
-    together = engine.run(sequences())
-    alone = [engine.run([s])[0] for s in sequences()]
+    together = decode_to_completion(engine, sequences())
+    alone = [decode_to_completion(engine, [s])[0] for s in sequences()]
     assert [s.output_ids for s in together] == [s.output_ids for s in alone]
     assert all(s.output_ids for s in together)
 
@@ -171,7 +172,7 @@ def test_mixed_batch_equals_each_request_alone(tiny_base, engine):
         assert (mixed[i] - single).abs().max() <= 1e-4
     for s in batch:
         engine.release(s)
-    assert engine.adapters["mix-a"].in_use == engine.adapters["mix-b"].in_use == 0
+    assert engine.manager.adapters["mix-a"].in_use == engine.manager.adapters["mix-b"].in_use == 0
 
 
 class Blocks(nn.Module):
@@ -259,9 +260,9 @@ def test_engines_take_their_hooks_off_the_model(tiny_base):
         plain = backbone.model(ids).logits
     for seed in (1, 2):
         with Engine(backbone, make_task) as engine:
-            engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=seed), "t"))
+            engine.manager.add_adapter(loaded(adapters_model(tiny_base, 10, seed=seed), "t"))
             assert sum(len(b._forward_hooks) for b in backbone.model.transformer.h) == backbone.model.config.n_layer
-            engine.run([engine.new_sequence("t", "name[The Eagle]", SamplingParams(max_new_tokens=3))])
+            decode_to_completion(engine, [engine.new_sequence("t", "name[The Eagle]", SamplingParams(max_new_tokens=3))])
     assert all(not b._forward_hooks for b in backbone.model.transformer.h)
     with torch.no_grad():
         assert torch.equal(backbone.model(ids).logits, plain)
@@ -330,19 +331,19 @@ def test_a_second_adapter_kind_plugs_in_without_touching_the_engine(tiny_base, s
 
     mr = "name[The Eagle], food[French]"
     with Engine(backbone, make_task) as engine:
-        engine.add_adapter(loaded(adapters_model(tiny_base, 10, seed=9), "vlm"))
-        assert engine.add_adapter(shift_adapter("shifted", 3.0)).parameter_count == config.n_layer * config.n_embd
-        engine.add_adapter(shift_adapter("unshifted", 0.0))
+        engine.manager.add_adapter(loaded(adapters_model(tiny_base, 10, seed=9), "vlm"))
+        assert engine.manager.add_adapter(shift_adapter("shifted", 3.0)).parameter_count == config.n_layer * config.n_embd
+        engine.manager.add_adapter(shift_adapter("unshifted", 0.0))
         requests = [("shifted", mr), ("unshifted", mr), ("vlm", mr), (None, None), ("shifted", "name[Zizzi]")]
 
         def sequences():
             return [engine.new_sequence(t, src, SamplingParams(max_new_tokens=8), prompt_text="The cat")
                     for t, src in requests]
 
-        together = [s.output_ids for s in engine.run(sequences())]
-        assert together == [engine.run([s])[0].output_ids for s in sequences()]
+        together = [s.output_ids for s in decode_to_completion(engine, sequences())]
+        assert together == [decode_to_completion(engine, [s])[0].output_ids for s in sequences()]
         assert together[0] != together[1], "the shift kind's weights change the output"
-        assert set(engine.runtimes) == {"vlm", "shift-test"}
+        assert set(engine.manager.runtimes) == {"vlm", "shift-test"}
     assert all(not b._forward_hooks for b in backbone.model.transformer.h)
 
 

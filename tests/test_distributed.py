@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.catalog import AdapterStore
@@ -92,8 +93,8 @@ def test_the_data_parallel_adapter_publishes_and_serves_like_the_single_process_
     texts = []
     for run in ("one", "two"):
         stored = store.publish(root / run / "best", name=f"e2e-{run}")
-        resident = engine.add_adapter(store.load(stored.ref, backbone.fingerprint))
-        sequence = engine.run([engine.new_sequence(resident.name, MR, SamplingParams(max_new_tokens=8))])[0]
+        resident = engine.manager.add_adapter(store.load(stored.ref, backbone.fingerprint))
+        sequence = decode_to_completion(engine, [engine.new_sequence(resident.name, MR, SamplingParams(max_new_tokens=8))])[0]
         assert sequence.finish_reason in ("stop", "length") and sequence.output_ids
         texts.append(sequence.output_ids)
     assert texts[0] == texts[1], "greedy decoding with the two adapters agrees"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from cli.main import app
 from hub.serving.engine import Engine, SamplingParams
@@ -32,8 +33,8 @@ def test_mrs(e2e_dir) -> list[str]:
 
 def engine_greedy(base, adapter: LoadedAdapter, mrs: list[str], max_new_tokens: int) -> list:
     engine = Engine(load_backbone(base, "cpu"), make_task)
-    engine.add_adapter(adapter)
-    return engine.run([engine.new_sequence(adapter.name, mr, SamplingParams(max_new_tokens=max_new_tokens))
+    engine.manager.add_adapter(adapter)
+    return decode_to_completion(engine, [engine.new_sequence(adapter.name, mr, SamplingParams(max_new_tokens=max_new_tokens))
                        for mr in mrs])
 
 

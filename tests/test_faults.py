@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
+from hub.serving.batch import decode_to_completion
 from hub.errors import HubError
 from hub.model.backbone import load_backbone
-from hub.serving import batch as batch_module
+from hub.serving import output as output_module
 from hub.serving.engine import Engine, SamplingParams
 from hub.serving.isolation import bisect_failing
 from hub.serving.scheduler import Scheduler
@@ -228,17 +229,17 @@ def test_bisection_finds_exactly_the_failing_items():
 def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
     """A sequence whose sampling raises (seed 666 here) fails; the 8 decoded with it finish as they would alone."""
     engine = Engine(backbone, make_task)
-    engine.add_adapter(store.load("e2e", backbone.fingerprint))
-    sample = batch_module.sample
+    engine.manager.add_adapter(store.load("e2e", backbone.fingerprint))
+    filtered = output_module.filtered_logits
 
-    def poisoned(logits, params, generator):
-        if params.seed == 666:
+    def poisoned(logits, params):
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return sample(logits, params, generator)
+        return filtered(logits, params)
 
     greedy = SamplingParams(max_new_tokens=6)
-    alone = engine.run([engine.new_sequence("e2e", MR, greedy)])[0].text
-    monkeypatch.setattr(batch_module, "sample", poisoned)
+    alone = decode_to_completion(engine, [engine.new_sequence("e2e", MR, greedy)])[0].text
+    monkeypatch.setattr(output_module, "filtered_logits", poisoned)
     scheduler = Scheduler(engine, max_batch=16)
     done = threading.Event()
     sequences = [engine.new_sequence("e2e", MR, greedy) for _ in range(8)]
@@ -254,7 +255,7 @@ def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
     assert [s.finish_reason for s in sequences] == ["length"] * 8 or all(s.finish_reason in ("stop", "length")
                                                                            for s in sequences)
     assert all(s.text == alone for s in sequences)
-    assert all(a.in_use == 0 for a in engine.adapters.values()), "every adapter reference is released"
+    assert all(a.in_use == 0 for a in engine.manager.adapters.values()), "every adapter reference is released"
 
 
 def test_a_poison_request_amid_eight_others(client):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from hub.serving.batch import decode_to_completion
 from hub.adapters.vae import SentenceVAE, load_vae
 from hub.model.backbone import load_backbone
 from hub.serving.batch import DecodeBatch
@@ -66,7 +67,7 @@ def serving_engine(tiny_base: Path, store: AdapterStore):
     backbone = load_backbone(str(tiny_base), "cpu")
     engine = Engine(backbone, make_task)
     for name in ("vae", "e2e"):
-        engine.add_adapter(store.load(name, backbone.fingerprint))
+        engine.manager.add_adapter(store.load(name, backbone.fingerprint))
     return engine
 
 
@@ -91,8 +92,8 @@ def plain_vae(engine: Engine, store: AdapterStore) -> SentenceVAE:
 
 def record_logits(batch: DecodeBatch) -> list[torch.Tensor]:
     """Every logits matrix the batch chooses tokens from, in order."""
-    seen, advance = [], batch._advance
-    batch._advance = lambda logits, rows: (seen.append((logits.clone(), list(rows))), advance(logits, rows))[1]
+    seen, advance = [], batch.output.advance
+    batch.output.advance = lambda logits, rows: (seen.append((logits.clone(), list(rows))), advance(logits, rows))[1]
     return seen
 
 
@@ -100,7 +101,7 @@ def test_served_decoder_equals_the_plain_decoder(site):
     """Greedy tokens and fp32 logits (≤ 1e-4) of the engine's fused path against `SentenceVAE.decoder_logits`,
     at either adapter site."""
     engine, store = site
-    ops, vae = VaeOps(engine, "vae"), plain_vae(engine, store)
+    ops, vae = VaeOps(engine, engine.manager.resolve("vae")), plain_vae(engine, store)
     z = torch.randn(3, NZ, generator=torch.Generator().manual_seed(1))
     sequences = ops.sequences(z, SamplingParams(max_new_tokens=6))
     for s in sequences:
@@ -129,12 +130,12 @@ def test_served_decoder_equals_the_plain_decoder(site):
 def test_vae_rows_share_a_fused_batch_with_e2e_rows(site):
     """A VAE decode in a batch mixed with E2E rows gives the same greedy tokens as alone, and so do the E2E rows."""
     engine = site[0]
-    ops = VaeOps(engine, "vae")
+    ops = VaeOps(engine, engine.manager.resolve("vae"))
     z = torch.randn(2, NZ, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(max_new_tokens=8)
-    alone_vae = [s.output_ids for s in engine.run(ops.sequences(z, params))]
-    alone_e2e = [s.output_ids for s in engine.run([engine.new_sequence("e2e", MR, params)])]
-    mixed = engine.run([engine.new_sequence("e2e", MR, params), *ops.sequences(z, params),
+    alone_vae = [s.output_ids for s in decode_to_completion(engine, ops.sequences(z, params))]
+    alone_e2e = [s.output_ids for s in decode_to_completion(engine, [engine.new_sequence("e2e", MR, params)])]
+    mixed = decode_to_completion(engine, [engine.new_sequence("e2e", MR, params), *ops.sequences(z, params),
                         engine.new_sequence(None, None, params, prompt_text="The")])
     assert [s.output_ids for s in mixed[1:3]] == alone_vae
     assert mixed[0].output_ids == alone_e2e[0]
@@ -142,7 +143,7 @@ def test_vae_rows_share_a_fused_batch_with_e2e_rows(site):
 
 
 def test_encoder_is_served_and_deterministic(engine, store):
-    ops = VaeOps(engine, "vae")
+    ops = VaeOps(engine, engine.manager.resolve("vae"))
     codes = ops.encode(["a man walks a dog .", "two people sit ."])
     assert len(codes.mu) == 2 and len(codes.mu[0]) == NZ
     ids = torch.tensor([[ops.eos] + engine.backbone.tokenizer.encode(" a man walks a dog .") + [ops.eos]])

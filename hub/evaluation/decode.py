@@ -180,7 +180,7 @@ def check_backbone(what: str, needed: dict, backbone: Backbone) -> None:
 def engine_task_model(backbone: Backbone, loaded: LoadedAdapter, label: str, store_ref: str | None) -> TaskModel:
     """An adapter on the serving engine; its slot's rows are active (for the whole batch) during `generate()`."""
     engine = Engine(backbone, make_task)
-    resident = engine.add_adapter(loaded)
+    resident = engine.manager.add_adapter(loaded)
     return TaskModel(backbone.model, resident.codec, backbone.vocab_size, label,
                      activate=lambda: engine.applying_to_all(resident), store_ref=store_ref)
 

@@ -7,21 +7,15 @@ prefill), so the running sequences keep decoding meanwhile.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hub.adapters.base import PREFIX_KEYS, PREFIX_VALUES
-from hub.model.task_tokens import mask_task_logits
-from hub.serving.sampling import sample
+from hub.serving.engine import Engine, bind_all_or_release
+from hub.serving.output import OutputProcessor
 from hub.serving.sequence import Sequence
-
-if TYPE_CHECKING:
-    from hub.serving.engine import Engine
 
 
 def left_pad(prompts: list[tuple[list[int], list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -80,7 +74,7 @@ class Prefill:
 class DecodeBatch:
     """Running sequences with their merged KV cache; each `step` is one forward pass over all of them."""
 
-    def __init__(self, engine: "Engine", prefill_chunk: int | None = None):
+    def __init__(self, engine: Engine, prefill_chunk: int | None = None):
         self.engine = engine
         self.model = engine.backbone.model
         self.device = engine.backbone.device
@@ -90,6 +84,7 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, T] 1 = real token
         self.plans: list | None = None  # the kinds' plans for `sequences`; None after a membership change
+        self.output = OutputProcessor(engine.backbone.vocab_size, engine.backbone.n_positions)
 
     @property
     def busy(self) -> bool:
@@ -127,7 +122,7 @@ class DecodeBatch:
         if self.plans is None:
             self.plans = self.engine.plans(self.sequences)
         logits = self._forward(last, types, self.mask, self.cache, self.plans)
-        self._advance(logits, self.sequences)
+        self.output.advance(logits, self.sequences)
         self._drop_finished()
 
     def _prefill_next(self) -> None:
@@ -143,7 +138,7 @@ class DecodeBatch:
         if end == job.width:
             self.prefilling.pop(0)
             self._merge(job.sequences, job.cache, job.inputs["attention_mask"])
-            self._advance(logits, job.sequences)
+            self.output.advance(logits, job.sequences)
 
     def _forward(self, ids, types, mask, cache, plans: list) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
@@ -165,66 +160,6 @@ class DecodeBatch:
             old.values = torch.cat([left(old.values, 2), left(new.values, 2)])
         self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
         self.sequences += sequences
-
-    def _advance(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
-        """Choose each row's next token from its last-position logits."""
-        logits = self._mask_task_tokens(logits, rows)
-        greedy = logits.argmax(-1).tolist()
-        now = time.monotonic()
-        for seq, row_logits, token in zip(rows, logits, greedy):
-            if seq.params.temperature > 0:
-                token = sample(row_logits, seq.params, seq.generator)
-            seq.first_token_at = seq.first_token_at or now
-            self._append(seq, token)
-
-    def _mask_task_tokens(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
-        """Only a row's own EOS may be chosen among the task tokens, not as the first token (VLM rule), not
-        before `min_tokens` and never with `ignore_eos`."""
-        eos = torch.tensor([s.eos_id for s in rows], device=logits.device)[:, None]
-        allowed = torch.tensor([not s.params.ignore_eos and len(s.output_ids) >= max(1, s.params.min_tokens)
-                                for s in rows], device=logits.device)[:, None]
-        return mask_task_logits(logits, self.engine.backbone.vocab_size, eos, allowed)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        if token == seq.eos_id:
-            seq.finish_reason = "stop"
-        else:
-            seq.output_ids.append(token)
-            seq.text = self._visible(seq, seq.detokenizer.extend(seq.output_ids))
-            if self._cut_at_stop(seq):
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_new_tokens:
-                seq.finish_reason = "length"
-            elif len(seq.prompt_ids) + len(seq.output_ids) >= self.engine.backbone.n_positions:
-                seq.finish_reason = "length"
-        if seq.cancelled and not seq.finished:
-            seq.finish_reason = "cancelled"
-        if seq.finished:  # the exact text, with a last character the incremental text may hold back
-            seq.text = self._visible(seq, seq.detokenizer.final(seq.output_ids))
-            self._cut_at_stop(seq)
-        seq.notify()
-
-    @staticmethod
-    def _visible(seq: Sequence, text: str) -> str:
-        """A task's target follows its marker after a layout space, which is not part of the answer."""
-        return text.lstrip() if seq.adapter is not None else text
-
-    @staticmethod
-    def _cut_at_stop(seq: Sequence) -> bool:
-        """Cut the text before the first stop string that appears after `min_tokens` tokens (as vLLM: text
-        before that point is never searched); True if one was found. Only the new tail is searched."""
-        stops = seq.params.stop
-        if not stops:
-            return False
-        if not seq.params.may_stop(len(seq.output_ids)):
-            seq.stop_scan = len(seq.text)
-            return False
-        cut = min((i for i in (seq.text.find(s, seq.stop_scan) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            seq.text = seq.text[:cut]
-            return True
-        seq.stop_scan = max(seq.stop_scan, len(seq.text) - max(map(len, stops)) + 1)
-        return False
 
     def _finish_cancelled(self) -> None:
         for seq in self.sequences:
@@ -257,3 +192,15 @@ class DecodeBatch:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+@torch.inference_mode()
+def decode_to_completion(engine: Engine, sequences: list[Sequence]) -> list[Sequence]:
+    """Decode sequences to completion in one fused batch on the calling thread (the CLI, evaluation and
+    benchmarks; the server's runner drives `DecodeBatch` itself). Their adapters are loaded first."""
+    bind_all_or_release(engine, sequences)
+    batch = DecodeBatch(engine)
+    batch.join(sequences)
+    while batch.busy:
+        batch.step()
+    return sequences

@@ -1,4 +1,5 @@
-"""Sampling parameters: the one place a request's fields become `SamplingParams`, and the token choice.
+"""Sampling parameters: the one place a request's fields become `SamplingParams` (the token choice itself is
+`hub.serving.output`).
 
 Field names follow vLLM's (`min_tokens`, `ignore_eos`) so benchmarks and users can fix output lengths.
 """
@@ -85,18 +86,3 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
     generator = torch.Generator()
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     return generator
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature, top-k and nucleus (top-p) sampling for one row, reproducible with its own generator."""
-    logits = logits.double().cpu()
-    logits = (logits - logits.max()) / params.temperature  # the best token at 0: any temperature > 0 stays finite
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = logits.sort(descending=True)
-        probs = ordered.softmax(-1)
-        outside = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(0, order, ordered.masked_fill(outside, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -1,9 +1,14 @@
-"""Iteration-level scheduling: one bounded queue for every task, one engine thread, one forward per step.
+"""The runner: one bounded queue for every task, one supervised engine thread, one forward per step.
 
 Between decode steps waiting sequences join the running batch (up to `max_batch`), and finished or
-cancelled ones leave. A sequence whose adapter cannot be made resident (every slot busy) stays in the queue
-until a slot frees, as vLLM does; only a full queue refuses a request. Callers submit from any thread and
-learn of progress through `Sequence.on_update`.
+cancelled ones leave (iteration-level scheduling). A sequence whose adapter's weights are still in the store
+waits in the queue while the manager's loader reads them, and everything else keeps decoding; one whose
+adapter cannot be made resident (every slot busy) waits until a slot frees, as in vLLM. Only a full queue
+refuses a request. Callers submit from any thread and learn of progress through `Sequence.on_update`.
+
+Nothing on the engine thread may end it silently: a sequence that cannot be admitted fails alone, a failed
+step is bisected (`hub.serving.isolation`), and should the loop itself die, `failure` says why, every
+request still held ends with that error and the service reports not ready.
 """
 
 from __future__ import annotations
@@ -15,18 +20,25 @@ from dataclasses import dataclass
 
 import torch
 
-from hub.errors import CapacityError, HubError
+from hub.errors import CapacityError, HubError, UnavailableError
 from hub.serving.batch import DecodeBatch
-from hub.serving.engine import Engine, Sequence
+from hub.serving.engine import Engine
 from hub.serving.isolation import isolate_failed_step
+from hub.serving.manager import LoadState
+from hub.serving.sequence import Sequence
 
 log = logging.getLogger("hub.serving.scheduler")
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per row and step
+IDLE_WAIT = 0.01  # seconds the loop waits when every waiting sequence waits for a load or a slot
 
 
 class QueueFullError(CapacityError):
     """The waiting queue is full; the client should retry later."""
+
+
+class EngineStoppedError(UnavailableError):
+    """The engine thread has stopped (its reason is in /readyz and the log)."""
 
 
 @dataclass
@@ -48,22 +60,47 @@ class Scheduler:
         self.batch = DecodeBatch(engine, prefill_chunk)
         self.wakeup = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="hub-engine", daemon=True)
+        self.failure: str | None = None  # why the engine thread died, if it did
+        self.thread = threading.Thread(target=self._supervised, name="hub-engine", daemon=True)
         self.steps = 0
         self.mixed_steps = 0
+        engine.manager.on_change = self.notify
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, sequence: Sequence) -> None:
-        """Queue a sequence; a refused one (queue full, shutting down) has given its adapter back."""
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self.thread.is_alive()
+
+    def notify(self) -> None:
         with self.wakeup:
-            if self.stopping or len(self.waiting) >= self.max_queue:
-                self.engine.release(sequence)
-                raise QueueFullError("the server is shutting down" if self.stopping else
-                                     f"the queue is full ({self.max_queue} waiting requests); retry shortly")
-            self.waiting.append(sequence)
             self.wakeup.notify()
+
+    def submit(self, sequence: Sequence) -> None:
+        self.submit_all([sequence])
+
+    def submit_all(self, sequences: list[Sequence]) -> None:
+        """Queue all the sequences or none: a refused batch (queue full, shutting down, engine stopped) has
+        given every adapter back."""
+        with self.wakeup:
+            refusal = self._refusal(len(sequences))
+            if refusal is None:
+                self.waiting.extend(sequences)
+                self.wakeup.notify()
+        if refusal is not None:
+            for sequence in sequences:
+                self.engine.release(sequence)
+            raise refusal
+
+    def _refusal(self, count: int) -> HubError | None:
+        if self.failure is not None:
+            return EngineStoppedError(f"the engine has stopped: {self.failure}")
+        if self.stopping:
+            return QueueFullError("the server is shutting down")
+        if len(self.waiting) + count > self.max_queue:
+            return QueueFullError(f"the queue is full ({self.max_queue} waiting requests); retry shortly")
+        return None
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps)
@@ -75,40 +112,19 @@ class Scheduler:
             self.wakeup.notify()
         self.thread.join(timeout)
 
-    def _take_waiting(self) -> list[Sequence]:
-        """Waiting sequences that fit the batch and whose adapters could be made resident, in queue order."""
-        with self.wakeup:
-            while not self.waiting and not self.batch.busy and not self.stopping:
-                self.wakeup.wait()
-            room = self.max_batch - len(self.batch.all_sequences())
-            taken, kept = [], deque()
-            while self.waiting:
-                sequence = self.waiting.popleft()
-                if sequence.cancelled:
-                    self._finish(sequence, "cancelled")
-                elif len(taken) < room and self._bind(sequence):
-                    taken.append(sequence)
-                elif not sequence.finished:
-                    kept.append(sequence)
-            self.waiting = kept
-            return taken
-
-    def _bind(self, sequence: Sequence) -> bool:
-        """Bind a sequence to its adapter's slot; one whose adapter cannot be read from the store fails alone."""
+    # -- the engine thread --------------------------------------------------------------------------------------
+    def _supervised(self) -> None:
+        """The loop, and what happens if it ever dies: the reason is kept and every request held ends with it."""
         try:
-            return self.engine.bind(sequence)
-        except HubError as err:
-            log.warning("request %s failed: %s", sequence.id, err)
-            sequence.error = err
-            self._finish(sequence, "error")
-            return False
-
-    def _finish(self, sequence: Sequence, reason: str) -> None:
-        """End a sequence that is not (or no longer) in the batch."""
-        if not sequence.finished:
-            sequence.finish_reason = reason
-            self.engine.release(sequence)
-            sequence.notify()
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - whatever it is, it must be reported, not lost
+            self.failure = f"{type(err).__name__}: {err}"
+            log.critical("the engine thread stopped: %s", self.failure, exc_info=True)
+            with self.wakeup:
+                held, self.waiting = list(self.waiting), deque()
+            error = EngineStoppedError(f"the engine has stopped: {self.failure}")
+            for sequence in held + self.batch.all_sequences():
+                self._fail(sequence, error)
 
     @torch.inference_mode()
     def _loop(self) -> None:
@@ -116,9 +132,9 @@ class Scheduler:
             joining = self._take_waiting()
             if self.stopping and not joining and not self.batch.busy and not self.waiting:
                 return
-            if not joining and not self.batch.busy:  # every waiting adapter's slot is busy elsewhere: wait
+            if not joining and not self.batch.busy:  # every waiting sequence waits for a load or a slot
                 with self.wakeup:
-                    self.wakeup.wait(0.01)
+                    self.wakeup.wait(IDLE_WAIT)
                 continue
             try:
                 self.batch.join(joining)
@@ -128,6 +144,57 @@ class Scheduler:
             except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
                 log.exception("decode step failed; isolating the failing sequences")
                 self._isolate(self.batch.all_sequences() + joining)
+
+    def _take_waiting(self) -> list[Sequence]:
+        """Waiting sequences that fit the batch and whose adapters are resident, in queue order. The queue is
+        taken under the condition and admitted outside it, so submitting never waits for admission."""
+        with self.wakeup:
+            while not self.waiting and not self.batch.busy and not self.stopping:
+                self.wakeup.wait()
+            candidates, self.waiting = self.waiting, deque()
+        room = self.max_batch - len(self.batch.all_sequences())
+        taken, kept = [], deque()
+        for sequence in candidates:
+            if sequence.cancelled:
+                self._finish(sequence, "cancelled")
+            elif len(taken) < room and self._admit(sequence):
+                taken.append(sequence)
+            elif not sequence.finished:
+                kept.append(sequence)
+        with self.wakeup:
+            kept.extend(self.waiting)  # submitted meanwhile: behind the ones kept
+            self.waiting = kept
+        return taken
+
+    def _admit(self, sequence: Sequence) -> bool:
+        """Bind a sequence whose adapter's weights are on the CPU; start their load otherwise. Whatever goes
+        wrong (a failed load, a bad bundle, an allocation) fails this sequence alone."""
+        try:
+            adapter = sequence.adapter
+            if adapter is not None:
+                state = self.engine.manager.request_weights(adapter)
+                if state is LoadState.FAILED:
+                    self._fail(sequence, adapter.load_error)
+                    return False
+                if state is LoadState.LOADING:
+                    return False
+            return self.engine.bind(sequence)
+        except Exception as err:
+            log.warning("request %s could not join a batch: %r", sequence.id, err)
+            self._fail(sequence, err if isinstance(err, HubError) else
+                       UnavailableError(f"the request's adapter could not be made resident: {err}"))
+            return False
+
+    def _fail(self, sequence: Sequence, error: HubError | None) -> None:
+        sequence.error = error
+        self._finish(sequence, "error")
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        """End a sequence that is not (or no longer) in the batch."""
+        if not sequence.finished:
+            sequence.finish_reason = reason
+            self.engine.release(sequence)
+            sequence.notify()
 
     def _isolate(self, sequences: list[Sequence]) -> None:
         """Fail the sequences that make a step fail on their own (`hub.serving.isolation`); requeue the others,

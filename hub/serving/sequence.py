@@ -39,7 +39,13 @@ class ResidentAdapter:
     row_offset: int = 0
     in_use: int = 0
     retired: bool = False  # replaced or unloaded: freed once no sequence uses it
-    fetch: Callable[[], Any] | None = None  # reads the weights from the store again (`Engine.add_stored`)
+    fetch: Callable[[], Any] | None = None  # reads the weights from the store again (`AdapterManager.add_stored`)
+    # loading state (`hub.serving.manager`), guarded by the manager's lock
+    loading_since: float | None = None  # a loader thread reads the weights since then
+    load_attempt: int = 0  # a load's result counts only if no later attempt started
+    load_error: HubError | None = None  # why the last load failed
+    failures: int = 0  # loads failed in a row (the backoff doubles)
+    retry_at: float = 0.0  # no new load before this time after a failure
 
     @property
     def ref(self) -> str:

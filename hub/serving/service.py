@@ -1,30 +1,34 @@
-"""The serving service: what the HTTP layer calls, with no HTTP in it.
+"""The in-process serving backend: what the HTTP layer calls (`hub.serving.protocol.ServingBackend`), no HTTP.
 
-`HubService` owns the engine, its scheduler and the store sync. Routes (FastAPI today; a Ray Serve deployment
-could wrap the same object) submit requests, stream or await their text, cancel them, list tasks and reload
-the store. Parsing and tokenizing a request run in a worker thread, outside the engine lock; the engine thread
-wakes a request's coroutine at most once per pending update, so a 64-row batch does not post 64 callbacks
-per step onto the event loop.
+`HubService` owns the engine, its runner (`Scheduler`) and the store sync. A request resolves its adapter once
+(`resolve`), is parsed and tokenized in a worker thread outside every lock, queued, and streamed back; the
+engine thread wakes a request's coroutine at most once per pending update, so a 64-row batch does not post 64
+callbacks per step onto the event loop. Store I/O runs off the event loop with a timeout (`StoreCalls`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
-from hub.serving.engine import Engine, ResidentAdapter, Sequence
+from hub.serving.engine import Engine
+from hub.serving.manager import ManagerSettings
+from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
+from hub.serving.sequence import ResidentAdapter, Sequence
 from hub.serving.sync import StoreSync, SyncResult
-from hub.store.catalog import AdapterStore
+from hub.store.backends import Store
 from hub.task import Task
 
 log = logging.getLogger("hub.serving.service")
@@ -51,11 +55,15 @@ class ServiceSettings:
     request_timeout: float = 120.0
     watch_interval: float = 0.5
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
-    store_timeout: float = 30.0  # a store call that takes longer answers 503 (a hung filesystem, a FIFO)
+    store_timeout: float = 30.0  # a store call (listing, or an adapter's load) that takes longer answers 503
 
     def __post_init__(self) -> None:
         if self.bank_dtype not in BANK_DTYPES:
             raise HubError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, not {self.bank_dtype!r}")
+
+    def manager_settings(self) -> ManagerSettings:
+        return ManagerSettings(self.max_resident, self.max_cpu_adapters, getattr(torch, self.bank_dtype),
+                               load_timeout=self.store_timeout)
 
 
 class StoreCalls:
@@ -69,18 +77,26 @@ class StoreCalls:
         self.timeout = timeout
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
         self.running: dict[Future, float] = {}  # call -> when it started
+        self.lock = threading.Lock()  # `running` is changed from the worker thread (done callbacks)
 
     async def __call__(self, fn: Callable, *args):
         now = time.monotonic()
-        if any(now - started > self.timeout for call, started in self.running.items() if not call.done()):
+        with self.lock:
+            stuck = any(now - started > self.timeout for call, started in self.running.items() if not call.done())
+        if stuck:
             raise UnavailableError(f"the adapter store has not answered for over {self.timeout:g}s; retry later")
         call = self.executor.submit(fn, *args)
-        self.running[call] = now
-        call.add_done_callback(lambda done: self.running.pop(done, None))
+        with self.lock:
+            self.running[call] = now
+        call.add_done_callback(self._done)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(call), self.timeout)
         except asyncio.TimeoutError:
             raise UnavailableError(f"the adapter store did not answer within {self.timeout:g}s; retry later") from None
+
+    def _done(self, call: Future) -> None:
+        with self.lock:
+            self.running.pop(call, None)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -119,21 +135,34 @@ class Handle:
     updates: Updates
     submitted: float = field(default_factory=time.monotonic)
 
+    def result(self) -> RequestResult:
+        return sequence_result(self.sequence)
+
+
+def sequence_result(sequence: Sequence) -> RequestResult:
+    adapter = sequence.adapter
+    return RequestResult(adapter.name if adapter else "base", adapter.version if adapter else "",
+                         adapter.task.type_name if adapter else "base", sequence.text, sequence.finish_reason,
+                         len(sequence.prompt_ids), len(sequence.output_ids), sequence.input_tokens_dropped,
+                         sequence.created, sequence.first_token_at)
+
 
 class HubService:
-    def __init__(self, backbone: Backbone, store: AdapterStore, make_task: Callable[[str, dict], Task],
+    def __init__(self, backbone: Backbone, store: Store, make_task: Callable[[str, dict], Task],
                  settings: ServiceSettings | None = None):
+        from hub.serving.vae import VaeService  # the optional capability, built on this service
+
         self.settings = settings or ServiceSettings()
         self.store = store
-        self.engine = Engine(backbone, make_task, max_resident=self.settings.max_resident,
-                             max_cpu_adapters=self.settings.max_cpu_adapters,
-                             bank_dtype=getattr(torch, self.settings.bank_dtype))
+        self.engine = Engine(backbone, make_task, self.settings.manager_settings())
+        self.manager = self.engine.manager
         self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
                                    self.settings.prefill_chunk)
-        self.sync = StoreSync(store, self.engine)
+        self.sync = StoreSync(store, self.manager)
         self.store_calls = StoreCalls(self.settings.store_timeout)
+        self.vae = VaeService(self)
         # e.g. the HTTP layer's metrics: a request that ended, with its finish reason or cancelled/timeout
-        self.on_finished: Callable[[Sequence, str], None] | None = None
+        self.on_finished: Callable[[RequestResult, str], None] | None = None
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -146,7 +175,7 @@ class HubService:
             await self.store_calls(self.sync.sync)
         self.scheduler.start()
         self.ready = True
-        log.info("serving %s", ", ".join(sorted(self.engine.adapters)) or "no adapters yet")
+        log.info("serving %s", ", ".join(self.manager.names()) or "no adapters yet")
 
     def stop(self) -> None:
         """Finish running and waiting sequences, then stop the engine thread (blocking)."""
@@ -154,44 +183,62 @@ class HubService:
         self.scheduler.stop()
         self.store_calls.close()
 
+    def not_ready_reason(self) -> str | None:
+        if self.scheduler.failure is not None:
+            return f"the engine thread stopped: {self.scheduler.failure}"
+        return None if self.ready else "starting or stopping"
+
     async def watch_store(self) -> None:
         """Keep the engine in step with the store: newly published versions become servable without a restart.
 
-        Wakes on the store's inotify events (through `watchfiles`, where installed) and at least every
-        `watch_interval` seconds, so polling alone still works; 0 turns watching off.
+        A local store wakes on its inotify events (through `watchfiles`) and at least every `watch_interval`
+        seconds; an object store (s3://, gs://, memory://) is polled every `watch_interval`. Versions that
+        failed to load for a transient reason are tried again when their backoff has passed. 0 turns it off.
         """
         interval = self.settings.watch_interval
         if interval <= 0:
             return
-        async for _ in store_events(self.store.root, interval):
+        async for _ in store_events(self.store, interval):
             try:
-                if await self.store_calls(self.sync.changed):
+                if self.sync.retry_due() or await self.store_calls(self.sync.changed):
                     await self.store_calls(self.sync.sync)
             except Exception:  # keep watching whatever one sync met
                 log.exception("store sync failed")
 
+    async def store_call(self, fn: Callable, *args) -> Any:
+        return await self.store_calls(fn, *args)
+
     # -- requests -------------------------------------------------------------------------------------------
-    def resolve(self, task: str) -> ResidentAdapter:
-        return self.engine.resolve(task)
+    async def resolve(self, task: str) -> TaskRef:
+        """The version serving `task` now; the request decodes with exactly it, whatever is published later."""
+        adapter = self.manager.resolve(task)
+        return TaskRef(adapter.name, adapter.version, adapter.task, adapter)
 
-    def params(self, task: str, **fields) -> SamplingParams:
+    def params(self, task: TaskRef | None, **fields) -> SamplingParams:
         """A request's sampling fields (None: not given), defaulting to the task's length."""
-        return sampling_params(self.resolve(task).task.defaults.max_new_tokens, **fields)
+        return sampling_params(task.task.defaults.max_new_tokens if task else None, **fields)
 
-    async def submit(self, task: str | None, source: Any, params: SamplingParams,
+    @staticmethod
+    def parse_chat(task: TaskRef, messages: list[dict]) -> Any:
+        return task.task.parse_chat(messages)
+
+    async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
                      prompt_text: str | None = None) -> Handle:
         """Parse and tokenize (in a worker thread), then queue; raises HubError for bad input or a full queue."""
-        sequence = await asyncio.to_thread(self.engine.new_sequence, task, source, params, prompt_text)
-        return self.submit_sequence(sequence)
+        adapter: ResidentAdapter | None = task.adapter if task else None
+        sequence = await asyncio.to_thread(self.engine.new_sequence, adapter, source, params, prompt_text)
+        return self.submit_all([sequence])[0]
 
-    def submit_sequence(self, sequence: Sequence) -> Handle:
-        """Queue a sequence built by the engine (from the event loop's thread)."""
-        handle = Handle(sequence, Updates(asyncio.get_running_loop()))
-        sequence.on_update = handle.updates
-        self.scheduler.submit(sequence)
-        return handle
+    def submit_all(self, sequences: list[Sequence]) -> list[Handle]:
+        """Queue built sequences, all or none (a refusal releases every one); from the event loop's thread."""
+        loop = asyncio.get_running_loop()
+        handles = [Handle(s, Updates(loop)) for s in sequences]
+        for handle in handles:
+            handle.sequence.on_update = handle.updates
+        self.scheduler.submit_all(sequences)
+        return handles
 
-    async def stream(self, handle: Handle, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    async def stream(self, handle: Handle, disconnected: Disconnected) -> AsyncIterator[str]:
         """Yield new text as it is decoded; cancel the sequence if the client leaves or time runs out."""
         sequence = handle.sequence
         deadline = handle.submitted + self.settings.request_timeout
@@ -220,9 +267,9 @@ class HubService:
             reason = sequence.finish_reason if sequence.finished else outcome
             self.cancel(handle)
             if self.on_finished:
-                self.on_finished(sequence, reason)
+                self.on_finished(handle.result(), reason)
 
-    async def complete(self, handle: Handle, disconnected: Callable[[], Awaitable[bool]]) -> str:
+    async def complete(self, handle: Handle, disconnected: Disconnected) -> str:
         return "".join([piece async for piece in self.stream(handle, disconnected)])
 
     @staticmethod
@@ -233,25 +280,23 @@ class HubService:
 
     # -- tables and operations ----------------------------------------------------------------------------
     def task_names(self) -> list[str]:
-        return sorted(self.engine.adapters)
+        return self.manager.names()
 
     async def list_tasks(self) -> dict:
         """Served tasks, and the store's versions that are skipped or refused, with why."""
         listing = await self.store_calls(self.store.list)
-        with self.engine.lock:
-            resident = dict(self.engine.adapters)
         versions = {s.name: [v.version for v in s.versions] for s in listing}
         usable = {v.ref for s in listing for v in s.versions}
         skipped = [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]
         skipped += [{"ref": ref, "reason": reason} for ref, reason in self.sync.refused.items() if ref in usable]
-        return {"tasks": [describe(resident[name], versions.get(name, [])) for name in sorted(resident)],
-                "skipped": skipped}
+        adapters = sorted(self.manager.known(), key=lambda a: a.name)
+        return {"tasks": [describe(a, versions.get(a.name, [])) for a in adapters], "skipped": skipped}
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
     def resident_count(self) -> int:
-        return self.engine.resident_count()
+        return self.manager.resident_count()
 
     async def reload(self) -> SyncResult:
         return await self.store_calls(self.sync.sync)
@@ -260,18 +305,21 @@ class HubService:
         self.sync.unload(name)
 
 
-async def store_events(root, interval: float) -> AsyncIterator[None]:
-    """Yield after each burst of file events under `root` (inotify) or after `interval` seconds without one."""
+async def store_events(store: Store, interval: float) -> AsyncIterator[None]:
+    """Yield after each burst of file events in a local store (inotify) or every `interval` seconds; an object
+    store, or a machine without an inotify binding, is polled."""
+    root = getattr(store, "root", None)
     try:
         from watchfiles import awatch
-    except ImportError:  # no inotify binding here: poll
+    except ImportError:
+        awatch = None
+    if awatch is None or not isinstance(root, Path):
         while True:
             await asyncio.sleep(interval)
             yield
-    else:
-        async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
-                              yield_on_timeout=True, watch_filter=None):
-            yield
+    async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
+                          yield_on_timeout=True, watch_filter=None):
+        yield
 
 
 def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:

@@ -4,20 +4,27 @@ Encoding is a batched pass over the VAE's encoder (the first k blocks, bidirecti
 while the engine decodes). Decoding builds one sequence per z whose row carries the latent slot and embedding
 offset (`hub.adapters.vae.latent_row_state`); the engine decodes those rows in the same fused batches as every
 other task's. `VaeOps` does the checks and the latent arithmetic once; the caller decodes its sequences: the
-HTTP routes (`server.vae`) through the scheduler, the CLI (`cli.vae`) with `Engine.run`.
+HTTP routes (`server.vae`) through `VaeService` (all of a request's rows queued or none, released on every
+path), the CLI (`cli.vae`) with `decode_to_completion`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hub.adapters.vae import SentenceVAE, analogy_point, interpolation_path, latent_row_state, pad_rows
-from hub.errors import CapacityError, HubError
+from hub.errors import HubError
 from hub.serving.engine import Engine, ResidentAdapter, Sequence
+from hub.serving.protocol import Disconnected, TaskRef
 from hub.serving.sampling import SamplingParams
 from hub.store.format import SENTENCE_VAE
+
+if TYPE_CHECKING:
+    from hub.serving.service import HubService
 
 MAX_TEXTS = 64  # texts per encode/reconstruct request, z vectors per decode request
 MAX_SAMPLES = 64  # prior samples per request
@@ -33,17 +40,21 @@ class LatentCodes:
 class VaeOps:
     """One served sentence VAE: its checks, encoder and decode sequences."""
 
-    def __init__(self, engine: Engine, task: str):
+    def __init__(self, engine: Engine, adapter: ResidentAdapter):
         self.engine = engine
-        self.adapter: ResidentAdapter = engine.resolve(task)
-        if self.adapter.kind != SENTENCE_VAE:
-            raise HubError(f"task {task!r} is not a sentence VAE (its type is {self.adapter.meta.task_type!r}); "
+        self.adapter = adapter
+        if adapter.kind != SENTENCE_VAE:
+            raise HubError(f"task {adapter.name!r} is not a sentence VAE (its type is {adapter.meta.task_type!r}); "
                            f"the /v1/vae routes serve sentence_vae adapters only")
-        self.task = task
-        self.vae: SentenceVAE = engine.weights(self.adapter)
+        self.task = adapter.name
+        self.vae: SentenceVAE = engine.manager.weights(adapter)  # the CPU copy: latent states of decode rows
         self.nz = self.vae.config.nz
         self.max_length = self.adapter.meta.max_length or 32
         self.eos = engine.backbone.tokenizer.eos_token_id or 0
+
+    @property
+    def ref(self) -> TaskRef:
+        return TaskRef(self.adapter.name, self.adapter.version, self.adapter.task, self.adapter)
 
     # -- checks ---------------------------------------------------------------------------------------------
     def check_texts(self, texts: list[str], cap: int = MAX_TEXTS) -> list[list[int]]:
@@ -80,19 +91,23 @@ class VaeOps:
         rows = self.check_texts(texts, cap)
         backbone = self.engine.backbone
         ids, mask = pad_rows(rows, backbone.device)
-        mu, logvar = self._device_vae().encode(backbone.model, ids, mask)
+        with self.engine.manager.pinned(self.adapter) as resident:  # the device copy, kept resident meanwhile
+            mu, logvar = resident.vae.encode(backbone.model, ids, mask)
         return LatentCodes(mu.float().cpu().tolist(), logvar.float().cpu().tolist())
 
-    def _device_vae(self) -> SentenceVAE:
-        """The resident copy on the backbone's device."""
-        if not self.engine.make_resident(self.adapter):
-            raise CapacityError(f"every resident adapter is busy; retry shortly to encode with {self.task!r}")
-        return self.engine.runtimes[SENTENCE_VAE].slots[self.adapter.slot].vae
-
     def sequences(self, z: torch.Tensor, params: SamplingParams) -> list[Sequence]:
-        """One decode sequence per row of z [N, nz]: prompt `<bos>`, stop at `<eos>`, the row's latent state."""
-        return [self.engine.new_state_sequence(self.task, [self.eos], self.eos, params,
-                                               latent_row_state(self.vae, row)) for row in z]
+        """One decode sequence per row of z [N, nz]: prompt `<bos>`, stop at `<eos>`, the row's latent state.
+        All or none: if one cannot be made, those made are released."""
+        made: list[Sequence] = []
+        try:
+            for row in z:
+                made.append(self.engine.new_state_sequence(self.adapter, [self.eos], self.eos, params,
+                                                           latent_row_state(self.vae, row)))
+        except BaseException:
+            for sequence in made:
+                self.engine.release(sequence)
+            raise
+        return made
 
     # -- operations on top of encode + decode ---------------------------------------------------------------
     @staticmethod
@@ -112,3 +127,25 @@ class VaeOps:
         mu = torch.tensor(self.encode([a, b, c]).mu)
         return analogy_point(mu[0], mu[1], mu[2])[None]
 
+
+
+class VaeService:
+    """The sentence-VAE capability of the in-process backend (`ServingBackend.vae`): what `server.vae` calls."""
+
+    def __init__(self, service: "HubService"):
+        self.service = service
+
+    async def ops(self, task: str) -> VaeOps:
+        ref = await self.service.resolve(task)
+        return await asyncio.to_thread(VaeOps, self.service.engine, ref.adapter)
+
+    async def decode(self, ops: VaeOps, z: torch.Tensor, params: SamplingParams,
+                     disconnected: Disconnected) -> list[str]:
+        """Decode every row of z in the shared batches: all queued or none, every row cancelled once the
+        request ends (a client that left, a failed row), so nothing stays pinned."""
+        handles = self.service.submit_all(ops.sequences(z, params))  # a refusal releases every row
+        try:
+            return list(await asyncio.gather(*(self.service.complete(h, disconnected) for h in handles)))
+        finally:
+            for handle in handles:
+                self.service.cancel(handle)

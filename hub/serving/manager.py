@@ -1,0 +1,319 @@
+"""The adapter manager: which adapters the server knows, which have weights on the CPU, which hold a device
+slot — with loading from the store kept apart from slotting (vLLM's `worker_manager` / `model_manager` split).
+
+Three tiers, as in vLLM: device slots (`max_resident`; least recently used idle adapter evicted first, an
+adapter pinned while sequences use it), CPU copies (`max_cpu_adapters`; least recently used dropped first, only
+those the store can give back), and the store itself. A store read (file or object GET, checksum, tensor copy)
+runs on the loader pool **outside every lock**, bounded by `load_timeout`; only publishing the finished bundle
+into the tables takes `lock`, which guards memory and nothing else. A load that fails or times out fails the
+requests waiting for it (503 with the reason) and is tried again after a backoff, so a transient store error
+never sticks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Iterator
+
+import torch
+
+from hub.adapters.base import KindRuntime
+from hub.adapters.registry import get_kind
+from hub.errors import AdapterLoadError, CapacityError, HubError, NotFoundError
+from hub.model.backbone import Backbone
+from hub.model.task_tokens import install_task_rows
+from hub.serving.sequence import ResidentAdapter
+from hub.serving.token_rows import TokenRowTable
+from hub.store.catalog import LoadedAdapter
+from hub.store.format import AdapterMeta
+from hub.task import Task, TaskCodec
+
+log = logging.getLogger("hub.serving.manager")
+
+RETRY_BACKOFF = (0.5, 30.0)  # seconds before a failed load is tried again: first, and the cap (doubling)
+
+
+class LoadState(Enum):
+    READY = "ready"  # weights on the CPU
+    LOADING = "loading"  # a loader thread is reading them
+    FAILED = "failed"  # the last load failed and its backoff has not passed: `ResidentAdapter.load_error`
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    max_resident: int | None = None  # device slots; None: every adapter may hold one
+    max_cpu_adapters: int | None = None  # CPU copies of adapters without a slot; None: all stay
+    bank_dtype: torch.dtype = torch.float32  # what resident adapter weights are stored in
+    load_timeout: float = 30.0  # a store read taking longer fails its waiting requests (it may still finish)
+    loader_threads: int = 4
+
+
+class AdapterManager:
+    """Known adapters by name (least recently used first), their CPU and device tiers, and their loading."""
+
+    def __init__(self, backbone: Backbone, make_task: Callable[[str, dict], Task],
+                 settings: ManagerSettings | None = None):
+        self.backbone = backbone
+        self.make_task = make_task
+        self.settings = settings or ManagerSettings()
+        self.runtimes: dict[str, KindRuntime] = {}
+        self.token_rows = TokenRowTable(backbone.model.config.n_embd, backbone.device, backbone.dtype)
+        self.embedding = install_task_rows(backbone.model, self.token_rows.table)
+        self.adapters: OrderedDict[str, ResidentAdapter] = OrderedDict()
+        self.lock = threading.RLock()  # guards the tables above and adapters' tier fields; never held over I/O
+        self.load_done = threading.Condition(self.lock)  # notified whenever a load ends, well or badly
+        self.loader = ThreadPoolExecutor(self.settings.loader_threads, thread_name_prefix="hub-loader")
+        self.on_change: Callable[[], None] = lambda: None  # a load finished or failed (the runner wakes up)
+
+    def close(self) -> None:
+        """Remove every kind's hooks; loads still running finish into nothing."""
+        self.loader.shutdown(wait=False, cancel_futures=True)
+        with self.lock:
+            for runtime in self.runtimes.values():
+                runtime.close()
+            self.runtimes.clear()
+
+    # -- known adapters -------------------------------------------------------------------------------------
+    def add_adapter(self, loaded: LoadedAdapter) -> ResidentAdapter:
+        """Serve a loaded version under its name (a newer version replaces the older one); it takes a slot now
+        if one is free, else when a request needs it."""
+        adapter = self._known(loaded.name, loaded.version, loaded.meta, None)
+        self._take_weights(adapter, *self._unpack(adapter, loaded))
+        with self.lock:
+            self._register(adapter)
+            self.make_resident(adapter)
+        return adapter
+
+    def add_stored(self, name: str, version: str, meta: AdapterMeta,
+                   fetch: Callable[[], LoadedAdapter]) -> ResidentAdapter:
+        """Know a stored version by its metadata only; `fetch` reads its weights when a request first needs them
+        (and again after the CPU tier dropped them). Nothing is read here."""
+        adapter = self._known(name, version, meta, fetch)
+        with self.lock:
+            self._register(adapter)
+        return adapter
+
+    def _known(self, name: str, version: str, meta: AdapterMeta, fetch) -> ResidentAdapter:
+        task = self.make_task(meta.task_type, dict(meta.task_config))
+        encoder = TaskCodec(task, self.backbone.tokenizer, self.backbone.vocab_size, self.backbone.n_positions)
+        return ResidentAdapter(name, version, task, meta, meta.adapter_kind, None, None, encoder,
+                               meta.trainable_params, fetch=fetch)
+
+    def _register(self, adapter: ResidentAdapter) -> None:
+        previous = self.adapters.pop(adapter.name, None)
+        if previous is not None:
+            self._retire(previous)
+        self.adapters[adapter.name] = adapter
+
+    def remove(self, name: str) -> ResidentAdapter:
+        with self.lock:
+            if name not in self.adapters:
+                raise NotFoundError(f"no adapter {name!r} is loaded")
+            adapter = self.adapters.pop(name)
+            self._retire(adapter)
+            return adapter
+
+    def resolve(self, name: str) -> ResidentAdapter:
+        """The adapter serving `name` now (most recently used from now on); its weights may still be in the store."""
+        with self.lock:
+            if name not in self.adapters:
+                available = ", ".join(sorted(self.adapters)) or "none"
+                raise NotFoundError(f"unknown task {name!r}; available: {available}")
+            self.adapters.move_to_end(name)
+            return self.adapters[name]
+
+    def get(self, name: str) -> ResidentAdapter | None:
+        with self.lock:
+            return self.adapters.get(name)
+
+    def known(self) -> list[ResidentAdapter]:
+        """A snapshot of every known adapter (safe to iterate while other threads add and evict)."""
+        with self.lock:
+            return list(self.adapters.values())
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self.adapters)
+
+    def resident_count(self) -> int:
+        with self.lock:
+            return sum(1 for a in self.adapters.values() if a.slot is not None)
+
+    def resident_bytes(self) -> int:
+        """Device bytes of every kind's resident adapter weights (the 'bank')."""
+        with self.lock:
+            return sum(runtime.resident_bytes() for runtime in self.runtimes.values())
+
+    # -- pinning ----------------------------------------------------------------------------------------------
+    def acquire(self, adapter: ResidentAdapter) -> None:
+        """Count one user of `adapter`: it keeps its slot (once it has one) until `release`."""
+        with self.lock:
+            adapter.in_use += 1
+
+    def release(self, adapter: ResidentAdapter) -> None:
+        with self.lock:
+            adapter.in_use -= 1
+            if adapter.retired and adapter.in_use == 0 and adapter.slot is not None:
+                self._free_slot(adapter)
+                self._trim_cpu_tier()
+
+    @contextmanager
+    def pinned(self, adapter: ResidentAdapter) -> Iterator[Any]:
+        """`adapter` resident and kept so within the block (e.g. a sentence VAE's encoder pass); yields its
+        device copy. Waits for its weights; CapacityError when every slot is busy."""
+        self.acquire(adapter)
+        try:
+            self.weights(adapter)
+            if not self.make_resident(adapter):
+                raise CapacityError(f"all {self.settings.max_resident} resident adapters are busy; retry shortly")
+            yield self.runtimes[adapter.kind].slots[adapter.slot]
+        finally:
+            self.release(adapter)
+
+    # -- loading (off the lock) -------------------------------------------------------------------------------
+    def request_weights(self, adapter: ResidentAdapter) -> LoadState:
+        """Where `adapter`'s weights are, starting a load if none runs; never blocks on the store."""
+        with self.lock:
+            if adapter.bundle is not None:
+                return LoadState.READY
+            now = time.monotonic()
+            if adapter.loading_since is not None:
+                if now - adapter.loading_since <= self.settings.load_timeout:
+                    return LoadState.LOADING
+                self._failed(adapter, AdapterLoadError(
+                    f"adapter {adapter.ref} could not be loaded: the store did not answer within "
+                    f"{self.settings.load_timeout:g}s"))
+            if adapter.load_error is not None and now < adapter.retry_at:
+                return LoadState.FAILED
+            adapter.load_error = None
+            adapter.load_attempt += 1
+            adapter.loading_since = now
+            self.loader.submit(self._load, adapter, adapter.load_attempt)
+            return LoadState.LOADING
+
+    def weights(self, adapter: ResidentAdapter, timeout: float | None = None) -> Any:
+        """The adapter's CPU bundle, waiting for the store if it must (CLI, evaluation, a VAE's encoder)."""
+        deadline = time.monotonic() + (self.settings.load_timeout if timeout is None else timeout) + 1.0
+        while True:
+            state = self.request_weights(adapter)
+            with self.lock:
+                if state is LoadState.READY and adapter.bundle is not None:
+                    return adapter.bundle
+                if state is LoadState.FAILED:
+                    raise adapter.load_error
+                if time.monotonic() > deadline:
+                    raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded in time")
+                self.load_done.wait(0.1)
+
+    def _load(self, adapter: ResidentAdapter, attempt: int) -> None:
+        """Loader thread: read, verify and unpack outside the lock, then publish under it (if still wanted)."""
+        try:
+            bundle, rows, count = self._unpack(adapter, adapter.fetch())
+        except Exception as err:  # a file changed or went bad since listing, a network error, a wrong shape
+            error = err if isinstance(err, AdapterLoadError) else \
+                AdapterLoadError(f"adapter {adapter.ref} could not be loaded: {err}")
+            with self.lock:
+                if adapter.load_attempt == attempt:
+                    self._failed(adapter, error)
+            log.warning("%s", error)
+        else:
+            with self.lock:
+                if adapter.load_attempt == attempt and not adapter.retired:
+                    self._take_weights(adapter, bundle, rows, count)
+                    adapter.loading_since, adapter.failures = None, 0
+                    self._trim_cpu_tier(keep=adapter)
+        finally:
+            with self.lock:
+                self.load_done.notify_all()
+            self.on_change()
+
+    def _unpack(self, adapter: ResidentAdapter, loaded: LoadedAdapter) -> tuple[Any, torch.Tensor, int]:
+        """The kind's bundle, the task rows and the parameter count, checked against the backbone."""
+        config = self.backbone.model.config
+        rows = loaded.token_rows.float()
+        if rows.ndim != 2 or rows.shape[1] != config.n_embd:
+            raise AdapterLoadError(f"adapter {adapter.ref} has task-token rows of shape {list(rows.shape)}; the "
+                                   f"backbone's hidden size is {config.n_embd}")
+        kind = get_kind(adapter.kind)
+        bundle = kind.load(loaded, config)
+        return bundle, rows, kind.parameter_count(bundle)
+
+    @staticmethod
+    def _take_weights(adapter: ResidentAdapter, bundle: Any, rows: torch.Tensor, count: int) -> None:
+        adapter.bundle, adapter.rows, adapter.parameter_count = bundle, rows, count
+
+    @staticmethod
+    def _failed(adapter: ResidentAdapter, error: HubError) -> None:
+        adapter.load_error, adapter.loading_since = error, None
+        adapter.failures += 1
+        first, cap = RETRY_BACKOFF
+        adapter.retry_at = time.monotonic() + min(cap, first * 2 ** (adapter.failures - 1))
+
+    def _trim_cpu_tier(self, keep: ResidentAdapter | None = None) -> None:
+        """Drop the CPU weights of the least recently used adapters without a slot beyond `max_cpu_adapters`
+        (only those the store can give back)."""
+        limit = self.settings.max_cpu_adapters
+        if limit is None:
+            return
+        held = [a for a in self.adapters.values() if a.bundle is not None and a.slot is None and a.fetch]
+        for adapter in held[: max(0, len(held) - limit)]:
+            if adapter is not keep:
+                adapter.bundle = adapter.rows = None
+
+    # -- device slots (memory only, under the lock) -----------------------------------------------------------
+    def make_resident(self, adapter: ResidentAdapter) -> bool:
+        """Give `adapter` (whose weights are on the CPU) a slot and token rows, evicting least recently used idle
+        adapters beyond `max_resident`; False when it has no weights yet or every slot is busy. All or nothing:
+        when copying raises, the adapter holds neither a slot nor rows."""
+        with self.lock:
+            if adapter.slot is not None:
+                return True
+            if adapter.bundle is None or adapter.retired or not self._room_for_one():
+                return False
+            runtime = self._runtime(adapter.kind)
+            offset = self.token_rows.allocate(adapter.rows)
+            try:
+                slot = runtime.add(adapter.bundle)
+            except BaseException:
+                self.token_rows.free(offset)
+                raise
+            adapter.slot, adapter.row_offset = slot, offset
+            self.embedding.extra.data = self.token_rows.table
+            self._trim_cpu_tier()  # adapters evicted to make room may now be beyond the CPU tier
+            return True
+
+    def _runtime(self, kind: str) -> KindRuntime:
+        if kind not in self.runtimes:
+            self.runtimes[kind] = get_kind(kind).runtime(self.backbone.model, self.settings.bank_dtype)
+        return self.runtimes[kind]
+
+    def _room_for_one(self) -> bool:
+        limit = self.settings.max_resident
+        if limit is None:
+            return True
+        resident = [a for a in self.adapters.values() if a.slot is not None]
+        for adapter in list(resident):
+            if len(resident) < limit:
+                break
+            if adapter.in_use == 0:
+                self._free_slot(adapter)
+                resident.remove(adapter)
+        return len(resident) < limit
+
+    def _free_slot(self, adapter: ResidentAdapter) -> None:
+        self.runtimes[adapter.kind].remove(adapter.slot)
+        self.token_rows.free(adapter.row_offset)
+        adapter.slot = None
+
+    def _retire(self, adapter: ResidentAdapter) -> None:
+        adapter.retired = True
+        if adapter.in_use == 0 and adapter.slot is not None:
+            self._free_slot(adapter)
+            self._trim_cpu_tier()
