@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -146,3 +147,33 @@ def test_open_store_keeps_local_paths_local(tmp_path):
     assert isinstance(open_store(str(tmp_path / "store")), AdapterStore)
     assert isinstance(open_store(f"file://{tmp_path / 'other'}"), AdapterStore)
     assert isinstance(open_store("memory://somewhere"), FsspecStore)
+
+
+def test_hub_serve_on_s3_serves_a_version_another_process_publishes_within_two_seconds(s3, trained_run, tiny_base,
+                                                                                      tmp_path, monkeypatch):
+    """An object store is polled (listing every --watch-interval, off the event loop): a name published by
+    another process is served within 2 s. The watcher used to hand the s3 path to the file watcher and die."""
+    from tests.test_server import gen, start_server
+
+    for key, value in {**s3.environment, "HUB_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    url = f"s3://adapters/hot-{uuid.uuid4().hex[:8]}"
+
+    def publish(name: str) -> None:
+        result = subprocess.run([sys.executable, "-m", "hub", "publish", str(trained_run), "--store", url,
+                                 "--name", name], capture_output=True, text=True, env=os.environ, timeout=120)
+        assert result.returncode == 0, result.stderr
+
+    publish("e2e")
+    server = start_server(tmp_path, url, tiny_base, "--watch-interval", "0.5")
+    try:
+        with server.client() as client:
+            publish("fresh")
+            published = time.monotonic()
+            while "fresh" not in [t["name"] for t in client.get("/v1/tasks").json()["tasks"]]:
+                assert time.monotonic() - published < 2.0, "not served 2 s after another process published it"
+                time.sleep(0.05)
+            assert gen(client, "fresh", max_new_tokens=3).status_code == 200
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()

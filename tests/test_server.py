@@ -575,6 +575,42 @@ def test_with_a_bounded_cpu_tier_weights_are_read_when_needed_and_a_damaged_file
         server.stop()
 
 
+def widen_task_rows(version_dir: Path, extra: int = 7) -> None:
+    """Rewrite a stored version's task-token rows `extra` columns wider, with checksums that match again."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rows_file = version_dir / "task_tokens.safetensors"
+    rows = load_file(rows_file)["rows"]
+    save_file({"rows": torch.cat([rows, torch.zeros(rows.shape[0], extra)], dim=1)}, rows_file)
+    meta = json.loads((version_dir / "hub.json").read_text())
+    meta["files"]["task_tokens.safetensors"] = hashlib.sha256(rows_file.read_bytes()).hexdigest()
+    (version_dir / "hub.json").write_text(json.dumps(meta))
+
+
+def test_task_rows_wider_than_the_backbone_fail_their_requests_and_the_server_stays_ready(
+        trained_run, second_run, tiny_base, tmp_path):
+    """Such a version (checksums valid) used to kill the engine thread: every later request to any task ended in
+    504 while /readyz said ready. Now its requests get 503 with the reason, and everything else is served."""
+    store = tmp_path / "store"
+    publish(trained_run, store, "e2e")
+    publish(second_run, store, OTHER)
+    widen_task_rows(store / OTHER / "1")
+    server = start_server(tmp_path, store, tiny_base, "--max-cpu-adapters", "0", "--watch-interval", "0")
+    try:
+        with server.client() as client:
+            for _ in range(2):
+                wide = gen(client, OTHER, max_new_tokens=4)
+                assert wide.status_code == 503 and "task_tokens.safetensors" in wide.json()["detail"]
+                assert gen(client, "e2e", max_new_tokens=4).status_code == 200
+            assert client.get("/readyz").status_code == 200
+            assert metric_samples(client)[("hub_ready", ())] == 1.0
+    finally:
+        server.stop()
+
+
 def test_adapter_of_another_backbone_is_refused(client, store, other_run, trained_run):
     publish(other_run, store, "e2e-other")
     publish(trained_run, store, "sentinel-2")

@@ -4,6 +4,7 @@ E2E rows unchanged, and the /v1/vae routes answer successes and clear 4xx errors
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,22 @@ def test_cli_vae_commands(store, tiny_base):
     assert path.exit_code == 0, path.output
     wrong = CliRunner().invoke(app, ["vae", "decode", "[[1.0]]", *common])
     assert wrong.exit_code != 0 and f"nz = {NZ}" in str(wrong.exception)
+
+
+def test_a_vae_request_the_queue_cannot_take_whole_is_refused_and_pins_nothing(tiny_base, store):
+    """Sampling 5 rows with room for 3 in the queue: 429, no row queued, the VAE not pinned; a request that fits
+    is then served (it used to leave the refused rows' adapter references behind for ever)."""
+    from server.app import create_app
+    from hub.serving.service import ServiceSettings
+
+    app = create_app(load_backbone(str(tiny_base), "cpu"), store, ServiceSettings(watch_interval=0, max_queue=3))
+    with TestClient(app) as client:
+        refused = client.post("/v1/vae/vae/sample", json={"n": 5, "seed": 1, "max_new_tokens": 4})
+        assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+        manager = app.state.hub.manager
+        assert manager.adapters["vae"].in_use == 0 and not app.state.hub.scheduler.waiting
+        assert client.post("/v1/vae/vae/sample", json={"n": 3, "seed": 1, "max_new_tokens": 4}).status_code == 200
+        deadline = time.monotonic() + 5  # finished rows are released at the engine's next step
+        while manager.adapters["vae"].in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manager.adapters["vae"].in_use == 0

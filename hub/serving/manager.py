@@ -26,7 +26,7 @@ import torch
 
 from hub.adapters.base import KindRuntime
 from hub.adapters.registry import get_kind
-from hub.errors import AdapterLoadError, CapacityError, HubError, NotFoundError
+from hub.errors import AdapterLoadError, CapacityError, HubError, IntegrityError, NotFoundError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
 from hub.serving.sequence import ResidentAdapter
@@ -239,8 +239,8 @@ class AdapterManager:
         config = self.backbone.model.config
         rows = loaded.token_rows.float()
         if rows.ndim != 2 or rows.shape[1] != config.n_embd:
-            raise AdapterLoadError(f"adapter {adapter.ref} has task-token rows of shape {list(rows.shape)}; the "
-                                   f"backbone's hidden size is {config.n_embd}")
+            raise IntegrityError(f"adapter {adapter.ref} has task-token rows of shape {list(rows.shape)}; the "
+                                 f"backbone's hidden size is {config.n_embd}")
         kind = get_kind(adapter.kind)
         bundle = kind.load(loaded, config)
         return bundle, rows, kind.parameter_count(bundle)

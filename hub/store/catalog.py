@@ -365,8 +365,10 @@ def loaded_adapter(stored: StoredVersion, backbone: dict | None,
         return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, no_rows)
     rows = read_tensors(TASK_TOKENS).get("rows")
     k = len(stored.meta.special_tokens)
-    if rows is None or rows.ndim != 2 or rows.shape[0] != k:
-        raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, d]")
+    d = stored.meta.backbone.get("n_embd")
+    if rows is None or rows.ndim != 2 or rows.shape[0] != k or (d is not None and rows.shape[1] != d):
+        raise IntegrityError(f"{TASK_TOKENS} of '{stored.ref}' does not hold rows [{k}, {d or 'd'}] for its "
+                             f"backbone" + (f" (found {list(rows.shape)})" if rows is not None else ""))
     return LoadedAdapter(stored.name, stored.version, stored.meta, stored.path, adapter_tensors, rows)
 
 
