@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from hub.serving.batch import decode_to_completion
 from hub.adapters.vlm import vlm_adapter_config
+from hub.serving.batch import decode_to_completion
 from hub.store.catalog import LoadedAdapter
 from hub.store.format import AdapterMeta
 

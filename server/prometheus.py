@@ -25,6 +25,9 @@ class ServerMetrics:
         self.queue_depth = Gauge("hub_queue_depth", "requests waiting to join the batch", registry=r)
         self.batch_size = Gauge("hub_running_batch_size", "sequences in the running batch", registry=r)
         self.resident = Gauge("hub_resident_adapters", "adapters resident on the device", registry=r)
+        self.loads = Gauge("hub_adapter_loads", "store reads of adapter weights so far (cold adapters)", registry=r)
+        self.load_failures = Gauge("hub_adapter_load_failures", "adapter loads that failed so far", registry=r)
+        self.load_seconds = Gauge("hub_adapter_load_seconds", "seconds spent reading adapters so far", registry=r)
         self.ready = Gauge("hub_ready", "1 while the server can serve (its engine thread is running), else 0",
                            registry=r)
         self.ttft = Histogram("hub_time_to_first_token_seconds", "time to first token", ["task"],
@@ -49,4 +52,7 @@ class ServerMetrics:
         self.batch_size.set(stats.running)
         self.resident.set(resident)
         self.ready.set(int(ready))
+        self.loads.set(stats.adapter_loads)
+        self.load_failures.set(stats.adapter_load_failures)
+        self.load_seconds.set(stats.adapter_load_seconds)
         return generate_latest(self.registry)

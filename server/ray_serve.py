@@ -194,7 +194,7 @@ _replica_of_request: contextvars.ContextVar[dict | None] = contextvars.ContextVa
 
 class RemoteService:
     """The `ServingBackend` over the engine deployment. Tasks come from the store's listing, refreshed off the
-    event loop every `watch_interval` (`watch_store`); a name not seen yet forces a listing at most every
+    event loop every `watch_interval` (`watch_store`); names not seen yet force a listing at most once every
     `MIN_RELIST` seconds, and an unknown name is answered from a negative cache for `NEGATIVE_TTL` seconds, so
     unknown names cannot make the ingress list the bucket per request. Sentence-VAE routes are not served."""
 
@@ -205,7 +205,8 @@ class RemoteService:
         self.on_finished: Callable[[RequestResult, str], None] | None = None
         self.replicas: dict[str, dict] = {}  # replica -> its stats as last reported, "served" per task
         self.summaries: dict[str, AdapterSummary] = {}
-        self.listed_at = -math.inf
+        self.forced_at = -math.inf  # when an unknown name last forced a listing
+        self.listing: asyncio.Future | None = None  # the listing under way, shared by whoever needs it
         self.unknown: dict[str, float] = {}  # task name -> when it was last found unknown
         self.store_calls = StoreCalls(options.service.store_timeout)
         self.ready = False
@@ -235,16 +236,24 @@ class RemoteService:
 
     # -- tasks ------------------------------------------------------------------------------------------------
     async def _relist(self) -> None:
-        listing = await self.store_calls(self.store.list)
+        """List the store (one listing at a time: callers arriving meanwhile share it)."""
+        if self.listing is None:
+            self.listing = asyncio.ensure_future(self.store_calls(self.store.list))
+        listing, call = None, self.listing
+        try:
+            listing = await asyncio.shield(call)
+        finally:
+            if self.listing is call and call.done():
+                self.listing = None
         self.summaries = {s.name: s for s in listing if s.versions}
-        self.listed_at = time.monotonic()
 
     async def resolve(self, task: str) -> TaskRef:
         """The task's newest published version, resolved once for the request; 404 naming the available ones."""
         summary = self.summaries.get(task)
         now = time.monotonic()
         if summary is None and now - self.unknown.get(task, -math.inf) > NEGATIVE_TTL \
-                and now - self.listed_at > MIN_RELIST:
+                and now - self.forced_at > MIN_RELIST:
+            self.forced_at = now
             await self._relist()
             summary = self.summaries.get(task)
         if summary is None:
@@ -326,12 +335,12 @@ class RemoteService:
         return [seen for seen in self.replicas.values() if now - seen["at"] <= STALE_REPLICA]
 
     def stats(self) -> SchedulerStats:
-        """Queue and batch summed over the replicas heard from lately (a replaced replica drops out), decode
-        steps over every replica that ever reported."""
+        """Queue and batch summed over the replicas heard from lately (a replaced replica drops out), the
+        counters (decode steps, adapter loads) over every replica that ever reported."""
         live, every = self._live_replicas(), [seen["stats"] for seen in self.replicas.values()]
-        return SchedulerStats(waiting=sum(s["stats"].waiting for s in live),
-                              running=sum(s["stats"].running for s in live),
-                              steps=sum(s.steps for s in every), mixed_steps=sum(s.mixed_steps for s in every))
+        totals = {f.name: sum(getattr(s, f.name) for s in every) for f in fields(SchedulerStats)}
+        return SchedulerStats(**{**totals, "waiting": sum(s["stats"].waiting for s in live),
+                                 "running": sum(s["stats"].running for s in live)})
 
     def resident_count(self) -> int:
         return sum(seen["resident"] for seen in self._live_replicas())

@@ -198,3 +198,11 @@ def test_app_builder_arguments_become_typed_options():
         options_from_args({"store": "s3://b/p", "replica": "3"})
     with pytest.raises(HubError, match="invalid literal"):
         options_from_args({"store": "s3://b/p", "replicas": "two"})
+
+
+def test_vae_routes_are_not_mounted_under_ray_and_openapi_says_so(server):
+    url, _ = server
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    assert not [path for path in schema["paths"] if path.startswith("/v1/vae")]
+    assert "not served by this backend" in schema["info"]["description"]
+    assert httpx.post(f"{url}/v1/vae/task0/encode", json={"texts": ["a man"]}, timeout=30).status_code == 404

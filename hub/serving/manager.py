@@ -55,6 +55,15 @@ class ManagerSettings:
     loader_threads: int = 4
 
 
+@dataclass
+class LoadCounters:
+    """Store reads of adapter weights since start-up (what a cold adapter costs)."""
+
+    loads: int = 0
+    failures: int = 0
+    seconds: float = 0.0  # summed over loads, failed ones included
+
+
 class AdapterManager:
     """Known adapters by name (least recently used first), their CPU and device tiers, and their loading."""
 
@@ -71,6 +80,7 @@ class AdapterManager:
         self.load_done = threading.Condition(self.lock)  # notified whenever a load ends, well or badly
         self.loader = ThreadPoolExecutor(self.settings.loader_threads, thread_name_prefix="hub-loader")
         self.on_change: Callable[[], None] = lambda: None  # a load finished or failed (the runner wakes up)
+        self.counters = LoadCounters()
 
     def close(self) -> None:
         """Remove every kind's hooks; loads still running finish into nothing."""
@@ -214,12 +224,14 @@ class AdapterManager:
 
     def _load(self, adapter: ResidentAdapter, attempt: int) -> None:
         """Loader thread: read, verify and unpack outside the lock, then publish under it (if still wanted)."""
+        started = time.monotonic()
         try:
             bundle, rows, count = self._unpack(adapter, adapter.fetch())
         except Exception as err:  # a file changed or went bad since listing, a network error, a wrong shape
             error = err if isinstance(err, AdapterLoadError) else \
                 AdapterLoadError(f"adapter {adapter.ref} could not be loaded: {err}")
             with self.lock:
+                self.counters.failures += 1
                 if adapter.load_attempt == attempt:
                     self._failed(adapter, error)
             log.warning("%s", error)
@@ -231,6 +243,8 @@ class AdapterManager:
                     self._trim_cpu_tier(keep=adapter)
         finally:
             with self.lock:
+                self.counters.loads += 1
+                self.counters.seconds += time.monotonic() - started
                 self.load_done.notify_all()
             self.on_change()
 

@@ -47,6 +47,9 @@ class SchedulerStats:
     running: int = 0
     steps: int = 0
     mixed_steps: int = 0  # decode steps whose batch held more than one task
+    adapter_loads: int = 0  # store reads of adapter weights (cold adapters), failed ones included
+    adapter_load_failures: int = 0
+    adapter_load_seconds: float = 0.0
 
 
 class Scheduler:
@@ -103,7 +106,9 @@ class Scheduler:
         return None
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps)
+        loads = self.engine.manager.counters
+        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps,
+                              loads.loads, loads.failures, loads.seconds)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
 from hub.store.format import SENTENCE_VAE, VLM, AdapterMeta
+from hub.store.verified import VERIFIED
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -545,7 +546,7 @@ class AdapterStore:
             file = path / filename
             if filename not in meta.files or not stat.S_ISREG(_lstat_mode(file)):
                 raise IntegrityError(f"{filename} of '{ref}' is missing")
-            if sha256_file(file) != meta.files[filename]:
+            if VERIFIED.sha256(file) != meta.files[filename]:  # hashed again only if the file changed
                 raise IntegrityError(f"{filename} of '{ref}' is corrupted or modified (sha256 mismatch)")
 
     def training_log(self, ref: str) -> tuple[StoredVersion, dict]:

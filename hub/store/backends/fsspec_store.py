@@ -34,6 +34,7 @@ from hub.store.catalog import (
     validate_name, version_key,
 )
 from hub.store.format import AdapterMeta
+from hub.store.verified import VERIFIED
 
 log = logging.getLogger("hub.store.fsspec")
 
@@ -225,17 +226,16 @@ class FsspecStore:
 
 
 class BlobCache:
-    """Files by sha256 on local disk; a cached copy is re-hashed before use, a download verified before kept."""
+    """Files by sha256 on local disk; a cached copy is verified before use (`VERIFIED`: hashed again only if it
+    changed), a download verified before kept."""
 
     def __init__(self, folder: Path):
         self.folder = folder
 
     def get(self, sha256: str, fetch, what: str) -> bytes:
         path = self.folder / sha256
-        if path.is_file():
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() == sha256:
-                return data
+        if path.is_file() and VERIFIED.sha256(path) == sha256:  # re-hashed only if the copy changed since
+            return path.read_bytes()
         data = fetch()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"{what} is corrupted or modified (sha256 mismatch)")
