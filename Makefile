@@ -9,7 +9,7 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test chromium faults bench clean
+.PHONY: venv demo demo-serve test chromium faults bench bench-guidellm clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,15 @@ test: venv chromium
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults
 
+# GuideLLM (an outside benchmark client) against `hub serve`, from its own venv (its pins differ from ours; torch
+# is the same CPU build) -> docs/guidellm.md
+GUIDELLM_VENV := .venv-guidellm
+$(GUIDELLM_VENV)/bin/guidellm:
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install --quiet "torch==2.13.0" "guidellm==0.8.1"
+
+bench-guidellm: venv $(GUIDELLM_VENV)/bin/guidellm
+	GUIDELLM=$(CURDIR)/$(GUIDELLM_VENV)/bin/guidellm $(BIN)/python -m bench.guidellm_bench --out docs
+
 clean:
-	rm -rf $(VENV) .demo runs
+	rm -rf $(VENV) $(GUIDELLM_VENV) .demo runs

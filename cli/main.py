@@ -415,6 +415,8 @@ def serve(
         "others are read from the store when a request needs them (default: all, read at start-up)"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds"),
     watch_interval: float = typer.Option(0.5, "--watch-interval", help="store polling period, 0 = off"),
+    store_timeout: float = typer.Option(30.0, "--store-timeout", min=0.1,
+                                        help="seconds a store call or an adapter's load may take before 503"),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
                                       help="prompt tokens per row and step; longer prompts prefill in chunks"),
     threads: Optional[int] = ThreadsOption,
@@ -441,7 +443,7 @@ def serve(
     settings = ServiceSettings(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
                                max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype.value,
                                request_timeout=request_timeout, watch_interval=watch_interval,
-                               prefill_chunk=prefill_chunk)
+                               prefill_chunk=prefill_chunk, store_timeout=store_timeout)
     if ray:
         from server.ray_serve import RayServeOptions, serve_on_ray
 

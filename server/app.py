@@ -28,6 +28,7 @@ from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATU
 from hub.serving.service import GenerationFailedError, HubService, RequestTimeoutError, ServiceSettings
 from hub.store.backends import Store
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
+from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
 from server.vae import vae_router
@@ -78,18 +79,6 @@ class GenerateResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-class ValidationIssue(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer: a message, or for a request that does not match its schema, one issue per field."""
-
-    detail: str | list[ValidationIssue]
-
-
 class OpenAIRequest(BaseModel):
     """Fields shared by the OpenAI-compatible routes; `model` is the task name."""
 
@@ -131,22 +120,6 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-def _error_responses(*codes: int) -> dict:
-    """OpenAPI entries for the error statuses a route can answer; every one has an `ErrorBody`."""
-    descriptions = {400: "malformed request", 401: "missing or wrong admin token", 403: "admin routes disabled",
-                    404: "unknown task or adapter", 413: "body over --max-body-bytes", 422: "invalid request",
-                    429: "queue full or adapters busy (see Retry-After)", 500: "generation failed",
-                    503: "starting, stopping, or the store did not answer", 504: "request timed out"}
-    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
-
-
-BODY_ERRORS = (400, 413, 422)
-GENERATION_ERRORS = (*BODY_ERRORS, 404, 429, 500, 503, 504)
-ADMIN_ERRORS = (401, 403, 503)
-STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                         "description": "JSON, or server-sent events with `stream: true`"}}
-
-
 def _issues(err: RequestValidationError) -> list[dict]:
     """Validation errors as JSON-safe issues: no echo of the input (it may hold NaN or invalid Unicode)."""
     safe = lambda v: v if isinstance(v, int) else str(v).encode("utf-8", "backslashreplace").decode()  # noqa: E731
@@ -195,10 +168,11 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         return JSONResponse({"detail": _issues(err)}, status_code=422)
 
     @app.get("/healthz")
+    @app.get("/health")  # vLLM's and TGI's name, which clients such as GuideLLM check first
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", responses=_error_responses(503))
+    @app.get("/readyz", responses=error_responses(503))
     async def readyz():
         reason = hub.not_ready_reason()
         if reason is not None:
@@ -212,14 +186,14 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         return Response(metrics.render(hub.stats(), hub.resident_count(), hub.not_ready_reason() is None),
                         media_type=metrics.content_type)
 
-    @app.get("/v1/tasks", responses=_error_responses(503))
+    @app.get("/v1/tasks", responses=error_responses(503))
     async def list_tasks():
         listing = await hub.list_tasks()
         return {**listing, "tasks": [{**task, "training_curve": training_curve_url(task["name"])}
                                      for task in listing["tasks"]]}
 
     @app.post("/v1/generate", response_model=GenerateResponse,
-              responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
+              responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
         ref = await hub.resolve(body.task)
         params = hub.params(ref, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
@@ -241,13 +215,13 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "adapter-hub"}
             for name in hub.task_names()]}
 
-    @app.post("/v1/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
+    @app.post("/v1/completions", responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
         ref = await hub.resolve(body.model)
         return await _openai(hub, metrics, request, body, ref, "text_completion", prompt, body.max_tokens)
 
-    @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **_error_responses(*GENERATION_ERRORS)})
+    @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         ref = await hub.resolve(body.model)
         source = hub.parse_chat(ref, [m.model_dump() for m in body.messages])
@@ -262,13 +236,13 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             raise HTTPException(401, "missing or wrong 'Authorization: Bearer <HUB_ADMIN_TOKEN>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/v1/admin/reload", dependencies=[Depends(admin)], responses=_error_responses(*ADMIN_ERRORS))
+    @app.post("/v1/admin/reload", dependencies=[Depends(admin)], responses=error_responses(*ADMIN_ERRORS))
     async def reload():
         changes = await hub.reload()
         return {"loaded": changes.loaded, "unloaded": changes.unloaded, "refused": changes.refused}
 
     @app.delete("/v1/admin/adapters/{name}", dependencies=[Depends(admin)],
-                responses=_error_responses(*ADMIN_ERRORS, 404))
+                responses=error_responses(*ADMIN_ERRORS, 404))
     async def unload(name: str):
         await run_in_threadpool(hub.unload, name)
         return {"unloaded": name}

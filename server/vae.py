@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from hub.serving.protocol import ServingBackend
 from hub.serving.vae import MAX_SAMPLES, MAX_STEPS, MAX_TEXTS, VaeOps
+from server.responses import GENERATION_ERRORS, error_responses
 
 
 class Sampling(BaseModel):
@@ -49,7 +50,7 @@ class AnalogyRequest(Sampling):
 
 
 def vae_router(service: ServingBackend) -> APIRouter:
-    router = APIRouter(prefix="/v1/vae/{task}", tags=["sentence VAE"])
+    router = APIRouter(prefix="/v1/vae/{task}", tags=["sentence VAE"], responses=error_responses(*GENERATION_ERRORS))
 
     async def ops(task: str) -> VaeOps:
         return await service.vae.ops(task)

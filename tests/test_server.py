@@ -246,7 +246,7 @@ def small_server(trained_run, second_run, tiny_base, tmp_path_factory):
 
 # -- health, listing ----------------------------------------------------------------------------------------------
 def test_healthz_and_readyz(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == client.get("/health").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "tasks": len(TASKS)}

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from tests.conftest import FULL_FAULTS
 from tests.faults.conftest import Tally, cpu_seconds, p99, rss_mb
 from tests.test_server import MR, publish, start_server as start
 
 NORMAL = {"task": "e2e", "input": MR, "max_new_tokens": 8}
 NOISE_S = 0.05  # latency targets allow this much timer noise: the machine is shared with other jobs
-FUZZ_EXAMPLES = 150  # per route and method
+FUZZ_EXAMPLES = 150 if FULL_FAULTS else 40  # per route and method
 
 
 def within_twice(unloaded: list[float]) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 
 from hub.store.catalog import AdapterStore
+from tests.conftest import FULL_FAULTS
 from tests.test_server import HUB, REPO, flip_last_byte, publish, start_server as start
 
-KILLS, PARALLEL = 30, 3
+KILLS, PARALLEL = (30 if FULL_FAULTS else 9), 3
 
 
 def hub_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
