@@ -31,9 +31,9 @@ def guidellm_command(guidellm: str, url: str, model: str, tokenizer: Path, rate:
     return [guidellm, "run",
             "--backend", f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
             "--profile", f"kind=constant,rate={rate}",
-            "--constraint", f"kind=max_duration,max_duration={seconds}",
+            "--constraint", f"kind=max_duration,seconds={seconds}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
-            "--tokenizer", f"kind=hf_auto,path={tokenizer}",
+            "--tokenizer", f"kind=hf_auto,model={tokenizer}",
             "--output", f"kind=json,path={report}", "--disable-console-interactive"]
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     text = markdown(result, args)
     print(text)
     if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "guidellm.json").write_text(json.dumps({**result, "report": report}, indent=1) + "\n")
         (args.out / "guidellm.md").write_text(text)
 
@@ -93,7 +94,8 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
     s = result["summary"]
     return "\n".join([
         f"GuideLLM 0.8.1 (`guidellm run`, OpenAI HTTP backend, backend validation on) against `hub serve`, "
-        f"text completions to adapter `a0` of {args.adapters} (b=100, random GPT2Config() 124 M), synthetic prompts "
+        f"text completions to adapter `a0` of {args.adapters} (b=100, on {args.base or 'a random GPT2Config(), 124 M'}), "
+        f"synthetic prompts "
         f"of {args.prompt_tokens} tokens, {args.output_tokens} output tokens, constant {args.rate:g} req/s for "
         f"{args.seconds:g} s. {result['machine']}.", "",
         "| successful | errored | incomplete | output tokens/s | TTFT mean / p50 / p99 ms | "
