@@ -28,12 +28,14 @@ import fsspec
 from safetensors.torch import load as load_safetensors
 
 from hub.errors import HubError, IntegrityError, NotFoundError
-from hub.store.catalog import (
-    HUB_JSON, MAX_PUBLISH_ATTEMPTS, STALE_AFTER_S, TRAIN_LOG, AdapterSummary, LoadedAdapter, SkippedVersion,
-    StoredVersion, loaded_adapter, parse_ref, payload_files, read_export, read_training_log, stage_payload, utc_now,
-    validate_name, version_key,
-)
+from hub.store.export import read_export, stage_payload
+from hub.store.fileio import json_text, utc_now
 from hub.store.format import AdapterMeta
+from hub.store.layout import HUB_JSON, MAX_PUBLISH_ATTEMPTS, STALE_AFTER_S, TRAIN_LOG, payload_files
+from hub.store.refs import Ref, validate_name, version_key
+from hub.store.versions import (
+    AdapterSummary, LoadedAdapter, SkippedVersion, StoredVersion, loaded_adapter, read_training_log,
+)
 
 log = logging.getLogger("hub.store.fsspec")
 
@@ -76,7 +78,7 @@ class FsspecStore:
                 self.fs.pipe_file(self._path(name, chosen, HUB_JSON), _json_bytes(hub.to_dict()), mode="create")
             except Exception as err:  # any failure of the remote side (network, server, credentials)
                 self._abandon(name, chosen)
-                raise HubError(f"publishing {name}@{chosen} to {self.url} failed ({err.__class__.__name__}: "
+                raise HubError(f"publishing {Ref(name, chosen)} to {self.url} failed ({err.__class__.__name__}: "
                                f"{err}); the version was not committed, readers ignore it; publish again") from None
         return StoredVersion(name, chosen, self._url(self._path(name, chosen)), hub)
 
@@ -89,7 +91,7 @@ class FsspecStore:
                 return chosen
             except FileExistsError:
                 if version is not None:
-                    raise HubError(f"adapter {name}@{chosen} already exists or is being published; choose another "
+                    raise HubError(f"adapter {Ref(name, chosen)} already exists or is being published; choose another "
                                    "--version") from None
             except Exception as err:  # noqa: BLE001 - the remote's own errors carry no common type
                 raise HubError(f"cannot publish to {self.url}: {err.__class__.__name__}: {err}") from None
@@ -117,7 +119,7 @@ class FsspecStore:
         for name, version, data in self._manifests(names):
             versions, skipped = by_name.setdefault(name, ([], []))
             try:
-                meta = AdapterMeta.from_dict(json.loads(data), f"{HUB_JSON} of '{name}@{version}'", stored=True)
+                meta = AdapterMeta.from_dict(json.loads(data), f"{HUB_JSON} of '{Ref(name, version)}'", stored=True)
                 versions.append(StoredVersion(name, version, self._url(self._path(name, version)), meta))
             except (ValueError, IntegrityError) as err:
                 skipped.append(SkippedVersion(name, version, str(err)))
@@ -138,7 +140,7 @@ class FsspecStore:
         return found
 
     def show(self, ref: str) -> StoredVersion:
-        name, version = parse_ref(ref)  # a valid name has no glob characters
+        name, version = Ref.parse(ref)  # a valid name has no glob characters
         summary = next(iter(self._summaries(name)), None)
         if summary is None or not summary.versions:
             known = ", ".join(s.name for s in self.list() if s.versions) or "none"
@@ -157,7 +159,7 @@ class FsspecStore:
         snapshot = {}
         for path, info in self.fs.glob(self._path("*", "*", HUB_JSON), detail=True).items():
             name, version = self.fs._strip_protocol(path)[len(self.root) + 1:].split("/")[:2]
-            snapshot[f"{name}@{version}"] = str(info.get("ETag") or info.get("mtime") or info.get("created"))
+            snapshot[str(Ref(name, version))] = str(info.get("ETag") or info.get("mtime") or info.get("created"))
         return snapshot
 
     def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter:
@@ -181,16 +183,16 @@ class FsspecStore:
     # ---- changing ---------------------------------------------------------------------
     def remove(self, ref: str) -> list[str]:
         """Uncommit first (hub.json), then delete the rest."""
-        name, version = parse_ref(ref)
-        refs = [v.ref for s in self.list() if s.name == name for v in s.versions
-                if version is None or v.version == version]
-        if not refs:
+        name, version = Ref.parse(ref)
+        removed = [v for s in self.list() if s.name == name for v in s.versions
+                   if version is None or v.version == version]
+        if not removed:
             raise NotFoundError(f"no adapter '{ref}' in store '{self.url}'")
-        for removed in refs:
-            path = self._path(*removed.split("@"))
+        for stored in removed:
+            path = self._path(stored.name, stored.version)
             self.fs.rm(f"{path}/{HUB_JSON}")
             self.fs.rm(path, recursive=True)
-        return sorted(refs)
+        return sorted(stored.ref for stored in removed)
 
     def update_metrics(self, ref: str, metrics: dict) -> StoredVersion:
         """Rewrite hub.json with the metrics merged in (one PUT: atomic on object stores)."""
@@ -247,4 +249,4 @@ class BlobCache:
 
 
 def _json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    return json_text(data).encode()
