@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
-# `make lint` checks style (ruff) and the layering (lint-imports).
+# `make lint` checks style (ruff), the layering (lint-imports) and types (mypy).
 # `make demo-serve` serves the demo's store on 127.0.0.1:8765 until Ctrl-C (the playground is at /);
 # `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md.
 PYTHON ?= python3
@@ -37,10 +37,12 @@ chromium:
 test: venv chromium
 	$(BIN)/python -m pytest
 
-# Style (ruff, pyproject.toml) and the layering (import-linter, .importlinter: no upward import, no cycle).
+# Style (ruff), the layering (import-linter, .importlinter: no upward import, no cycle) and types (mypy on the
+# packages [tool.mypy] names); configured in pyproject.toml.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults

@@ -13,6 +13,7 @@ forgotten when the folder goes.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import os
@@ -150,7 +151,7 @@ class AdapterStore:
         """``name@version -> created_at`` (or why it is skipped); poll and diff to spot changes."""
         listing = self.list()
         return {
-            **{v.ref: v.created_at for s in listing for v in s.versions},
+            **{v.ref: v.created_at or "" for s in listing for v in s.versions},
             **{k.ref: f"skipped: {k.reason}" for s in listing for k in s.skipped},
         }
 
@@ -168,7 +169,7 @@ class AdapterStore:
 
     # ---- changing ---------------------------------------------------------------------
 
-    def remove(self, ref: str) -> list[str]:
+    def remove(self, ref: str) -> builtins.list[str]:
         """Remove ``NAME`` (all versions) or ``NAME@VERSION``; return the removed refs."""
         name, version = Ref.parse(ref)
         name_dir = self.root / name
@@ -206,13 +207,13 @@ class AdapterStore:
             raise
         return StoredVersion(stored.name, stored.version, stored.path, meta)
 
-    def gc(self, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    def gc(self, older_than_s: float = STALE_AFTER_S) -> builtins.list[Path]:
         """Remove internal leftovers of killed publishes, removals and metric updates older than `older_than_s`
         (a live publisher's staging folder is younger); return what was removed."""
         cutoff = time.time() - older_than_s
         return [path for path in self._internal_entries() if _remove_if_older(path, cutoff)]
 
-    def _internal_entries(self) -> list[Path]:
+    def _internal_entries(self) -> builtins.list[Path]:
         """Staging and trash folders in the root, metric-update leftovers in version folders."""
         entries = [p for p in self.root.iterdir() if p.name.startswith(INTERNAL_PREFIXES)]
         for name_dir in _visible_dirs(self.root):
@@ -223,7 +224,7 @@ class AdapterStore:
 
     # ---- scanning ---------------------------------------------------------------------
 
-    def _versions(self, name_dir: Path) -> tuple[list[StoredVersion], list[SkippedVersion]]:
+    def _versions(self, name_dir: Path) -> tuple[builtins.list[StoredVersion], builtins.list[SkippedVersion]]:
         versions, skipped = [], []
         previous, current = self._checked.get(name_dir, {}), {}
         for version_dir in _visible_dirs(name_dir):

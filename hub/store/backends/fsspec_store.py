@@ -15,6 +15,7 @@ Downloaded files are kept in a local cache named by their sha256 and verified ag
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -113,7 +114,7 @@ class FsspecStore:
         """Committed versions (those with hub.json), oldest to newest per name; unreadable ones skipped, with why."""
         return self._summaries("*")
 
-    def _summaries(self, names: str) -> list[AdapterSummary]:
+    def _summaries(self, names: str) -> builtins.list[AdapterSummary]:
         """Summaries of the names matching the glob `names` (one name: one short listing)."""
         by_name: dict[str, tuple[list, list]] = {}
         for name, version, data in self._manifests(names):
@@ -124,10 +125,10 @@ class FsspecStore:
             except (ValueError, IntegrityError) as err:
                 skipped.append(SkippedVersion(name, version, str(err)))
         return [AdapterSummary(name, sorted(v, key=lambda s: (s.created_at, version_key(s.version))),
-                               sorted(k, key=lambda s: version_key(s.version)))
+                               sorted(k, key=lambda s: version_key(s.version or "")))
                 for name, (v, k) in sorted(by_name.items())]
 
-    def _manifests(self, names: str) -> list[tuple[str, str, bytes]]:
+    def _manifests(self, names: str) -> builtins.list[tuple[str, str, bytes]]:
         """(name, version, hub.json bytes) of every committed version of the matching names, fetched together."""
         self.fs.invalidate_cache()
         paths = self.fs.glob(self._path(names, "*", HUB_JSON))
@@ -181,7 +182,7 @@ class FsspecStore:
             self._path(stored.name, stored.version, TRAIN_LOG)))
 
     # ---- changing ---------------------------------------------------------------------
-    def remove(self, ref: str) -> list[str]:
+    def remove(self, ref: str) -> builtins.list[str]:
         """Uncommit first (hub.json), then delete the rest."""
         name, version = Ref.parse(ref)
         removed = [v for s in self.list() if s.name == name for v in s.versions
@@ -201,7 +202,7 @@ class FsspecStore:
         self.fs.pipe_file(self._path(stored.name, stored.version, HUB_JSON), _json_bytes(meta.to_dict()))
         return StoredVersion(stored.name, stored.version, stored.path, meta)
 
-    def gc(self, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    def gc(self, older_than_s: float = STALE_AFTER_S) -> builtins.list[str]:
         """Remove uncommitted versions (a claim, no hub.json) older than `older_than_s`."""
         self.fs.invalidate_cache()
         removed = []
@@ -218,7 +219,7 @@ class FsspecStore:
                 removed.append(self._url(folder))
         return removed
 
-    def _children(self, path: str) -> list[str]:
+    def _children(self, path: str) -> builtins.list[str]:
         self.fs.invalidate_cache()
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
