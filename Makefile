@@ -1,4 +1,5 @@
-# Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite).
+# Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
+# `make lint` checks style (ruff), the layering (lint-imports) and types (mypy).
 # `make demo-serve` serves the demo's store on 127.0.0.1:8765 until Ctrl-C (the playground is at /);
 # `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test chromium faults bench bench-guidellm clean
+.PHONY: venv demo demo-serve test lint chromium faults bench bench-guidellm clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,13 @@ chromium:
 
 test: venv chromium
 	$(BIN)/python -m pytest
+
+# Style (ruff), the layering (import-linter, .importlinter: no upward import, no cycle) and types (mypy on the
+# packages [tool.mypy] names); configured in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hub.adapters.vlm import vlm_adapter_config
 from hub.serving.batch import decode_to_completion
-from hub.store.catalog import LoadedAdapter
+from hub.store.versions import LoadedAdapter
 from hub.store.format import AdapterMeta
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -70,16 +70,19 @@ def write_export(folder: Path, adapter: LoadedAdapter, task, fingerprint: dict) 
     """A random adapter as a trainer's run export (the input of `AdapterStore.publish`)."""
     from safetensors.torch import save_file
 
-    from hub.store.catalog import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS
+    from hub.store import export
+    from hub.store.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TOKENS
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter.adapter_tensors, str(folder / ADAPTER_WEIGHTS))
-    save_file({"rows": adapter.token_rows.contiguous()}, str(folder / TASK_TOKENS))
-    (folder / ADAPTER_CONFIG).write_text(json.dumps({"name": adapter.name, "config": {"architecture": "bottleneck"}}))
+    def write_payload(tmp: Path) -> None:
+        save_file(adapter.adapter_tensors, str(tmp / ADAPTER_WEIGHTS))
+        save_file({"rows": adapter.token_rows.contiguous()}, str(tmp / TASK_TOKENS))
+        config = {"name": adapter.name, "config": {"architecture": "bottleneck"}}
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config))
+
     params = sum(t.numel() for t in adapter.adapter_tensors.values()) + adapter.token_rows.numel()
     meta = {**adapter.meta.to_dict(), "name": adapter.name, "special_tokens": list(task.special_tokens),
             "eos_token": task.eos, "trainable_params": params, "metrics": {}, "backbone": fingerprint}
-    (folder / ADAPTER_META).write_text(json.dumps(meta))
+    export.write_export(folder, meta, write_payload)
     return folder
 
 

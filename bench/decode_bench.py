@@ -43,7 +43,7 @@ from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine
 from hub.serving.sampling import sampling_params
 from hub.serving.service import HubService, ServiceSettings
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from tasks import make_task
 
 ROWS, PROMPT_TOKENS, NEW_TOKENS = 64, 16, 64
@@ -164,7 +164,7 @@ def hook_times(folder: Path, repeats: int = 5) -> dict:
 
     from hub.adapters.base import RowState
     from hub.adapters.vlm import VlmRuntime, group_rows, stack_layers
-    from hub.store.catalog import adapter_layers
+    from hub.adapters.vlm_format import adapter_layers
 
     config = GPT2Config.from_pretrained(folder)
     model, (b100, cycling) = PassThroughBlocks(config), scenario_adapters(config)
@@ -403,7 +403,10 @@ def hooks_lines(hooks: dict) -> list[str]:
 
 def scale_lines(scale: dict) -> list[str]:
     resident = scale["resident_256"]
-    per_rank = lambda values: ", ".join(f"b={r} {ms:.0f} ms" for r, ms in values.items())  # noqa: E731
+
+    def per_rank(values: dict) -> str:
+        return ", ".join(f"b={r} {ms:.0f} ms" for r, ms in values.items())
+
     return [f"{scale['stored']} adapters in the store ({scale['stored_bytes'] / 1e9:.1f} GB, b cycling 10/100/300), "
             f"`--max-resident {resident['resident']} --max-cpu-adapters {resident['resident']}`: start-up "
             f"{scale['startup_s']:.1f} s (RSS {scale['rss_gb_started']:.2f} GB, backbone alone "

@@ -24,7 +24,7 @@ from hub.evaluation.decode import unique_sources
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine
 from hub.serving.sampling import sampling_params
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from tasks import make_task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -21,7 +21,7 @@ import torch
 from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
 from tasks import make_task
 from tasks.e2e import parse_mr

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import machine, random_gpt2_small
 from bench.decode_bench import publish_random
 from bench.trace_bench import start_server, stop_server
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

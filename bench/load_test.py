@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import machine, percentile
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 
 INPUTS = [
     "name[The Eagle], eatType[coffee shop], food[French]",

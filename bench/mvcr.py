@@ -76,8 +76,11 @@ def cells() -> list[Cell]:
     target = [("e2e", 500, "adapter")]
     others = [("e2e", 500, "full"), ("translate", 500, "adapter"), ("e2e", 100, "adapter"), ("e2e", 1000, "adapter"),
               ("translate", 100, "adapter"), ("translate", 1000, "adapter")]
-    pairs = lambda groups, seeds: [Cell(task, n, method, mvcr, seed) for seed in seeds  # noqa: E731
-                                   for task, n, method in groups for mvcr in (False, True)]
+
+    def pairs(groups, seeds) -> list[Cell]:
+        return [Cell(task, n, method, mvcr, seed) for seed in seeds for task, n, method in groups
+                for mvcr in (False, True)]
+
     return pairs(target, SEEDS) + pairs(others[:3], SEEDS) + pairs(others[3:], SEEDS)
 
 
@@ -115,8 +118,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     started = time.time()
     log = trainer.train(train, held_out[: args.held_out])
     train_seconds = time.time() - started
-    task_model = (from_run(run_dir, args.base, "cpu") if cell.method == "adapter"
-                  else load_baseline(run_dir, args.base, "cpu"))
+    task_model = (from_run(run_dir, args.base, "cpu", make_task) if cell.method == "adapter"
+                  else load_baseline(run_dir, args.base, "cpu", make_task))
     result = evaluate(task_model, str(args.shared / setting.data), "test",
                       Decoding(max_new_tokens=d.max_new_tokens, batch_size=32), args.limit, progress=False)
     write_result(result, run_dir / "eval")
@@ -331,7 +334,10 @@ def long_budget_section(results: dict, curves: Path) -> list[str]:
     """The same cells trained long enough for the plain adapter to over-fit: MVCR's own regime."""
     rows = list(results["rows"].values())
     plot_curves(results, curves)
-    best = lambda mvcr: [r["best_step"] for r in rows if r["mvcr"] == mvcr]  # noqa: E731
+
+    def best(mvcr: bool) -> list:
+        return [r["best_step"] for r in rows if r["mvcr"] == mvcr]
+
     groups = sorted({(r["task"], r["method"], r["n"]) for r in rows})
     epochs = results["steps"] * results["batch_size"] // max(r["n"] for r in rows)
     return [f"## A longer budget: {results['steps']} steps ({epochs} epochs)", "",

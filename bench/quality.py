@@ -95,8 +95,8 @@ def train_row(name: str, row: Row, args: argparse.Namespace) -> dict:
 
 def load_row_model(row: Row, run_dir: Path, args: argparse.Namespace) -> TaskModel:
     if row.method == "adapter":
-        return from_run(run_dir, args.base, args.device)
-    return load_baseline(run_dir, args.base, args.device)
+        return from_run(run_dir, args.base, args.device, make_task)
+    return load_baseline(run_dir, args.base, args.device, make_task)
 
 
 def run_row(name: str, row: Row, args: argparse.Namespace) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.common import machine, percentile
 from bench.load_test import free_port, load, load_arguments, start_server
 from hub.model.backbone import load_backbone
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 
 TASKS = 6
 

@@ -30,7 +30,7 @@ from hub.data import load_sentences
 from hub.evaluation.decode import from_run
 from hub.evaluation.vae_metrics import evaluate_lm, evaluate_vae
 from hub.model.backbone import load_backbone
-from hub.store.catalog import read_export
+from hub.store.export import read_export
 from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
 from hub.training.vae import VAETrainConfig, VAETrainer, prepare_vae_run_dir
 from tasks import make_task
@@ -79,7 +79,10 @@ def latent_walks(model, backbone, sentences: list[str], seed: int) -> dict:
     from hub.adapters.vae import encode_sentences, pad_rows
 
     tokenizer, eos = backbone.tokenizer, backbone.tokenizer.eos_token_id or 0
-    decode = lambda z: [tokenizer.decode(ids).strip() for ids in model.greedy(backbone.model, z, eos, eos, 30)]  # noqa: E731
+
+    def decode(z) -> list[str]:
+        return [tokenizer.decode(ids).strip() for ids in model.greedy(backbone.model, z, eos, eos, 30)]
+
     ids, mask = pad_rows(encode_sentences(tokenizer, sentences[: 2 * SHOWN_PATHS + 1], 32), backbone.device)
     mu, _ = model.encode(backbone.model, ids, mask)
     paths = [{"a": sentences[2 * i], "b": sentences[2 * i + 1],
@@ -105,7 +108,7 @@ def lm_row(dataset: str, vae_params: int, args, work: Path) -> dict:
     started = time.time()
     trainer.train(task.load_examples(data, "train"), task.load_examples(data, "validation")[:200])
     seconds = time.time() - started
-    metrics = evaluate_lm(from_run(run_dir, str(BASE), "cpu"), load_sentences(data, "test")[: args.test_sentences])
+    metrics = evaluate_lm(from_run(run_dir, str(BASE), "cpu", make_task), load_sentences(data, "test")[: args.test_sentences])
     return {**metrics, "trainable_params": trainer.trainable_count,
             "trainable_pct": 100 * trainer.trainable_count / backbone.num_parameters, "bottleneck": bottleneck,
             "train_seconds": seconds, "steps": args.steps}
@@ -253,7 +256,7 @@ def samples(rows: dict) -> list[str]:
         out += [f"### {ROW_LABELS[name]}: interpolations (μ(a) → μ(b), 5 points, greedy)", ""]
         for walk in row["interpolations"]:
             out += [f"- a: *{walk['a']}* → b: *{walk['b']}*"] + [f"  {i}. {t}" for i, t in enumerate(walk["path"])]
-        out += ["", f"Prior samples z ~ N(0, I), greedy: " + " / ".join(f"*{t}*" for t in row["prior_samples"]), "",
+        out += ["", "Prior samples z ~ N(0, I), greedy: " + " / ".join(f"*{t}*" for t in row["prior_samples"]), "",
                 f"Analogy a : b = c : ? with a = *{row['analogy']['a']}*, b = *{row['analogy']['b']}*, "
                 f"c = *{row['analogy']['c']}* → *{row['analogy']['output']}*", ""]
         recon = row.get("reconstructions", [])[:3]

@@ -1,4 +1,5 @@
-"""`hub train sentence_vae` options, `hub eval` of VAE and `lm` models, and `hub vae encode|decode|sample|interpolate`."""
+"""`hub train sentence_vae` options, `hub eval` of VAE and `lm` models, and
+`hub vae encode|decode|sample|interpolate`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from typer.exceptions import TyperException
 from typer.main import TyperGroup
 
-from cli.options import BaseOption, DeviceOption, StoreOption
+from cli.common import BaseOption, DeviceOption, StoreOption, eval_out_dir, open_store
 from hub.errors import HubError
 from hub.store.format import AdapterMeta
 
@@ -88,7 +89,7 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
     from hub.adapters.vae import VAEConfig, default_encoder_layers
     from hub.data import load_sentences
     from hub.model.backbone import DEFAULT_BASE, load_backbone
-    from hub.store.catalog import validate_name
+    from hub.store.refs import validate_name
     from hub.training.vae import VAETrainConfig, VAETrainer, prepare_vae_run_dir
 
     options = parse_train_options(args)
@@ -144,22 +145,25 @@ def latent_eval(ref: str | None, run: Path | None, store, base: str | None, devi
     from hub.adapters.vae import load_vae
     from hub.evaluation import decode as evaluation
     from hub.model.backbone import load_backbone, resolve_base
-    from hub.store.catalog import export_dir, read_export
+    from hub.store.export import export_dir, read_export
+    from hub.store.fingerprint import check_backbone
+    from tasks import make_task
 
     meta = store.show(ref).meta if ref else read_export(export_dir(run)).meta
     if meta.task_type not in LATENT_TASK_TYPES:
         return False
     backbone = load_backbone(resolve_base(base, dict(meta.backbone)), device)
     if meta.task_type == "lm":
-        model = evaluation.from_store(store, ref, backbone) if ref else evaluation.from_run(run, base, device)
+        model = (evaluation.from_store(store, ref, backbone, make_task) if ref
+                 else evaluation.from_run(run, base, device, make_task))
     else:
         if ref:
             tensors = store.load(ref, backbone.fingerprint).adapter_tensors
         else:
-            evaluation.check_backbone(f"run '{run}'", dict(meta.backbone), backbone)
+            check_backbone(meta.backbone, backbone.fingerprint, f"run '{run}'")
             tensors = read_export(export_dir(run)).adapter_tensors
         model = load_vae(tensors, meta, backbone.model.config).to(backbone.device)
-    out = out or Path("runs") / f"eval-{(ref or Path(run).name).replace('@', '-')}-{split}"
+    out = out or eval_out_dir(ref or Path(run).name, split)
     metrics = evaluate_latent_model(meta, model, backbone, data, split, limit, iw_samples, out)
     if ref:
         store.update_metrics(ref, {split: metrics})
@@ -178,13 +182,13 @@ Seed = typer.Option(None, help="sampling seed (prior samples and temperature > 0
 
 def _served(task: str, store: str, base: str | None, device: str):
     """An engine with the one VAE on its backbone, and that VAE's operations."""
-    from cli.main import _backbone_for, _store
     from hub.serving.engine import Engine
     from hub.serving.vae import VaeOps
+    from hub.store.fingerprint import backbone_for_adapters
     from tasks import make_task
 
-    adapter_store = _store(store)
-    backbone = _backbone_for(adapter_store, [task], base, device)
+    adapter_store = open_store(store)
+    backbone = backbone_for_adapters(adapter_store, [task], base, device)
     engine = Engine(backbone, make_task)
     adapter = engine.manager.add_adapter(adapter_store.load(task, backbone.fingerprint))
     return engine, VaeOps(engine, adapter)

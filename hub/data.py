@@ -120,7 +120,10 @@ def load_records(
     if split not in SPLITS:
         raise HubError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     path = Path(data).expanduser()
-    check = lambda records, where: require_fields(records, fields, where) or records  # noqa: E731
+
+    def check(records: list[dict], where: str) -> list[dict]:
+        return require_fields(records, fields, where) or records
+
     if path.is_file():
         if test_fraction is not None:
             return ordered_split(check(read_file(path), path), split, group, test_fraction)
@@ -190,7 +193,8 @@ def require_fields(records: list[dict], fields: tuple[str, ...] | list[tuple[str
         raise HubError(f"{where}: missing field(s) {missing}{expected}; found {sorted(records[0])}")
 
 
-TEXT_SPLIT_PATTERNS = {split: re.compile(rf"(^|[._-]){pattern.pattern[1:]}") for split, pattern in SPLIT_PATTERNS.items()}
+TEXT_SPLIT_PATTERNS = {split: re.compile(rf"(^|[._-]){pattern.pattern[1:]}")
+                       for split, pattern in SPLIT_PATTERNS.items()}
 SENTENCE_FIELDS = ("text", "sentence")
 
 

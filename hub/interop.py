@@ -21,11 +21,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LogitsProcessorList, PreTrainedTokenizerBase
 
-from hub.errors import BackboneMismatchError, HubError, IntegrityError
+from hub.errors import HubError, IntegrityError
 from hub.model.backbone import weights_sha256
-from hub.store.catalog import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS, payload_files
+from hub.store.fingerprint import check_backbone
 from hub.store.format import AdapterMeta
-from hub.task import Task, TaskCodec
+from hub.store.layout import ADAPTER_META, HUB_JSON, PAYLOAD_FILES, TASK_TOKENS, payload_files
+from hub.store.refs import Ref
+from hub.task import Task, TaskCodec, TaskFactory
 
 EXPORT_README = "README.md"
 
@@ -122,24 +124,28 @@ class AdapterHubTask:
 
 
 def _check_backbone(model: GPT2LMHeadModel, needed: Mapping[str, Any]) -> None:
-    """The architecture always; the weights' sha256 while the model is still plain GPT-2 (no rows added yet)."""
+    """The architecture always; the vocabulary and the weights' sha256 while the model is still plain GPT-2 (no
+    rows added yet)."""
     config = model.config
-    shape = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
-    if any(needed.get(k) != v for k, v in shape.items()):
-        raise BackboneMismatchError(f"the adapter needs a GPT-2 with {needed}, this model has {shape}")
-    if model.get_input_embeddings().num_embeddings == needed.get("vocab_size"):
-        if weights_sha256(model) != needed.get("weights_sha256"):
-            raise BackboneMismatchError(f"the adapter was trained on other GPT-2 weights ({needed.get('source')})")
+    loaded = {"model_type": config.model_type, "n_layer": config.n_layer, "n_embd": config.n_embd,
+              "n_head": config.n_head, "source": model.name_or_path}
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if vocab_size == needed.get("vocab_size"):
+        loaded.update(vocab_size=vocab_size, weights_sha256=weights_sha256(model))
+    check_backbone(needed, loaded, "the adapter", keys=loaded.keys())
 
 
 def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
-                       tokenizer: PreTrainedTokenizerBase | None = None) -> AdapterHubTask:
+                       tokenizer: PreTrainedTokenizerBase | None = None,
+                       make_task: TaskFactory | None = None) -> AdapterHubTask:
     """Load a store version (or `hub export --format adapterhub` folder) into a plain GPT-2: the adapter through
     `adapters.load_adapter` (made active), the task rows appended to the (tied) embeddings, and the prompt
     layout; greedy decoding with the returned task gives the hub's tokens. The tokenizer defaults to the
     model's own (`AutoTokenizer.from_pretrained(model.name_or_path)`)."""
     import adapters
-    from tasks import make_task
+
+    if make_task is None:  # a user outside the hub: the task types this install ships
+        from tasks import make_task
 
     path = Path(path)
     meta = _adapterhub_meta(path)
@@ -172,7 +178,7 @@ def export_adapterhub(version_dir: Path, out: Path) -> Path:
         shutil.copyfile(version_dir / filename, out / filename)
     meta = read_version_meta(out)
     (out / EXPORT_README).write_text(
-        f"# {meta.name}@{meta.version}: a {meta.task_type} adapter of the GPT-2 adapter hub\n\n"
+        f"# {Ref(meta.name, meta.version)}: a {meta.task_type} adapter of the GPT-2 adapter hub\n\n"
         f"Trained on `{meta.backbone.get('source', '?')}`. Load it into a plain transformers + adapters GPT-2:\n\n"
         "```python\nfrom transformers import GPT2LMHeadModel\nfrom hub.interop import load_into_adapters\n\n"
         "model = GPT2LMHeadModel.from_pretrained(BASE)  # the backbone above\n"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
+import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from hub.errors import HubError
@@ -147,6 +149,24 @@ class ConversationTask(Task):
     @property
     def history_window(self) -> int:
         return 2 * self.max_history + 1
+
+
+def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right padding and no attention mask, as in VLM: pads only follow the sequence and are not labelled."""
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(v) for v in values], batch_first=True, padding_value=fill).to(device)
+
+    return {
+        "input_ids": pad([e.input_ids for e in batch], pad_id),
+        "token_type_ids": pad([e.token_type_ids for e in batch], pad_id),
+        "labels": pad([e.labels for e in batch], IGNORE_INDEX),
+    }
+
+
+TaskFactory = Callable[..., "Task"]
+"""`make_task(type_name, config=None) -> Task`: how the library gets a task; the `tasks` package supplies it
+(`tasks.make_task`) and the caller passes it in, so nothing in `hub` imports `tasks`."""
 
 
 class TaskCodec:

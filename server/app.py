@@ -26,7 +26,7 @@ from hub.model.backbone import Backbone
 from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
 from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
 from hub.serving.service import GenerationFailedError, HubService, RequestTimeoutError, ServiceSettings
-from hub.store.backends import Store
+from hub.store.protocol import Store
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.playground import add_playground, training_curve_url
@@ -122,7 +122,9 @@ class ChatCompletionRequest(OpenAIRequest):
 # -- the app ----------------------------------------------------------------------------------------------------
 def _issues(err: RequestValidationError) -> list[dict]:
     """Validation errors as JSON-safe issues: no echo of the input (it may hold NaN or invalid Unicode)."""
-    safe = lambda v: v if isinstance(v, int) else str(v).encode("utf-8", "backslashreplace").decode()  # noqa: E731
+    def safe(value: Any) -> int | str:
+        return value if isinstance(value, int) else str(value).encode("utf-8", "backslashreplace").decode()
+
     return [{"loc": [safe(part) for part in e.get("loc", ())], "msg": safe(e.get("msg", "invalid")),
              "type": safe(e.get("type", "value_error"))} for e in err.errors()]
 

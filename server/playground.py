@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from hub.plots import training_curve_png
-from hub.store.catalog import AdapterStore
+from hub.store.protocol import Store
 
 STATIC = Path(__file__).with_name("static")
 
@@ -21,7 +21,7 @@ def training_curve_url(name: str) -> str:
     return f"/v1/tasks/{name}/training-curve.png"
 
 
-def add_playground(app: FastAPI, store: AdapterStore) -> None:
+def add_playground(app: FastAPI, store: Store) -> None:
     """Mount the page, its static files and the training-curve route on `app`."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     page = STATIC / "index.html"

@@ -39,14 +39,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from hub.errors import CapacityError, HubError, NotFoundError
-from hub.model.backbone import load_backbone, resolve_base
+from hub.model.dtypes import torch_dtype
 from hub.serving.engine import Engine
 from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import SchedulerStats
 from hub.serving.service import HubService, ServiceSettings, StoreCalls
 from hub.store.backends import Store, open_store
-from hub.store.catalog import AdapterSummary
+from hub.store.fingerprint import backbone_for_adapters
+from hub.store.versions import AdapterSummary
 from server.edge import DEFAULT_MAX_BODY_BYTES
 from server.prometheus import ServerMetrics
 from tasks import make_task
@@ -97,12 +98,10 @@ class ResidentTask:
 class EngineReplica:
     async def __init__(self, options: RayServeOptions):
         store = open_store(options.store)
-        names = [s.latest.ref for s in store.list() if s.versions]
-        trained_on = dict(store.show(names[0]).meta.backbone) if names and not options.base else None
         if options.threads:
             torch.set_num_threads(options.threads)
-        dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
-        backbone = load_backbone(resolve_base(options.base, trained_on), options.device, dtype=dtype)
+        refs = [s.latest.ref for s in store.list() if s.versions]
+        backbone = backbone_for_adapters(store, refs, options.base, options.device, torch_dtype(options.dtype))
         settings = replace(options.service, max_resident=options.max_tasks_per_replica, watch_interval=0)
         self.watch_interval = options.service.watch_interval
         self.service = HubService(backbone, store, make_task, settings)
@@ -113,7 +112,8 @@ class EngineReplica:
         self.checks: set[asyncio.Task] = set()  # version checks running in the background
 
     def _loader(self) -> Callable[[str], Awaitable[ResidentTask]]:
-        """The loader Ray multiplexes: a plain function (Ray keeps its LRU on it; a bound method takes no attributes)."""
+        """The loader Ray multiplexes: a plain function (Ray keeps its LRU on it; a bound method takes no
+        attributes)."""
 
         async def load(task: str) -> ResidentTask:
             await asyncio.to_thread(self._load_latest, task)

@@ -139,7 +139,10 @@ def split_of(name: str) -> str | None:
 def dialogue_split(data: str, split: str) -> list[dict]:
     """Items of `split` from a local file or folder (module docstring), or an HF dataset id."""
     path = Path(data).expanduser()
-    group = lambda item: item["dialogue"]  # noqa: E731
+
+    def group(item: dict):
+        return item["dialogue"]
+
     if path.is_dir():
         files = {split_of(p.name): p for p in sorted(path.iterdir()) if p.suffix in DIALOGUE_SUFFIXES}
         files.pop(None, None)

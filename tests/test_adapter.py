@@ -21,7 +21,8 @@ from hub.adapters.vlm import (DENSE_ROWS, AdapterWeights, VlmRuntime, adapter_pa
                               vlm_adapter_config)
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
-from hub.store.catalog import LoadedAdapter, adapter_layers
+from hub.adapters.vlm_format import adapter_layers
+from hub.store.versions import LoadedAdapter
 from hub.store.format import AdapterMeta
 from tasks import make_task
 
@@ -80,7 +81,8 @@ def test_library_adapter_equals_the_formula_by_hand(tiny_base, ids):
     state = adapter_state(library)
 
     def by_hand(i):
-        p = lambda part: state[f"transformer.h.{i}.output_adapters.adapters.t.{part}"]  # noqa: E731
+        def p(part):
+            return state[f"transformer.h.{i}.output_adapters.adapters.t.{part}"]
 
         def hook(module, args, output):
             h = output[0]
@@ -210,7 +212,10 @@ def test_grouped_rows_equal_the_formula_at_each_adapters_own_rank():
     h = torch.randn(4, 5, 8)
     with runtime.active(runtime.make_plan([RowState(b), RowState(a), RowState(), RowState(b)])):
         out = model(h)[1]  # block 1 sees the unchanged input here: each block's hook acts on its own output
-    by_formula = lambda w, rows: vlm_adapter(h[rows], w.map(lambda t: t[1]), 1e-5)  # noqa: E731
+
+    def by_formula(w, rows):
+        return vlm_adapter(h[rows], w.map(lambda t: t[1]), 1e-5)
+
     assert torch.allclose(out[[0, 3]], by_formula(large, [0, 3]), atol=1e-5)
     assert torch.allclose(out[[1]], by_formula(small, [1]), atol=1e-5)
     assert torch.equal(out[2], h[2])

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from hub.training.distributed import DataParallel, relaunch_command, single_process_accelerate_note
 from tasks import make_task
 

@@ -289,5 +289,5 @@ def test_a_half_precision_bank_decodes_like_a_float32_one(tiny_base):
         assert {b.down[0].dtype for b in engine.manager.runtimes["vlm"].buckets.values()} == {dtype}
         engine.close()
     assert outputs[torch.float16] == outputs[torch.float32]
-    with pytest.raises(HubError, match="bank_dtype must be one of float32, float16, bfloat16"):
+    with pytest.raises(HubError, match="bank_dtype must be one of float32, bfloat16, float16"):
         ServiceSettings(bank_dtype="int8")

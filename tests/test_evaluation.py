@@ -14,7 +14,8 @@ from hub.model.backbone import load_backbone
 from cli.main import app
 from hub.serving.engine import Engine, SamplingParams
 from hub.evaluation.decode import Decoding, TaskTokenMask, engine_task_model, generate_ids, unique_sources
-from hub.store.catalog import AdapterStore, LoadedAdapter
+from hub.store.local import AdapterStore
+from hub.store.versions import LoadedAdapter
 from hub.task import Example
 from tasks import make_task
 
@@ -53,14 +54,16 @@ def adapter_stopping_some_rows_early(base, adapter: LoadedAdapter, mrs: list[str
 def test_greedy_eval_equals_the_engines_greedy_decode(store, tiny_base, test_mrs):
     adapter = adapter_stopping_some_rows_early(tiny_base, store.load("e2e"), test_mrs)
     expected = engine_greedy(tiny_base, adapter, test_mrs, 12)
-    task_model = engine_task_model(load_backbone(tiny_base, "cpu"), adapter, "e2e", store_ref=None)
+    task_model = engine_task_model(load_backbone(tiny_base, "cpu"), adapter, "e2e", store_ref=None,
+                                   make_task=make_task)
     got = generate_ids(task_model, test_mrs, Decoding(max_new_tokens=12, batch_size=3), progress=False)
     assert got == [s.output_ids for s in expected]
     assert sorted(len(ids) for ids in got)[0] < 12 == sorted(len(ids) for ids in got)[-1]
 
 
 def test_beam_search_gives_one_output_per_unique_source(store, tiny_base, test_mrs):
-    task_model = engine_task_model(load_backbone(tiny_base, "cpu"), store.load("e2e"), "e2e", store_ref=None)
+    task_model = engine_task_model(load_backbone(tiny_base, "cpu"), store.load("e2e"), "e2e", store_ref=None,
+                                   make_task=make_task)
     decoding = Decoding(max_new_tokens=8, num_beams=3, length_penalty=0.9, no_repeat_ngram_size=2, batch_size=3)
     outputs = generate_ids(task_model, test_mrs, decoding, progress=False)
     assert len(outputs) == len(test_mrs) == 4 and all(0 < len(ids) <= 8 for ids in outputs)

@@ -19,7 +19,7 @@ from hub.serving import output as output_module
 from hub.serving.engine import Engine, SamplingParams
 from hub.serving.isolation import bisect_failing
 from hub.serving.scheduler import Scheduler
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from hub.task import TaskCodec
 from hub.serving.service import ServiceSettings
 from server.app import create_app

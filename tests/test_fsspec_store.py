@@ -20,7 +20,8 @@ import torch
 from hub.errors import HubError, IntegrityError, NotFoundError
 from hub.store.backends import open_store
 from hub.store.backends.fsspec_store import CLAIM, FsspecStore
-from hub.store.catalog import HUB_JSON, TASK_TOKENS, AdapterStore
+from hub.store.layout import TASK_TOKENS
+from hub.store.local import AdapterStore
 from tests.s3_server import S3Server
 
 

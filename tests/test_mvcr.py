@@ -14,7 +14,7 @@ from cli.main import app
 from hub.errors import HubError
 from hub.evaluation.decode import from_run
 from hub.model.backbone import load_backbone
-from hub.store.catalog import ADAPTER_META
+from hub.store.layout import ADAPTER_META
 from hub.task import Example
 from hub.training.baselines import make_trainer
 from hub.training.regularizers.mvcr import (MVCR, HierarchicalAutoencoder, sample_views, view_probabilities)
@@ -186,7 +186,7 @@ def test_served_export_gives_the_trained_models_logits(mvcr_trainer, tiny_base):
     ids = torch.randint(0, 8000, (2, 9))
     with torch.no_grad():
         trained = model(input_ids=ids).logits
-    served = from_run(mvcr_trainer.run_dir, str(tiny_base), "cpu")  # a fresh backbone on the serving engine
+    served = from_run(mvcr_trainer.run_dir, str(tiny_base), "cpu", make_task)  # a fresh backbone on the serving engine
     assert hooked_mlps(served.model) == []
     with torch.no_grad(), served.activate():
         actual = served.model(input_ids=ids).logits

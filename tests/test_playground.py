@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from tests.test_server import ADMIN_TOKEN, Server, publish
 from tests.test_vae_serving import export_vae
 

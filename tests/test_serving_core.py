@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import threading
 import time
-import uuid
 
-import httpx
 import pytest
 import torch
 
@@ -211,7 +208,7 @@ class FlakyStore:
 
 def test_store_sync_retries_a_transient_failure_and_refuses_a_corrupt_version(tiny_base, trained_run, tmp_path,
                                                                              monkeypatch):
-    from hub.store.catalog import AdapterStore
+    from hub.store.local import AdapterStore
 
     monkeypatch.setattr("hub.serving.sync.RETRY_FIRST", 0.2)
     store = AdapterStore(tmp_path / "store")

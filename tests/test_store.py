@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub.errors import BackboneMismatchError, HubError, IntegrityError, NotFoundError
-from hub.store.catalog import AdapterStore, adapter_layers, fingerprint_mismatch, parse_ref
+from hub.adapters.vlm_format import adapter_layers
+from hub.store.fingerprint import fingerprint_mismatch
+from hub.store.local import AdapterStore
+from hub.store.refs import parse_ref
 
 D, LAYERS, BOTTLENECK, K = 16, 2, 4, 3
 BACKBONE = {
@@ -188,7 +191,7 @@ def test_publish_is_atomic(store, export, monkeypatch, crash_point):
     if crash_point == "copy":
         monkeypatch.setattr(shutil, "copyfile", partial_copy)
     else:
-        monkeypatch.setattr("hub.store.catalog.os.rename", failing_rename)
+        monkeypatch.setattr("hub.store.local.os.rename", failing_rename)
     with pytest.raises(OSError):
         store.publish(export)
     monkeypatch.undo()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from hub.errors import HubError, IntegrityError
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from hub.store.format import AdapterMeta
 from tests.test_store import config_template, make_export  # noqa: F401  (config_template is a fixture)
 

@@ -92,7 +92,10 @@ def test_ffn_parallel_site_adds_f_of_the_post_attention_stream(backbone, pass_na
     finally:
         for handle in hooks:
             handle.remove()
-    hand_f = lambda r: torch.relu(r @ w.down_weight + w.down_bias) @ w.up_weight + w.up_bias  # noqa: E731
+
+    def hand_f(r):
+        return torch.relu(r @ w.down_weight + w.down_bias) @ w.up_weight + w.up_bias
+
     if pass_name == "decoder":
         torch.testing.assert_close(ffn_parallel_adapter(seen["r"], w), hand_f(seen["r"]))
         torch.testing.assert_close(seen["y"], seen["r"] + seen["m"] + hand_f(seen["r"]), rtol=1e-5, atol=1e-5)
@@ -139,7 +142,10 @@ def test_kv_prefix_is_one_extra_key_value_in_every_layer(backbone):
     c = model.config
     heads, d_head = c.n_head, c.n_embd // c.n_head
     q, k, v = attn.c_attn(seen["x"]).split(c.n_embd, dim=2)
-    split = lambda t: t.view(1, -1, heads, d_head).transpose(1, 2)  # noqa: E731
+
+    def split(t):
+        return t.view(1, -1, heads, d_head).transpose(1, 2)
+
     k_z, v_z = vae.injector.prefix(z)[0]
     keys, values = torch.cat([k_z, split(k)], dim=2), torch.cat([v_z, split(v)], dim=2)
     scores = split(q) @ keys.transpose(-1, -2) / math.sqrt(d_head)

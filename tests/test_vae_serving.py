@@ -18,7 +18,7 @@ from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine
 from hub.serving.sampling import SamplingParams
 from hub.serving.vae import MAX_STEPS, VaeOps
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from hub.training.vae import VAETrainConfig, VAETrainer
 from tasks import make_task
 
@@ -213,7 +213,10 @@ def test_cli_vae_commands(store, tiny_base):
     from cli.main import app
 
     common = ["--task", "vae", "--store", str(store.root), "--base", str(tiny_base), "--device", "cpu"]
-    run = lambda *args: CliRunner().invoke(app, ["vae", *args, *common])  # noqa: E731
+
+    def run(*args):
+        return CliRunner().invoke(app, ["vae", *args, *common])
+
     encoded = run("encode", "a man walks a dog .", "a cat sleeps .")
     assert encoded.exit_code == 0, encoded.output
     mu = json.loads(encoded.output)["mu"]

@@ -17,7 +17,8 @@ from hub.adapters.vae import load_vae
 from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import load_backbone
 from hub.interop import export_adapterhub
-from hub.store.catalog import VAE_WEIGHTS, AdapterStore
+from hub.store.layout import VAE_WEIGHTS
+from hub.store.local import AdapterStore
 from hub.store.format import AdapterMeta
 
 SENTENCES = ["a man walks a dog .", "two people sit on a bench .", "a woman reads a book .", "the kids play outside .",

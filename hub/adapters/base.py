@@ -43,7 +43,7 @@ class AdapterKind(ABC):
 
     @abstractmethod
     def load(self, loaded, config) -> Any:
-        """The kind's bundle (CPU tensors) from a `hub.store.catalog.LoadedAdapter`, checked against the
+        """The kind's bundle (CPU tensors) from a `hub.store.versions.LoadedAdapter`, checked against the
         backbone's `GPT2Config`; raises HubError when it does not fit."""
 
     @abstractmethod

@@ -57,7 +57,10 @@ class RankBucket:
 
     def __init__(self, rank: int, n_layer: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.rank, self.d, self.capacity = rank, d, 0
-        zeros = lambda *shape: [torch.zeros(*shape, device=device, dtype=dtype) for _ in range(n_layer)]  # noqa: E731
+
+        def zeros(*shape: int) -> list[torch.Tensor]:
+            return [torch.zeros(*shape, device=device, dtype=dtype) for _ in range(n_layer)]
+
         self.down, self.up = zeros(0, rank), zeros(0, d)
         self.down_bias, self.up_bias = zeros(0, rank), zeros(0, d)
         self.free: list[int] = []  # a heap of unused indices

@@ -23,10 +23,6 @@ def get_kind(name: str) -> AdapterKind:
     return _KINDS[name]
 
 
-def kind_names() -> list[str]:
-    return sorted(_KINDS)
-
-
 def _register_builtin() -> None:
     from hub.adapters.vae import VaeKind
     from hub.adapters.vlm import VlmKind

@@ -230,7 +230,8 @@ class SentenceVAE(nn.Module):
         self.injector = LatentInjector(config, n_layer, model_config.n_head, d)
 
     # -- encoder --------------------------------------------------------------------------------------------
-    def encode(self, model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, model: GPT2LMHeadModel, ids: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²), each [B, nz], for right-padded ids [B, T] with mask [B, T]."""
         rep = self.pooling(self.encoder_states(model, ids, mask), mask)
         return self.mu(rep), self.logvar(rep)
@@ -436,7 +437,10 @@ class VaeRuntime(KindRuntime):
         return sum(p.numel() * p.element_size() for r in self.slots.values() for p in r.vae.parameters())
 
     def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VaePlan:
-        at_site = lambda s, site: s if s != NO_SLOT and self.slots[s].site == site else NO_SLOT  # noqa: E731
+
+        def at_site(s: int, site: str) -> int:
+            return s if s != NO_SLOT and self.slots[s].site == site else NO_SLOT
+
         plans = [group_rows(None if rows is None else [RowState(at_site(r.slot, site)) for r in rows],
                             at_site(slot, site), self.device) for site in ADAPTER_SITES]
         if rows is None:

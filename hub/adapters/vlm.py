@@ -25,7 +25,7 @@ from torch import nn
 from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
 from hub.adapters.rank_buckets import Bag, Location, RankBucket
 from hub.errors import HubError
-from hub.store.catalog import adapter_layers
+from hub.adapters.vlm_format import adapter_layers
 from hub.store.format import VLM
 
 
@@ -76,8 +76,11 @@ def vlm_adapter(h: torch.Tensor, w: AdapterWeights, eps: float) -> torch.Tensor:
 
 
 def stack_layers(layers: list[dict[str, torch.Tensor]]) -> AdapterWeights:
-    """Per-layer tensors in `nn.Linear` layout (as `hub.store.catalog.adapter_layers` returns) -> [L, ...] weights."""
-    stack = lambda key, transpose=False: torch.stack([l[key].t() if transpose else l[key] for l in layers])  # noqa: E731
+    """Per-layer tensors in `nn.Linear` layout (as `hub.adapters.vlm_format.adapter_layers` returns) -> [L, ...]
+    weights."""
+    def stack(key: str, transpose: bool = False) -> torch.Tensor:
+        return torch.stack([layer[key].t() if transpose else layer[key] for layer in layers])
+
     return AdapterWeights(
         ln_weight=stack("ln_weight"),
         ln_bias=stack("ln_bias"),
@@ -103,7 +106,9 @@ class LayerWeights:
 
     @classmethod
     def from_adapter(cls, w: AdapterWeights, layer: int, device: torch.device) -> "LayerWeights":
-        put = lambda t: t[layer].to(device=device, dtype=torch.float32)  # noqa: E731
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return t[layer].to(device=device, dtype=torch.float32)
+
         down = put(w.down_weight).t()  # [r, d]
         return cls((down * put(w.ln_weight)).contiguous(), down @ put(w.ln_bias) + put(w.down_bias),
                    put(w.up_weight).t().contiguous(), put(w.up_bias).contiguous())
@@ -202,7 +207,10 @@ def group_rows(rows: list[RowState] | None, slot: int, device: torch.device,
         groups = ((slot, slice(None)),) if slot != NO_SLOT else ()
         return VlmPlan(groups, None, groups)
     count = Counter(row.slot for row in rows if row.slot != NO_SLOT)
-    bucket = lambda s: locations[s].rank if locations and count[s] < DENSE_ROWS else 0  # noqa: E731  0: dense
+
+    def bucket(s: int) -> int:
+        return locations[s].rank if locations and count[s] < DENSE_ROWS else 0  # 0: dense
+
     order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT),
                    key=lambda i: (bucket(rows[i].slot), rows[i].slot))
     slots = [rows[i].slot for i in order]

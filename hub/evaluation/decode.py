@@ -27,13 +27,15 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from hub.model.backbone import Backbone, load_backbone, resolve_base
 from hub.serving.batch import left_pad
 from hub.serving.engine import Engine
-from hub.errors import BackboneMismatchError
 from hub.evaluation.metrics import group_by_mr, load_metric
-from hub.store.catalog import TASK_TOKENS, AdapterStore, LoadedAdapter, export_dir, fingerprint_mismatch, read_export
-from hub.task import Example, Task, TaskCodec
+from hub.store.export import export_dir, read_export
+from hub.store.fingerprint import check_backbone
+from hub.store.layout import TASK_TOKENS
+from hub.store.protocol import Store
+from hub.store.versions import LoadedAdapter
+from hub.task import Example, Task, TaskCodec, TaskFactory
 from hub.model.task_tokens import ExtendedLMHead, mask_task_logits
 from hub.plots import metrics_bar_png
-from tasks import make_task
 
 @dataclass(frozen=True)
 class Decoding:
@@ -171,13 +173,8 @@ def score(task: Task, predictions: list[str], references: list[list[str]]) -> tu
 
 # -- what to evaluate ---------------------------------------------------------------------------------------
 
-def check_backbone(what: str, needed: dict, backbone: Backbone) -> None:
-    problem = fingerprint_mismatch(needed, backbone.fingerprint)
-    if problem:
-        raise BackboneMismatchError(f"{what} {problem}")
-
-
-def engine_task_model(backbone: Backbone, loaded: LoadedAdapter, label: str, store_ref: str | None) -> TaskModel:
+def engine_task_model(backbone: Backbone, loaded: LoadedAdapter, label: str, store_ref: str | None,
+                      make_task: TaskFactory) -> TaskModel:
     """An adapter on the serving engine; its slot's rows are active (for the whole batch) during `generate()`."""
     engine = Engine(backbone, make_task)
     resident = engine.manager.add_adapter(loaded)
@@ -185,20 +182,20 @@ def engine_task_model(backbone: Backbone, loaded: LoadedAdapter, label: str, sto
                      activate=lambda: engine.applying_to_all(resident), store_ref=store_ref)
 
 
-def from_store(store: AdapterStore, ref: str, backbone: Backbone) -> TaskModel:
+def from_store(store: Store, ref: str, backbone: Backbone, make_task: TaskFactory) -> TaskModel:
     loaded = store.load(ref, backbone.fingerprint)
-    return engine_task_model(backbone, loaded, loaded.ref, store_ref=loaded.ref)
+    return engine_task_model(backbone, loaded, loaded.ref, loaded.ref, make_task)
 
 
-def from_run(run_dir: Path, base: str | None, device: str) -> TaskModel:
+def from_run(run_dir: Path, base: str | None, device: str, make_task: TaskFactory) -> TaskModel:
     """A run's adapter export, evaluated before it is published."""
     path = export_dir(run_dir)
     export = read_export(path)
     backbone = load_backbone(resolve_base(base, dict(export.meta.backbone)), device)
-    check_backbone(f"run export '{path}'", dict(export.meta.backbone), backbone)
+    check_backbone(export.meta.backbone, backbone.fingerprint, f"run export '{path}'")
     rows = load_file(path / TASK_TOKENS)["rows"]
     loaded = LoadedAdapter(export.trained_name, "run", export.meta, path, export.adapter_tensors, rows)
-    return engine_task_model(backbone, loaded, str(run_dir), store_ref=None)
+    return engine_task_model(backbone, loaded, str(run_dir), None, make_task)
 
 
 # -- the evaluation -----------------------------------------------------------------------------------------
@@ -256,7 +253,7 @@ def write_result(result: EvalResult, out_dir: Path) -> None:
     (out_dir / "metrics.png").write_bytes(metrics_bar_png(result.scores, title))
 
 
-def record_in_store(store: AdapterStore, ref: str, result: EvalResult) -> None:
+def record_in_store(store: Store, ref: str, result: EvalResult) -> None:
     """Merge `{split: {scores..., decoding, num_sources}}` into the adapter's metadata (`hub show` shows it)."""
     entry = {**result.scores, "metric": result.metric, "decoding": result.decoding,
              "num_sources": result.num_sources, "notes": result.notes}

@@ -150,7 +150,7 @@ def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_si
     """Exact log-likelihood of an `lm` adapter (`hub.evaluation.decode.TaskModel`): PPL with the VAE's token
     count (`<bos> x <eos>`, x cut to `max_length` − 2 tokens as for the VAE)."""
     from hub.task import IGNORE_INDEX, Example
-    from hub.training.trainer import collate
+    from hub.task import collate
 
     model, codec = task_model.model, task_model.codec
     device = next(model.parameters()).device

@@ -107,7 +107,7 @@ def load_backbone(source: str | None = None, device: str = "auto", dtype: torch.
         param.requires_grad_(False)
     fingerprint = backbone_fingerprint(model, source)
     num_parameters = sum(p.numel() for p in model.parameters())
-    model.to(device=torch_device, dtype=dtype or default_dtype(torch_device))
+    model.to(device=torch_device, dtype=dtype or default_dtype(torch_device))  # type: ignore[call-arg]
     model.eval()
     return Backbone(model, tokenizer, source, torch_device, next(model.parameters()).dtype, fingerprint,
                     num_parameters)

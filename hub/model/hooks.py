@@ -1,7 +1,7 @@
 """Forward hooks with handles (as PEFT attaches its layers): whatever is installed on the model comes off again.
 
-An `Engine` or a training-only regulariser adds its hooks through one `HookSet`; `remove()` (or leaving its
-`with` block) takes every one of them off, so a model used by several engines in turn never stacks hooks.
+An `Engine` or a training-only regulariser adds its hooks through one `HookSet`; `remove()` takes every one of them
+off, so a model used by several engines in turn never stacks hooks.
 """
 
 from __future__ import annotations
@@ -31,12 +31,3 @@ class HookSet:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def __enter__(self) -> "HookSet":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()

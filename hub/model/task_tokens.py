@@ -8,6 +8,8 @@ rows too (the `<eos_task>` logit is h·e_eos). Token-type ids go through the sam
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,10 +65,11 @@ def mask_task_logits(logits: torch.Tensor, base_vocab: int, eos_ids: torch.Tenso
 
 def install_task_rows(model: nn.Module, extra: torch.Tensor) -> ExtendedEmbedding:
     """Swap a GPT2LMHeadModel's `wte` and `lm_head` for the extended pair sharing `extra`."""
-    wte = model.transformer.wte
+    transformer: Any = model.transformer
+    wte = transformer.wte
     base = wte.base if isinstance(wte, ExtendedEmbedding) else wte
     embedding = ExtendedEmbedding(base, extra)
-    model.transformer.wte = embedding
+    transformer.wte = embedding
     model.lm_head = ExtendedLMHead(embedding)
     return embedding
 

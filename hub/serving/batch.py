@@ -21,11 +21,12 @@ from hub.serving.sequence import Sequence
 def left_pad(prompts: list[tuple[list[int], list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
     """Batched inference inputs from (ids, types) pairs: left padding (id and type 0) and an attention mask."""
     width = max(len(ids) for ids, _ in prompts)
-    pad = lambda values: [0] * (width - len(values)) + values  # noqa: E731
-    tensor = lambda rows: torch.tensor(rows, device=device)  # noqa: E731
-    return {"input_ids": tensor([pad(ids) for ids, _ in prompts]),
-            "token_type_ids": tensor([pad(types) for _, types in prompts]),
-            "attention_mask": tensor([pad([1] * len(ids)) for ids, _ in prompts])}
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([[0] * (width - len(values)) + values for values in rows], device=device)
+
+    return {"input_ids": padded([ids for ids, _ in prompts]), "token_type_ids": padded([t for _, t in prompts]),
+            "attention_mask": padded([[1] * len(ids) for ids, _ in prompts])}
 
 
 def _context(seq: Sequence, no_type_id: int) -> tuple[list[int], list[int]]:
@@ -44,9 +45,12 @@ def prefix_cache(sequences: list[Sequence], device: torch.device,
     if all(k is None for k in slots):
         return None
     like = next(k for k in slots if k is not None)
-    pick = lambda s, key: s.row.extra.get(key, torch.zeros_like(like)).to(device=device, dtype=dtype)  # noqa: E731
-    keys = torch.stack([pick(s, PREFIX_KEYS) for s in sequences], dim=1)  # [L, B, H, 1, d_head]
-    values = torch.stack([pick(s, PREFIX_VALUES) for s in sequences], dim=1)
+
+    def stacked(key: str) -> torch.Tensor:  # [L, B, H, 1, d_head]; zeros for rows without a slot
+        rows = [s.row.extra.get(key, torch.zeros_like(like)).to(device=device, dtype=dtype) for s in sequences]
+        return torch.stack(rows, dim=1)
+
+    keys, values = stacked(PREFIX_KEYS), stacked(PREFIX_VALUES)
     cache = DynamicCache()
     for layer in range(keys.shape[0]):
         cache.update(keys[layer], values[layer], layer)
@@ -154,7 +158,10 @@ class DecodeBatch:
             self.sequences, self.cache, self.mask = list(sequences), cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))  # noqa: E731
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
+
         for old, new in zip(self.cache.layers, cache.layers):
             old.keys = torch.cat([left(old.keys, 2), left(new.keys, 2)])
             old.values = torch.cat([left(old.values, 2), left(new.values, 2)])

@@ -121,7 +121,10 @@ class Engine:
                 if not self.manager.make_resident(adapter):
                     return False
                 vocab, offset = self.backbone.vocab_size, adapter.row_offset
-                shift = lambda ids: [i + offset if i >= vocab else i for i in ids]  # noqa: E731
+
+                def shift(ids: list[int]) -> list[int]:
+                    return [i + offset if i >= vocab else i for i in ids]
+
                 sequence.prompt_ids = shift(sequence.prompt_ids)
                 sequence.prompt_types = shift(sequence.prompt_types) if sequence.prompt_types else None
                 sequence.eos_id = shift([sequence.eos_id])[0]

@@ -31,8 +31,8 @@ from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
 from hub.serving.sequence import ResidentAdapter
 from hub.serving.token_rows import TokenRowTable
-from hub.store.catalog import LoadedAdapter
 from hub.store.format import AdapterMeta
+from hub.store.versions import LoadedAdapter
 from hub.task import Task, TaskCodec
 
 log = logging.getLogger("hub.serving.manager")

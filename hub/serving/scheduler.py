@@ -122,7 +122,7 @@ class Scheduler:
         """The loop, and what happens if it ever dies: the reason is kept and every request held ends with it."""
         try:
             self._loop()
-        except BaseException as err:  # noqa: BLE001 - whatever it is, it must be reported, not lost
+        except BaseException as err:  # whatever it is, it must be reported, not lost
             self.failure = f"{type(err).__name__}: {err}"
             log.critical("the engine thread stopped: %s", self.failure, exc_info=True)
             with self.wakeup:

@@ -21,6 +21,7 @@ import torch
 
 from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
+from hub.model.dtypes import DTYPE_NAMES
 from hub.serving.engine import Engine
 from hub.serving.manager import ManagerSettings
 from hub.serving.protocol import Disconnected, RequestResult, TaskRef
@@ -28,12 +29,13 @@ from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
 from hub.serving.sequence import ResidentAdapter, Sequence
 from hub.serving.sync import StoreSync, SyncResult
-from hub.store.backends import Store
+from hub.serving.vae import VaeService
+from hub.store.protocol import Store
 from hub.task import Task
 
 log = logging.getLogger("hub.serving.service")
 
-BANK_DTYPES = ("float32", "float16", "bfloat16")
+BANK_DTYPES = DTYPE_NAMES
 UPDATE_POLL = 0.25  # seconds between checks for a client that left or a deadline that passed
 
 
@@ -150,8 +152,6 @@ def sequence_result(sequence: Sequence) -> RequestResult:
 class HubService:
     def __init__(self, backbone: Backbone, store: Store, make_task: Callable[[str, dict], Task],
                  settings: ServiceSettings | None = None):
-        from hub.serving.vae import VaeService  # the optional capability, built on this service
-
         self.settings = settings or ServiceSettings()
         self.store = store
         self.engine = Engine(backbone, make_task, self.settings.manager_settings())
@@ -261,7 +261,8 @@ class HubService:
                     sent = len(ready)
                 if done:
                     if sequence.finish_reason == "error":
-                        raise sequence.error or GenerationFailedError("generation failed; the server log has the details")
+                        raise sequence.error or GenerationFailedError(
+                            "generation failed; the server log has the details")
                     return
         finally:  # every request is counted once, cancelled and timed-out ones included
             reason = sequence.finish_reason if sequence.finished else outcome

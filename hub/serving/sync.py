@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from hub.errors import BackboneMismatchError, IntegrityError, NotFoundError, UnavailableError
 from hub.serving.manager import AdapterManager
-from hub.store.backends import Store
-from hub.store.catalog import StoredVersion, check_backbone
+from hub.store.fingerprint import check_backbone
+from hub.store.protocol import Store
+from hub.store.versions import StoredVersion
 
 log = logging.getLogger("hub.serving.sync")
 
@@ -122,7 +123,7 @@ class StoreSync:
         if self.manager.settings.max_cpu_adapters is None:
             self.manager.add_adapter(self.store.load(stored.ref, fingerprint))
             return
-        check_backbone(stored, fingerprint)
+        check_backbone(stored.meta.backbone, fingerprint, f"adapter '{stored.ref}'")
         self.manager.add_stored(stored.name, stored.version, stored.meta,
                                 functools.partial(self.store.load, stored.ref, fingerprint))
 

@@ -29,12 +29,13 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from hub.adapters.vlm import adapter_parameter_count
 from hub.model.backbone import Backbone, default_dtype, load_backbone, resolve_base, resolve_device
 from hub.errors import HubError
-from hub.evaluation.decode import TaskModel, check_backbone
-from hub.store.catalog import TASK_TOKENS, export_dir
-from hub.task import Task, TaskCodec
+from hub.evaluation.decode import TaskModel
+from hub.store.export import export_dir, staging
+from hub.store.fingerprint import check_backbone
+from hub.store.layout import TASK_TOKENS
+from hub.task import Task, TaskCodec, TaskFactory
 from hub.model.task_tokens import install_task_rows
-from hub.training.trainer import TrainConfig, Trainer, attach_task_rows, staging
-from tasks import make_task
+from hub.training.trainer import TrainConfig, Trainer, attach_task_rows
 
 BASELINE_META = "task_meta.json"
 LORA_TARGETS = ["c_attn"]
@@ -157,7 +158,7 @@ def read_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_baseline(run_dir: Path, base: str | None, device: str) -> TaskModel:
+def load_baseline(run_dir: Path, base: str | None, device: str, make_task: TaskFactory) -> TaskModel:
     """A full fine-tuning or LoRA run's `best/` as a `TaskModel` (decoded like an adapter)."""
     meta, path = read_meta(run_dir), export_dir(run_dir)
     task = make_task(meta["task_type"], meta["task_config"])
@@ -167,7 +168,7 @@ def load_baseline(run_dir: Path, base: str | None, device: str) -> TaskModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         backbone = load_backbone(resolve_base(base, meta["backbone"]), device)
-        check_backbone(f"LoRA run '{run_dir}'", meta["backbone"], backbone)
+        check_backbone(meta["backbone"], backbone.fingerprint, f"LoRA run '{run_dir}'")
         rows = load_file(path / TASK_TOKENS)["rows"].to(backbone.device, backbone.dtype)
         install_task_rows(backbone.model, rows)
         model = PeftModel.from_pretrained(backbone.model, path).get_base_model()

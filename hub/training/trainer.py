@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,16 +18,17 @@ from typing import Callable, Iterator
 import adapters
 import torch
 from safetensors.torch import save_file
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
 from hub.model.backbone import Backbone
 from hub.errors import HubError
 from hub.interop import prompt_layout, quiet_adapter_activation
-from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec
+from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec, collate
 from hub.plots import training_curve_png
-from hub.store.catalog import ADAPTER_META, ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
+from hub.store.export import staging as staging  # re-exported: hub.training.vae imports it from here
+from hub.store.export import write_export
+from hub.store.layout import ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
 from hub.training.distributed import DataParallel
 from hub.training.regularizers import build_regularizers, resolve_regularizers
@@ -79,7 +79,8 @@ def parameter_report(backbone: Backbone, bottleneck: int, num_tokens: int) -> di
     return {"trainable_params": trainable, "backbone_params": total, "trainable_pct": 100.0 * trainable / total}
 
 
-def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottleneck: int, seed: int) -> torch.nn.Parameter:
+def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottleneck: int,
+                             seed: int) -> torch.nn.Parameter:
     """Add the VLM adapter (via `adapters`) and the task's trainable rows; everything else stays frozen."""
     model = backbone.model
     torch.manual_seed(seed)
@@ -134,19 +135,6 @@ def epoch_batches(count: int, size: int, rng: random.Random, skip: int) -> Itera
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Target tokens the loss counts (labels shifted by one, as in `Trainer._loss`)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right padding and no attention mask, as in VLM: pads only follow the sequence and are not labelled."""
-
-    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
-        return pad_sequence([torch.tensor(v) for v in values], batch_first=True, padding_value=fill).to(device)
-
-    return {
-        "input_ids": pad([e.input_ids for e in batch], pad_id),
-        "token_type_ids": pad([e.token_type_ids for e in batch], pad_id),
-        "labels": pad([e.labels for e in batch], IGNORE_INDEX),
-    }
 
 
 class Trainer:
@@ -334,11 +322,26 @@ class Trainer:
         self.log = TrainLog(**state["log"])
 
     def export(self, out_dir: Path, metrics: dict) -> None:
-        """Write the adapter in the store's input format (`hub.store.catalog.EXPORT_FILES`), atomically replacing `out_dir`."""
-        with staging(out_dir) as tmp:
-            self._write_export(tmp, metrics)
+        """Write the adapter as a run export (`hub.store.export`), atomically replacing `out_dir`."""
+        write_export(out_dir, self.export_meta(metrics), self._write_payload)
 
-    def _write_export(self, tmp: Path, metrics: dict) -> None:
+    def export_meta(self, metrics: dict) -> dict:
+        """The export's `adapter_meta.json` (validated as an `AdapterMeta` by `write_export`)."""
+        return {
+            "name": self.config.name,
+            "task_type": self.task.type_name,
+            "task_config": self.task.config(),
+            "special_tokens": list(self.task.special_tokens),
+            "eos_token": self.task.eos,
+            "bottleneck": self.config.bottleneck,
+            **parameter_report(self.backbone, self.config.bottleneck, len(self.task.special_tokens)),
+            "metrics": metrics,
+            "backbone": self.backbone.fingerprint,
+            "training": asdict(self.config),
+            "layout": prompt_layout(self.task, self.example_source),
+        }
+
+    def _write_payload(self, tmp: Path) -> None:
         name = self.config.name
         self.model.save_adapter(str(tmp), name, with_head=False)
         (tmp / "pytorch_adapter.bin").unlink()
@@ -351,35 +354,6 @@ class Trainer:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
         save_file({"rows": self.rows.detach().to("cpu", torch.float32).contiguous()},
                   str(tmp / TASK_TOKENS))
-        meta = {
-            "name": name,
-            "task_type": self.task.type_name,
-            "task_config": self.task.config(),
-            "special_tokens": list(self.task.special_tokens),
-            "eos_token": self.task.eos,
-            "bottleneck": self.config.bottleneck,
-            **parameter_report(self.backbone, self.config.bottleneck, len(self.task.special_tokens)),
-            "metrics": metrics,
-            "backbone": self.backbone.fingerprint,
-            "training": asdict(self.config),
-            "layout": prompt_layout(self.task, self.example_source),
-        }
-        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-
-
-@contextmanager
-def staging(out_dir: Path) -> Iterator[Path]:
-    """Write into `<out_dir>.tmp`, then replace `out_dir` by a rename: a crash never leaves half an export."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, schedule,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 from tests.conftest import FULL_FAULTS
 from tests.test_server import HUB, REPO, flip_last_byte, publish, start_server as start
 
@@ -29,7 +29,7 @@ def hub_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
 # A publisher whose file copies pause, so that SIGKILL lands inside the publish (staging, copying, renaming).
 SLOW_PUBLISH = """
 import shutil, sys, time
-from hub.store.catalog import AdapterStore
+from hub.store.local import AdapterStore
 copy = shutil.copyfile
 def slow_copy(src, dst, *args, **kwargs):
     print("staging", flush=True)

@@ -15,6 +15,7 @@ Downloaded files are kept in a local cache named by their sha256 and verified ag
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -28,12 +29,14 @@ import fsspec
 from safetensors.torch import load as load_safetensors
 
 from hub.errors import HubError, IntegrityError, NotFoundError
-from hub.store.catalog import (
-    HUB_JSON, MAX_PUBLISH_ATTEMPTS, STALE_AFTER_S, TRAIN_LOG, AdapterSummary, LoadedAdapter, SkippedVersion,
-    StoredVersion, loaded_adapter, parse_ref, payload_files, read_export, read_training_log, stage_payload, utc_now,
-    validate_name, version_key,
-)
+from hub.store.export import read_export, stage_payload
+from hub.store.fileio import json_text, utc_now
 from hub.store.format import AdapterMeta
+from hub.store.layout import HUB_JSON, MAX_PUBLISH_ATTEMPTS, STALE_AFTER_S, TRAIN_LOG, payload_files
+from hub.store.refs import Ref, validate_name, version_key
+from hub.store.versions import (
+    AdapterSummary, LoadedAdapter, SkippedVersion, StoredVersion, loaded_adapter, read_training_log,
+)
 from hub.store.verified import VERIFIED
 
 log = logging.getLogger("hub.store.fsspec")
@@ -77,7 +80,7 @@ class FsspecStore:
                 self.fs.pipe_file(self._path(name, chosen, HUB_JSON), _json_bytes(hub.to_dict()), mode="create")
             except Exception as err:  # any failure of the remote side (network, server, credentials)
                 self._abandon(name, chosen)
-                raise HubError(f"publishing {name}@{chosen} to {self.url} failed ({err.__class__.__name__}: "
+                raise HubError(f"publishing {Ref(name, chosen)} to {self.url} failed ({err.__class__.__name__}: "
                                f"{err}); the version was not committed, readers ignore it; publish again") from None
         return StoredVersion(name, chosen, self._url(self._path(name, chosen)), hub)
 
@@ -90,7 +93,7 @@ class FsspecStore:
                 return chosen
             except FileExistsError:
                 if version is not None:
-                    raise HubError(f"adapter {name}@{chosen} already exists or is being published; choose another "
+                    raise HubError(f"adapter {Ref(name, chosen)} already exists or is being published; choose another "
                                    "--version") from None
             except Exception as err:  # noqa: BLE001 - the remote's own errors carry no common type
                 raise HubError(f"cannot publish to {self.url}: {err.__class__.__name__}: {err}") from None
@@ -112,21 +115,21 @@ class FsspecStore:
         """Committed versions (those with hub.json), oldest to newest per name; unreadable ones skipped, with why."""
         return self._summaries("*")
 
-    def _summaries(self, names: str) -> list[AdapterSummary]:
+    def _summaries(self, names: str) -> builtins.list[AdapterSummary]:
         """Summaries of the names matching the glob `names` (one name: one short listing)."""
         by_name: dict[str, tuple[list, list]] = {}
         for name, version, data in self._manifests(names):
             versions, skipped = by_name.setdefault(name, ([], []))
             try:
-                meta = AdapterMeta.from_dict(json.loads(data), f"{HUB_JSON} of '{name}@{version}'", stored=True)
+                meta = AdapterMeta.from_dict(json.loads(data), f"{HUB_JSON} of '{Ref(name, version)}'", stored=True)
                 versions.append(StoredVersion(name, version, self._url(self._path(name, version)), meta))
             except (ValueError, IntegrityError) as err:
                 skipped.append(SkippedVersion(name, version, str(err)))
         return [AdapterSummary(name, sorted(v, key=lambda s: (s.created_at, version_key(s.version))),
-                               sorted(k, key=lambda s: version_key(s.version)))
+                               sorted(k, key=lambda s: version_key(s.version or "")))
                 for name, (v, k) in sorted(by_name.items())]
 
-    def _manifests(self, names: str) -> list[tuple[str, str, bytes]]:
+    def _manifests(self, names: str) -> builtins.list[tuple[str, str, bytes]]:
         """(name, version, hub.json bytes) of every committed version of the matching names, fetched together."""
         self.fs.invalidate_cache()
         paths = self.fs.glob(self._path(names, "*", HUB_JSON))
@@ -139,7 +142,7 @@ class FsspecStore:
         return found
 
     def show(self, ref: str) -> StoredVersion:
-        name, version = parse_ref(ref)  # a valid name has no glob characters
+        name, version = Ref.parse(ref)  # a valid name has no glob characters
         summary = next(iter(self._summaries(name)), None)
         if summary is None or not summary.versions:
             known = ", ".join(s.name for s in self.list() if s.versions) or "none"
@@ -158,7 +161,7 @@ class FsspecStore:
         snapshot = {}
         for path, info in self.fs.glob(self._path("*", "*", HUB_JSON), detail=True).items():
             name, version = self.fs._strip_protocol(path)[len(self.root) + 1:].split("/")[:2]
-            snapshot[f"{name}@{version}"] = str(info.get("ETag") or info.get("mtime") or info.get("created"))
+            snapshot[str(Ref(name, version))] = str(info.get("ETag") or info.get("mtime") or info.get("created"))
         return snapshot
 
     def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter:
@@ -180,18 +183,18 @@ class FsspecStore:
             self._path(stored.name, stored.version, TRAIN_LOG)))
 
     # ---- changing ---------------------------------------------------------------------
-    def remove(self, ref: str) -> list[str]:
+    def remove(self, ref: str) -> builtins.list[str]:
         """Uncommit first (hub.json), then delete the rest."""
-        name, version = parse_ref(ref)
-        refs = [v.ref for s in self.list() if s.name == name for v in s.versions
-                if version is None or v.version == version]
-        if not refs:
+        name, version = Ref.parse(ref)
+        removed = [v for s in self.list() if s.name == name for v in s.versions
+                   if version is None or v.version == version]
+        if not removed:
             raise NotFoundError(f"no adapter '{ref}' in store '{self.url}'")
-        for removed in refs:
-            path = self._path(*removed.split("@"))
+        for stored in removed:
+            path = self._path(stored.name, stored.version)
             self.fs.rm(f"{path}/{HUB_JSON}")
             self.fs.rm(path, recursive=True)
-        return sorted(refs)
+        return sorted(stored.ref for stored in removed)
 
     def update_metrics(self, ref: str, metrics: dict) -> StoredVersion:
         """Rewrite hub.json with the metrics merged in (one PUT: atomic on object stores)."""
@@ -200,7 +203,7 @@ class FsspecStore:
         self.fs.pipe_file(self._path(stored.name, stored.version, HUB_JSON), _json_bytes(meta.to_dict()))
         return StoredVersion(stored.name, stored.version, stored.path, meta)
 
-    def gc(self, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    def gc(self, older_than_s: float = STALE_AFTER_S) -> builtins.list[str]:
         """Remove uncommitted versions (a claim, no hub.json) older than `older_than_s`."""
         self.fs.invalidate_cache()
         removed = []
@@ -217,7 +220,7 @@ class FsspecStore:
                 removed.append(self._url(folder))
         return removed
 
-    def _children(self, path: str) -> list[str]:
+    def _children(self, path: str) -> builtins.list[str]:
         self.fs.invalidate_cache()
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
@@ -247,4 +250,4 @@ class BlobCache:
 
 
 def _json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    return json_text(data).encode()

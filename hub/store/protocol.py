@@ -1,0 +1,29 @@
+"""`Store`: what the CLI, the server, evaluation and the engines use of an adapter store.
+
+Two backends implement it: `hub.store.local.AdapterStore` (a folder, atomic by directory rename) and
+`hub.store.backends.fsspec_store.FsspecStore` (any fsspec URL, atomic by a commit marker written last);
+`hub.store.backends.open_store` picks one from a `--store` value.
+"""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+from typing import Any, Protocol
+
+from hub.store.versions import AdapterSummary, LoadedAdapter, StoredVersion
+
+
+class Store(Protocol):
+    """Versioned, checksummed adapters; every method raises a `hub.errors.HubError` subclass on failure."""
+
+    def publish(self, run_export: str | Path, name: str | None = None,
+                version: str | None = None) -> StoredVersion: ...
+    def list(self) -> list[AdapterSummary]: ...
+    def show(self, ref: str) -> StoredVersion: ...
+    def snapshot(self) -> dict[str, str]: ...
+    def load(self, ref: str, backbone: dict | None = None) -> LoadedAdapter: ...
+    def training_log(self, ref: str) -> tuple[StoredVersion, dict]: ...
+    def remove(self, ref: str) -> builtins.list[str]: ...
+    def update_metrics(self, ref: str, metrics: dict) -> StoredVersion: ...
+    def gc(self, older_than_s: float = ...) -> builtins.list[Any]: ...
