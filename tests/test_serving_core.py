@@ -319,3 +319,31 @@ def test_build_app_without_the_vae_capability_says_so_in_openapi(tiny_base):
         assert not [p for p in schema["paths"] if p.startswith("/v1/vae")]
         assert schema["info"]["description"] == NO_VAE_NOTE
         assert client.post("/v1/vae/x/encode", json={"texts": ["a"]}).status_code == 404
+
+
+def test_a_burst_of_cold_adapters_loads_each_once_within_the_tiers(tiny_base, weights):
+    """Ten requests for ten adapters in no tier, one device slot, two CPU copies: loads start only as the tiers
+    have room, and a copy loaded for a waiting request is not dropped before that request runs (no thrash:
+    each adapter is read once), and the CPU tier never holds more than its size plus the loads for waiters."""
+    engine = new_engine(tiny_base, max_resident=1, max_cpu_adapters=2, loader_threads=2)
+    reads: list[str] = []
+    held: list[int] = []
+    source = weights["cold"]
+
+    def fetch(name):
+        reads.append(name)
+        held.append(len(engine.manager.cpu))
+        return source
+
+    for i in range(10):
+        engine.manager.add_stored(f"c{i}", "1", source.meta, lambda i=i: fetch(f"c{i}"))
+    scheduler = Scheduler(engine, max_batch=8)
+    scheduler.start()
+    try:
+        sequences = [engine.new_sequence(f"c{i}", MR, SamplingParams(max_new_tokens=2)) for i in range(10)]
+        run_all(scheduler, sequences)
+    finally:
+        scheduler.stop(10)
+    assert all(s.finish_reason in ("stop", "length") for s in sequences)
+    assert sorted(reads) == sorted(f"c{i}" for i in range(10)), "each adapter read exactly once"
+    assert max(held) <= 2 + 2 and len(engine.manager.cpu) <= 2

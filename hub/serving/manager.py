@@ -30,6 +30,7 @@ from hub.errors import AdapterLoadError, CapacityError, HubError, IntegrityError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
 from hub.serving.sequence import ResidentAdapter
+from hub.serving.tiers import LruTier
 from hub.serving.token_rows import TokenRowTable
 from hub.store.format import AdapterMeta
 from hub.store.versions import LoadedAdapter
@@ -81,6 +82,9 @@ class AdapterManager:
         self.loader = ThreadPoolExecutor(self.settings.loader_threads, thread_name_prefix="hub-loader")
         self.on_change: Callable[[], None] = lambda: None  # a load finished or failed (the runner wakes up)
         self.counters = LoadCounters()
+        self.device: LruTier[ResidentAdapter] = LruTier(self.settings.max_resident)  # adapters holding a slot
+        self.cpu: LruTier[ResidentAdapter] = LruTier(self.settings.max_cpu_adapters)  # weights on the CPU, no slot
+        self.loads_running = 0
 
     def close(self) -> None:
         """Remove every kind's hooks; loads still running finish into nothing."""
@@ -95,8 +99,9 @@ class AdapterManager:
         """Serve a loaded version under its name (a newer version replaces the older one); it takes a slot now
         if one is free, else when a request needs it."""
         adapter = self._known(loaded.name, loaded.version, loaded.meta, None)
-        self._take_weights(adapter, *self._unpack(adapter, loaded))
+        weights = self._unpack(adapter, loaded)
         with self.lock:
+            self._take_weights(adapter, *weights)
             self._register(adapter)
             self.make_resident(adapter)
         return adapter
@@ -154,7 +159,7 @@ class AdapterManager:
 
     def resident_count(self) -> int:
         with self.lock:
-            return sum(1 for a in self.adapters.values() if a.slot is not None)
+            return len(self.device)
 
     def resident_bytes(self) -> int:
         """Device bytes of every kind's resident adapter weights (the 'bank')."""
@@ -170,9 +175,8 @@ class AdapterManager:
     def release(self, adapter: ResidentAdapter) -> None:
         with self.lock:
             adapter.in_use -= 1
-            if adapter.retired and adapter.in_use == 0 and adapter.slot is not None:
-                self._free_slot(adapter)
-                self._trim_cpu_tier()
+            if adapter.retired and adapter.in_use == 0:
+                self._drop(adapter)
 
     @contextmanager
     def pinned(self, adapter: ResidentAdapter) -> Iterator[Any]:
@@ -189,7 +193,10 @@ class AdapterManager:
 
     # -- loading (off the lock) -------------------------------------------------------------------------------
     def request_weights(self, adapter: ResidentAdapter) -> LoadState:
-        """Where `adapter`'s weights are, starting a load if none runs; never blocks on the store."""
+        """Where `adapter`'s weights are, starting a load if none runs and there is room for one; never blocks on
+        the store. A load waits (LOADING, not started yet) while every loader thread is busy or while the CPU
+        copies loaded for waiting requests already fill the CPU tier, so a burst of cold requests cannot load
+        more than the tiers hold (each would be dropped again before it got a slot)."""
         with self.lock:
             if adapter.bundle is not None:
                 return LoadState.READY
@@ -202,7 +209,10 @@ class AdapterManager:
                     f"{self.settings.load_timeout:g}s"))
             if adapter.load_error is not None and now < adapter.retry_at:
                 return LoadState.FAILED
+            if not self._room_to_load():
+                return LoadState.LOADING
             adapter.load_error = None
+            self.loads_running += 1
             adapter.load_attempt += 1
             adapter.loading_since = now
             self.loader.submit(self._load, adapter, adapter.load_attempt)
@@ -243,6 +253,7 @@ class AdapterManager:
                     self._trim_cpu_tier(keep=adapter)
         finally:
             with self.lock:
+                self.loads_running -= 1
                 self.counters.loads += 1
                 self.counters.seconds += time.monotonic() - started
                 self.load_done.notify_all()
@@ -259,9 +270,18 @@ class AdapterManager:
         bundle = kind.load(loaded, config)
         return bundle, rows, kind.parameter_count(bundle)
 
-    @staticmethod
-    def _take_weights(adapter: ResidentAdapter, bundle: Any, rows: torch.Tensor, count: int) -> None:
+    def _room_to_load(self) -> bool:
+        if self.loads_running >= self.settings.loader_threads:
+            return False
+        if self.cpu.capacity is None:
+            return True
+        staged = sum(1 for a in self.cpu.lru_first() if a.in_use > 0)  # loaded for requests still waiting
+        return staged + self.loads_running < max(self.cpu.capacity, self.settings.loader_threads)
+
+    def _take_weights(self, adapter: ResidentAdapter, bundle: Any, rows: torch.Tensor, count: int) -> None:
         adapter.bundle, adapter.rows, adapter.parameter_count = bundle, rows, count
+        if adapter.slot is None:
+            self.cpu.add(adapter)
 
     @staticmethod
     def _failed(adapter: ResidentAdapter, error: HubError) -> None:
@@ -271,15 +291,19 @@ class AdapterManager:
         adapter.retry_at = time.monotonic() + min(cap, first * 2 ** (adapter.failures - 1))
 
     def _trim_cpu_tier(self, keep: ResidentAdapter | None = None) -> None:
-        """Drop the CPU weights of the least recently used adapters without a slot beyond `max_cpu_adapters`
-        (only those the store can give back)."""
-        limit = self.settings.max_cpu_adapters
-        if limit is None:
-            return
-        held = [a for a in self.adapters.values() if a.bundle is not None and a.slot is None and a.fetch]
-        for adapter in held[: max(0, len(held) - limit)]:
-            if adapter is not keep:
-                adapter.bundle = adapter.rows = None
+        """Drop the CPU weights of the least recently used adapters without a slot beyond `max_cpu_adapters`:
+        only those the store can give back, and none that a waiting request is about to use."""
+        excess = self.cpu.excess()
+        for adapter in self.cpu.lru_first():
+            if excess <= 0:
+                return
+            if adapter is not keep and adapter.in_use == 0 and adapter.fetch:
+                self._drop_weights(adapter)
+                excess -= 1
+
+    def _drop_weights(self, adapter: ResidentAdapter) -> None:
+        adapter.bundle = adapter.rows = None
+        self.cpu.discard(adapter)
 
     # -- device slots (memory only, under the lock) -----------------------------------------------------------
     def make_resident(self, adapter: ResidentAdapter) -> bool:
@@ -288,6 +312,7 @@ class AdapterManager:
         when copying raises, the adapter holds neither a slot nor rows."""
         with self.lock:
             if adapter.slot is not None:
+                self.device.touch(adapter)
                 return True
             if adapter.bundle is None or adapter.retired or not self._room_for_one():
                 return False
@@ -299,6 +324,8 @@ class AdapterManager:
                 self.token_rows.free(offset)
                 raise
             adapter.slot, adapter.row_offset = slot, offset
+            self.cpu.discard(adapter)
+            self.device.add(adapter)
             self.embedding.extra.data = self.token_rows.table
             self._trim_cpu_tier()  # adapters evicted to make room may now be beyond the CPU tier
             return True
@@ -309,25 +336,29 @@ class AdapterManager:
         return self.runtimes[kind]
 
     def _room_for_one(self) -> bool:
-        limit = self.settings.max_resident
-        if limit is None:
-            return True
-        resident = [a for a in self.adapters.values() if a.slot is not None]
-        for adapter in list(resident):
-            if len(resident) < limit:
+        """Whether a slot is free, after evicting least recently used idle adapters to the CPU tier."""
+        for adapter in self.device.lru_first():
+            if not self.device.full():
                 break
             if adapter.in_use == 0:
                 self._free_slot(adapter)
-                resident.remove(adapter)
-        return len(resident) < limit
+        return not self.device.full()
 
     def _free_slot(self, adapter: ResidentAdapter) -> None:
+        """Back to the CPU tier (the bundle stays; `_trim_cpu_tier` decides whether it is kept)."""
         self.runtimes[adapter.kind].remove(adapter.slot)
         self.token_rows.free(adapter.row_offset)
         adapter.slot = None
+        self.device.discard(adapter)
+        self.cpu.add(adapter)
 
     def _retire(self, adapter: ResidentAdapter) -> None:
         adapter.retired = True
-        if adapter.in_use == 0 and adapter.slot is not None:
+        if adapter.in_use == 0:
+            self._drop(adapter)
+
+    def _drop(self, adapter: ResidentAdapter) -> None:
+        """A retired adapter nobody uses any more leaves both tiers."""
+        if adapter.slot is not None:
             self._free_slot(adapter)
-            self._trim_cpu_tier()
+        self._drop_weights(adapter)
