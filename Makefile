@@ -1,7 +1,7 @@
 # Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
 # `make lint` checks style (ruff), the layering (lint-imports) and types (mypy).
 # `make demo-serve` serves the demo's store on 127.0.0.1:8765 until Ctrl-C (the playground is at /);
-# `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md.
+# `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md; `make test` runs it at a fast setting.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
