@@ -347,3 +347,22 @@ def test_a_burst_of_cold_adapters_loads_each_once_within_the_tiers(tiny_base, we
     assert all(s.finish_reason in ("stop", "length") for s in sequences)
     assert sorted(reads) == sorted(f"c{i}" for i in range(10)), "each adapter read exactly once"
     assert max(held) <= 2 + 2 and len(engine.manager.cpu) <= 2
+
+
+def test_loads_queued_behind_hung_ones_fail_after_the_timeout_too(tiny_base, weights):
+    """Both loader threads hang on the store: a third adapter's load cannot start, and its request gets the
+    503 reason after the load timeout instead of waiting for the request timeout."""
+    engine = new_engine(tiny_base, max_cpu_adapters=0, load_timeout=0.5, loader_threads=2)
+    hang = threading.Event()
+    for name in ("h1", "h2", "third"):
+        engine.manager.add_stored(name, "1", weights["cold"].meta, lambda: hang.wait(30) or weights["cold"])
+    scheduler = Scheduler(engine, max_batch=8)
+    scheduler.start()
+    try:
+        sequences = [engine.new_sequence(n, MR, SamplingParams(max_new_tokens=2)) for n in ("h1", "h2", "third")]
+        run_all(scheduler, sequences, timeout=10)
+        assert all(s.finish_reason == "error" for s in sequences)
+        assert "no loader was free" in str(sequences[2].error)
+    finally:
+        hang.set()
+        scheduler.stop(10)

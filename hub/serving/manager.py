@@ -210,8 +210,8 @@ class AdapterManager:
             if adapter.load_error is not None and now < adapter.retry_at:
                 return LoadState.FAILED
             if not self._room_to_load():
-                return LoadState.LOADING
-            adapter.load_error = None
+                return self._wait_for_room(adapter, now)
+            adapter.load_error, adapter.queued_since = None, None
             self.loads_running += 1
             adapter.load_attempt += 1
             adapter.loading_since = now
@@ -269,6 +269,18 @@ class AdapterManager:
         kind = get_kind(adapter.kind)
         bundle = kind.load(loaded, config)
         return bundle, rows, kind.parameter_count(bundle)
+
+    def _wait_for_room(self, adapter: ResidentAdapter, now: float) -> LoadState:
+        """LOADING while the load waits for a loader; FAILED once it has waited past the load timeout (every
+        loader stuck on a store that does not answer)."""
+        adapter.queued_since = adapter.queued_since or now
+        if now - adapter.queued_since <= self.settings.load_timeout:
+            return LoadState.LOADING
+        adapter.queued_since = None
+        self._failed(adapter, AdapterLoadError(
+            f"adapter {adapter.ref} could not be loaded: no loader was free for {self.settings.load_timeout:g}s "
+            "(the store is not answering)"))
+        return LoadState.FAILED
 
     def _room_to_load(self) -> bool:
         if self.loads_running >= self.settings.loader_threads:

@@ -42,6 +42,7 @@ class ResidentAdapter:
     fetch: Callable[[], Any] | None = None  # reads the weights from the store again (`AdapterManager.add_stored`)
     # loading state (`hub.serving.manager`), guarded by the manager's lock
     loading_since: float | None = None  # a loader thread reads the weights since then
+    queued_since: float | None = None  # a load waits for a free loader (or CPU room) since then
     load_attempt: int = 0  # a load's result counts only if no later attempt started
     load_error: HubError | None = None  # why the last load failed
     failures: int = 0  # loads failed in a row (the backoff doubles)
