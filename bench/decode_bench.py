@@ -11,7 +11,7 @@ A random `GPT2Config()` (124 M) with the real GPT-2 tokenizer; 64 concurrent req
 
 Each round runs `single` with only b=100 adapters resident, then adds the b=10/300 ones and runs the others; the
 best of the rounds is kept. Also measured: the bank's bytes against the adapters' own, RSS, HTTP vs the engine
-(64 concurrent `/v1/generate` to `hub serve` in its own process over 8 tasks, against `Engine.run` of the same
+(64 concurrent `/v1/generate` to `hub serve` in its own process over 8 tasks, against `decode_to_completion` of the same
 requests here), and publish -> first served request through the store watcher.
 
     python -m bench.decode_bench --out docs     # docs/decode_bench.json and .md (the tables of BENCHMARKS.md)
@@ -267,6 +267,33 @@ def http_vs_engine(folder: Path, work: Path, rounds: int) -> dict:
     return without_outputs(results)
 
 
+def http_distinct(folder: Path, work: Path, rounds: int) -> dict:
+    """Over HTTP, in one `hub serve`: 64 concurrent requests to one b=100 adapter against 64 to 64 distinct
+    b=100 adapters (every adapter resident), alternating, best of `rounds` each."""
+    store = AdapterStore(work / "distinct-store")
+    names = [f"d{i}" for i in range(ROWS)]
+    publish_random(store, folder, [(n, 100) for n in names], seed=9000)
+    sources = prompt_sources(load_backbone(str(folder), "cpu").tokenizer, ROWS)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "hub", "serve", "--store", str(store.root), "--base", str(folder),
+               "--device", "cpu", "--port", str(port), "--max-batch", str(ROWS), "--watch-interval", "0",
+               "--request-timeout", "3600", "--threads", str(torch.get_num_threads())]
+    server = subprocess.Popen(command, env=env, stdout=(work / "distinct.log").open("w"), stderr=subprocess.STDOUT)
+    results: dict[str, dict] = {}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, server)
+        asyncio.run(http_load(url, names, sources))  # warm-up: every adapter made resident once
+        for _ in range(rounds):
+            keep(results, "single", asyncio.run(http_load(url, [names[0]] * ROWS, sources)))
+            keep(results, "distinct", asyncio.run(http_load(url, names, sources)))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    return results
+
+
 def http_by_threads(folder: Path, work: Path) -> dict:
     """HTTP against the engine with 1 and with 2 torch threads (server and engine alike), one round each: whether
     the server's own threads cost the engine its cores."""
@@ -442,11 +469,17 @@ def markdown(result: dict) -> str:
     if "http" in result:
         http, engine = result["http"]["http"], result["http"]["engine"]
         lines += ["", "| 64 concurrent requests over 8 tasks | tokens/s | p50 (s) | p99 (s) |", "|---|---|---|---|",
-                  f"| `Engine.run` in the bench process | {engine['tokens_per_s']:.1f} | {engine['p50_s']:.1f} | "
+                  f"| `decode_to_completion` in the bench process | {engine['tokens_per_s']:.1f} | {engine['p50_s']:.1f} | "
                   f"{engine['p99_s']:.1f} |",
                   f"| `/v1/generate` to `hub serve` | {http['tokens_per_s']:.1f} | {http['p50_s']:.1f} | "
                   f"{http['p99_s']:.1f} |",
                   f"| HTTP / engine | {http['tokens_per_s'] / engine['tokens_per_s']:.2f} (target ≥ 0.9) | | |"]
+    if "http-distinct" in result:
+        single, distinct = result["http-distinct"]["single"], result["http-distinct"]["distinct"]
+        lines += ["", "| 64 concurrent `/v1/generate` to `hub serve` | tokens/s | p50 (s) | p99 (s) |", "|---|---|---|---|",
+                  *[f"| {label} | {r['tokens_per_s']:.1f} | {r['p50_s']:.1f} | {r['p99_s']:.1f} |"
+                    for label, r in (("one adapter, b=100", single), ("64 distinct adapters, b=100", distinct))],
+                  f"| distinct / single | {distinct['tokens_per_s'] / single['tokens_per_s']:.2f} (target ≥ 0.9) | | |"]
     lines += [""] + lines_hooks if lines_hooks else []
     lines += [""] + scale_lines(result["scale"]) if "scale" in result else []
     if "publish" in result:
@@ -464,7 +497,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="memory,scenarios,hooks,http,publish",
-                        help="comma-separated: memory, scenarios, hooks, http, publish, scale, http-threads")
+                        help="comma-separated: memory, scenarios, hooks, http, publish, scale, http-threads, "
+                        "http-distinct")
     parser.add_argument("--rows", type=int, default=ROWS, help="smaller for a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--scale-store", type=Path, help="scale part: keep its 1,000-adapter store here")
@@ -476,7 +510,8 @@ def main() -> None:
     parts = {"memory": lambda: bank_memory(folder), "hooks": lambda: hook_times(folder), "scenarios": lambda: engine_scenarios(folder, args.rounds),
              "http": lambda: http_vs_engine(folder, work, args.rounds), "publish": lambda: publish_latency(folder, work, 20),
              "scale": lambda: scale(folder, work, args.scale_store),
-             "http-threads": lambda: http_by_threads(folder, work)}
+             "http-threads": lambda: http_by_threads(folder, work),
+             "http-distinct": lambda: http_distinct(folder, work, args.rounds)}
     result = {"machine": machine(), "load_before": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
     for part in args.parts.split(","):

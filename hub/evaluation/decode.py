@@ -3,7 +3,8 @@
 What is evaluated is a `TaskModel`: an HF causal LM plus the codec that lays out the task's inputs. A store
 adapter or a run's `best/` export is put on the serving `Engine` and decoded on the engine's own model with the
 adapter's slot active for the whole batch (its `[1, L, ...]` rows broadcast over rows and beams), so greedy
-output equals `Engine.run`. Full fine-tuning and LoRA runs (`hub.training.baselines`) are decoded by the same code.
+output equals `decode_to_completion` (the serving path). Full fine-tuning and LoRA runs
+(`hub.training.baselines`) are decoded by the same code.
 
 One output is generated per unique source, in first-occurrence order, scored against all of that source's
 references (E2E: several references per MR, `hub.evaluation.metrics.group_by_mr`).
