@@ -77,8 +77,9 @@ def serve(
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help=f"seconds {DEFAULT}"),
     watch_interval: Optional[float] = typer.Option(None, "--watch-interval", help=f"store polling period, 0 = off "
                                                    f"{DEFAULT}"),
-    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help=f"prompt tokens per row and "
-                                                f"step; longer prompts prefill in chunks {DEFAULT}"),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help=f"prompt tokens prefilled per "
+                                                f"step across the joining rows; longer prompts and bursts prefill "
+                                                f"over several steps {DEFAULT}"),
     store_timeout: Optional[float] = typer.Option(None, "--store-timeout", min=0.1, help="seconds a store call or "
                                                   f"an adapter's load may take before 503 {DEFAULT}"),
     threads: Optional[int] = ThreadsOption,

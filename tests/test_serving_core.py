@@ -15,7 +15,7 @@ import torch
 
 from hub.errors import AdapterLoadError, CapacityError, IntegrityError, NotFoundError
 from hub.model.backbone import load_backbone
-from hub.serving.batch import decode_to_completion
+from hub.serving.batch import DecodeBatch, decode_to_completion
 from hub.serving.engine import Engine
 from hub.serving.manager import LoadState, ManagerSettings
 from hub.serving.output import filtered_logits
@@ -366,3 +366,40 @@ def test_loads_queued_behind_hung_ones_fail_after_the_timeout_too(tiny_base, wei
     finally:
         hang.set()
         scheduler.stop(10)
+
+
+def test_a_burst_of_joiners_shares_one_prefill_budget_per_step(tiny_base, weights):
+    """Eight rows joining together with a budget of 16 prompt tokens per step prefill 2 columns a step (16 / 8),
+    so no step prefills more than the budget, however many rows arrive; their tokens equal their solo runs."""
+    engine = new_engine(tiny_base)
+    engine.manager.add_adapter(weights["hot"])
+    solo = decode_to_completion(engine, [engine.new_sequence("hot", MR, SamplingParams(max_new_tokens=4))])
+    batch = DecodeBatch(engine, prefill_chunk=16)
+    rows = [engine.new_sequence("hot", MR, SamplingParams(max_new_tokens=4)) for _ in range(8)]
+    assert all(engine.bind(r) for r in rows)
+    batch.join(rows)
+    widths = []
+    while batch.prefilling:
+        before = batch.prefilling[0].done
+        batch.step()
+        widths.append((batch.prefilling[0].done if batch.prefilling else len(rows[0].prompt_ids)) - before)
+    assert max(widths) == 2 and len(widths) >= len(rows[0].prompt_ids) // 2
+    while batch.busy:
+        batch.step()
+    assert all(r.output_ids == solo[0].output_ids for r in rows)
+
+
+def test_cold_adapters_are_copied_into_slots_a_few_per_step(tiny_base, weights, monkeypatch):
+    monkeypatch.setattr("hub.serving.scheduler.NEW_SLOTS_PER_PASS", 2)
+    engine = new_engine(tiny_base)
+    for i in range(6):
+        engine.manager.add_stored(f"s{i}", "1", weights["cold"].meta, lambda: weights["cold"])
+    for i in range(6):
+        engine.manager.weights(engine.manager.adapters[f"s{i}"])
+    scheduler = Scheduler(engine, max_batch=16)
+    for i in range(6):
+        scheduler.waiting.append(engine.new_sequence(f"s{i}", MR, SamplingParams(max_new_tokens=2)))
+    taken = scheduler._take_waiting()
+    assert len(taken) == 2 and engine.manager.resident_count() == 2 and len(scheduler.waiting) == 4
+    for sequence in [*taken, *scheduler.waiting]:
+        engine.release(sequence)

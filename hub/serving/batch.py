@@ -1,8 +1,9 @@
 """A running decode batch: sequences of any task with their merged KV cache, one forward per step.
 
 New sequences are prefilled on their own (left-padded) and merged into the running batch once their prompt
-is in the cache. A prompt longer than `prefill_chunk` tokens is prefilled over several steps (chunked
-prefill), so the running sequences keep decoding meanwhile.
+is in the cache. `prefill_chunk` is the budget of prompt tokens one step may prefill across the rows joining
+together (as vLLM's `max_num_batched_tokens`): prompts beyond it are prefilled over several steps (chunked
+prefill), so the running sequences keep decoding meanwhile and no step grows with the size of a burst.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class DecodeBatch:
         self.engine = engine
         self.model = engine.backbone.model
         self.device = engine.backbone.device
-        self.prefill_chunk = prefill_chunk  # prompt tokens per row and step; None: whole prompts at once
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step across the joining rows; None: all at once
         self.sequences: list[Sequence] = []
         self.prefilling: list[Prefill] = []
         self.cache: DynamicCache | None = None
@@ -133,7 +134,8 @@ class DecodeBatch:
         if not self.prefilling:
             return
         job = self.prefilling[0]
-        end = job.width if self.prefill_chunk is None else min(job.width, job.done + self.prefill_chunk)
+        end = job.width if self.prefill_chunk is None else \
+            min(job.width, job.done + max(1, self.prefill_chunk // len(job.sequences)))
         columns = slice(job.done, end)
         types = job.inputs["token_type_ids"][:, columns] if job.has_types else None
         logits = self._forward(job.inputs["input_ids"][:, columns], types,

@@ -29,7 +29,8 @@ from hub.serving.sequence import Sequence
 
 log = logging.getLogger("hub.serving.scheduler")
 
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per row and step
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per step, across the rows joining
+NEW_SLOTS_PER_PASS = 2  # adapters copied into device slots per step (each copy runs on the engine thread)
 IDLE_WAIT = 0.01  # seconds the loop waits when every waiting sequence waits for a load or a slot
 
 
@@ -158,11 +159,11 @@ class Scheduler:
                 self.wakeup.wait()
             candidates, self.waiting = self.waiting, deque()
         room = self.max_batch - len(self.batch.all_sequences())
-        taken, kept = [], deque()
+        taken, kept, new_slots = [], deque(), [NEW_SLOTS_PER_PASS]
         for sequence in candidates:
             if sequence.cancelled:
                 self._finish(sequence, "cancelled")
-            elif len(taken) < room and self._admit(sequence):
+            elif len(taken) < room and self._admit(sequence, new_slots):
                 taken.append(sequence)
             elif not sequence.finished:
                 kept.append(sequence)
@@ -171,19 +172,23 @@ class Scheduler:
             self.waiting = kept
         return taken
 
-    def _admit(self, sequence: Sequence) -> bool:
-        """Bind a sequence whose adapter's weights are on the CPU; start their load otherwise. Whatever goes
-        wrong (a failed load, a bad bundle, an allocation) fails this sequence alone."""
+    def _admit(self, sequence: Sequence, new_slots: list[int]) -> bool:
+        """Bind a sequence whose adapter's weights are on the CPU; start their load otherwise. At most
+        `new_slots[0]` adapters are copied into slots per pass, so a burst of cold adapters spreads its copies
+        over steps. Whatever goes wrong (a failed load, a bad bundle, an allocation) fails this sequence alone."""
         try:
             adapter = sequence.adapter
+            fresh = adapter is not None and adapter.slot is None  # would be copied into a slot now
             if adapter is not None:
                 state = self.engine.manager.request_weights(adapter)
                 if state is LoadState.FAILED:
                     self._fail(sequence, adapter.load_error)
                     return False
-                if state is LoadState.LOADING:
+                if state is LoadState.LOADING or (fresh and new_slots[0] <= 0):
                     return False
-            return self.engine.bind(sequence)
+            bound = self.engine.bind(sequence)
+            new_slots[0] -= bound and fresh
+            return bound
         except Exception as err:
             log.warning("request %s could not join a batch: %r", sequence.id, err)
             self._fail(sequence, err if isinstance(err, HubError) else
