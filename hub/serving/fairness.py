@@ -9,6 +9,10 @@ of the adapter with the smallest counter. A client or flow that becomes active a
 of those still active, so idle time banks no credit. Ties go to the one with fewer running sequences, then to the
 oldest request; within a flow the order stays first come, first served.
 
+Nothing is preempted: a newcomer takes the next row a running request frees. (Keeping a row of the batch free
+for newcomers was tried: it cost about 20% of the throughput on the CPU, `bench.fairness_bench`, and did not
+lower the light client's p99.)
+
 What the runner keeps: admission stays load-aware (a flow whose adapter is loading, or has no free slot, is
 passed over while the others are admitted) and the batch is filled as FCFS would fill it, so throughput is the
 same; only the order changes.
@@ -146,3 +150,23 @@ def _queues(waiting: list[Sequence]) -> dict[str, _ClientQueue]:
         queue = queues.setdefault(client_of(sequence), _ClientQueue())
         queue.heads.setdefault(adapter_of(sequence), deque()).append(sequence)
     return queues
+
+
+class FirstComeFirstServed:
+    """The runner's admission before fairness: queue order, a sequence that cannot join yet passed over (the
+    baseline of `bench.fairness_bench`)."""
+
+    @staticmethod
+    def charge_decoded(sequences: Iterable[Sequence]) -> None:
+        return None
+
+    @staticmethod
+    def admit(waiting: list[Sequence], running: list[Sequence], room: int,
+              try_admit: Callable[[Sequence], bool]) -> list[Sequence]:
+        taken: list[Sequence] = []
+        for sequence in waiting:
+            if len(taken) >= room:
+                break
+            if try_admit(sequence):
+                taken.append(sequence)
+        return taken

@@ -23,7 +23,7 @@ import torch
 from hub.errors import CapacityError, HubError, UnavailableError
 from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine
-from hub.serving.fairness import FairAdmission
+from hub.serving.fairness import FairAdmission, FirstComeFirstServed
 from hub.serving.isolation import isolate_failed_step
 from hub.serving.manager import LoadState
 from hub.serving.sequence import Sequence
@@ -68,7 +68,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._supervised, name="hub-engine", daemon=True)
         self.steps = 0
         self.mixed_steps = 0
-        self.fairness = FairAdmission()
+        self.fairness: FairAdmission | FirstComeFirstServed = FairAdmission()
         engine.manager.on_change = self.notify
 
     def start(self) -> None:
