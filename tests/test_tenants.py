@@ -18,7 +18,7 @@ from cli.main import app as cli_app
 from server.keys import KeySpec, digest, read_keys, write_keys
 from server.prometheus import BoundedLabels, TierCollector
 from tests.test_server import MR, OTHER, metric_samples, publish, start_server
-from tests.test_server import second_run  # noqa: F401  (fixture)
+from tests.test_server import client, second_run  # noqa: F401  (fixtures; `client` uses this module's `server`)
 
 SECRETS = {"alice": "hub-alice-secret", "admin": "hub-admin-secret", "slow": "hub-slow-secret",
            "tok": "hub-tok-secret", "bob": "hub-bob-secret"}
@@ -59,12 +59,6 @@ def server(trained_run, second_run, tiny_base, keys_file, tmp_path_factory):  # 
     server = start_server(tmp, tmp / "store", tiny_base, "--keys", str(keys_file))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
 
 
 def test_without_a_valid_key_every_api_route_is_401_and_health_stays_open(client, server):
