@@ -1,4 +1,5 @@
-"""`hub`: the command line, one module per noun (`cli.train`, `cli.store`, `cli.serve`, `cli.eval`, `cli.vae`) over
+"""`hub`: the command line, one module per noun (`cli.train`, `cli.store`, `cli.serve`, `cli.eval`, `cli.vae`,
+`cli.keys`) over
 `cli.common`. Errors print one clear line, never a traceback."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import typer
 
 from cli import eval as eval_commands
 from cli import serve, store, train
+from cli.keys import keys_app
 from cli.vae import vae_app
 from hub.errors import HubError
 
@@ -20,6 +22,7 @@ store.register(app)
 serve.register(app)
 eval_commands.register(app)
 app.add_typer(vae_app, name="vae")
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -89,6 +90,9 @@ def serve(
     bank_dtype: Optional[BankDType] = typer.Option(None, "--bank-dtype", help="resident adapters' weights: float32 "
                                                    "(default), or float16/bfloat16 for half the bytes per decode "
                                                    "step (arithmetic stays float32)"),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="API keys file (`hub keys add`): every route needs "
+                                        "a key, scoped to tasks, with quotas; re-read when it changes "
+                                        "(default: none, open to whoever reaches the port)"),
     ray: bool = typer.Option(False, "--ray", help="serve as a Ray Serve application: engine replicas, each "
                              "task routed to a replica that holds it (docs/DEPLOY.md)"),
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help=f"--ray: engine replicas {DEFAULT}"),
@@ -110,13 +114,14 @@ def serve(
 
         options = settings(RayServeOptions, store=store, base=base, device=device, dtype=dtype, threads=threads,
                            replicas=replicas, max_tasks_per_replica=max_tasks_per_replica, replica_gpus=replica_gpus,
-                           service=service, max_body_bytes=max_body_bytes)
+                           service=service, max_body_bytes=max_body_bytes,
+                           keys=str(keys.resolve()) if keys else None)
         return serve_on_ray(options, address, host, port)
-    _serve_in_process(store, base, device, dtype, threads, service, max_body_bytes, host, port)
+    _serve_in_process(store, base, device, dtype, threads, service, max_body_bytes, host, port, keys)
 
 
 def _serve_in_process(store: str, base: str | None, device: str, dtype: DType, threads: int | None, service,
-                      max_body_bytes: int | None, host: str, port: int) -> None:
+                      max_body_bytes: int | None, host: str, port: int, keys: Path | None = None) -> None:
     import uvicorn
 
     from hub.model.dtypes import torch_dtype
@@ -132,7 +137,7 @@ def _serve_in_process(store: str, base: str | None, device: str, dtype: DType, t
                f"on {backbone.device}, adapter bank {service.bank_dtype}", err=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler: exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    app = create_app(backbone, adapter_store, service, max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(backbone, adapter_store, service, max_body_bytes or DEFAULT_MAX_BODY_BYTES, keys)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

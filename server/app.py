@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -27,6 +28,7 @@ from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
 from hub.serving.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT
 from hub.serving.service import GenerationFailedError, HubService, RequestTimeoutError, ServiceSettings
 from hub.store.protocol import Store
+from server.auth import Access, KeyRing, ScopedBackend
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.playground import add_playground, training_curve_url
@@ -134,25 +136,32 @@ NO_VAE_NOTE = ("The sentence-VAE routes (/v1/vae/{task}/...) are not served by t
 
 
 def create_app(backbone: Backbone, store: Store, settings: ServiceSettings | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    return build_app(HubService(backbone, store, make_task, settings), max_body_bytes)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keys: Path | None = None) -> FastAPI:
+    return build_app(HubService(backbone, store, make_task, settings), max_body_bytes, keys=keys)
 
 
 def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              metrics: ServerMetrics | None = None) -> FastAPI:
-    """The routes over a backend: `HubService` in this process, or `server.ray_serve.RemoteService`."""
+              metrics: ServerMetrics | None = None, keys: Path | None = None) -> FastAPI:
+    """The routes over a backend: `HubService` in this process, or `server.ray_serve.RemoteService`. With a
+    keys file every route but health, metrics and the playground page needs an API key (`server.auth`)."""
     metrics = metrics or ServerMetrics()
-    hub.on_finished = metrics.observe_finished
+    access = Access(KeyRing(keys), metrics.key_metrics) if keys else None
+    hub.on_finished = _finished_observer(metrics, access)
+    metrics.watch_tiers(hub)
+    if access is not None:
+        hub = ScopedBackend(hub, access)  # type: ignore[assignment]  # the backend as the calling key sees it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await hub.start()
-        watch = asyncio.create_task(hub.watch_store())
+        watches = [asyncio.create_task(hub.watch_store()), *([asyncio.create_task(access.watch())] if access else [])]
         yield
-        watch.cancel()
+        for watch in watches:
+            watch.cancel()
         await run_in_threadpool(hub.stop)  # drains running and waiting sequences
 
-    app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan, description="" if hub.vae else NO_VAE_NOTE)
+    app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan, description="" if hub.vae else NO_VAE_NOTE,
+                  dependencies=[Depends(access.guard)] if access else [])
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
     if hub.vae is not None:
@@ -231,6 +240,8 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                              body.max_completion_tokens or body.max_tokens)
 
     def admin(authorization: str | None = Header(None)) -> None:
+        if access is not None:
+            return  # `access.guard` let only an admin key through
         token = os.environ.get("HUB_ADMIN_TOKEN")
         if not token:
             raise HTTPException(403, "admin routes are disabled: set HUB_ADMIN_TOKEN on the server")
@@ -250,6 +261,15 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         return {"unloaded": name}
 
     return app
+
+
+def _finished_observer(metrics: ServerMetrics, access: Access | None):
+    def observe(result: RequestResult, reason: str) -> None:
+        metrics.observe_finished(result, reason)
+        if access is not None:
+            access.observe_finished(result)
+
+    return observe
 
 
 def _status(err: HubError) -> int:

@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import torch
@@ -73,6 +74,7 @@ class RayServeOptions:
     replica_gpus: float = 0.0
     service: ServiceSettings = field(default_factory=ServiceSettings)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    keys: str | None = None  # the keys file (`hub serve --keys`), read by the ingress
 
     @property
     def replica_capacity(self) -> int:
@@ -416,13 +418,14 @@ class Ingress:
     def __init__(self, engine: DeploymentHandle, options: RayServeOptions):
         self.service = RemoteService(engine, open_store(options.store), options)
         self.max_body_bytes = options.max_body_bytes
+        self.keys = Path(options.keys) if options.keys else None
 
     def __serve_build_asgi_app__(self):
         from server.app import build_app
 
         metrics = ServerMetrics()
         metrics.registry.register(ReplicaMetrics(self.service))
-        return replica_header_middleware(build_app(self.service, self.max_body_bytes, metrics))
+        return replica_header_middleware(build_app(self.service, self.max_body_bytes, metrics, self.keys))
 
 
 # -- application and launcher ------------------------------------------------------------------------------------

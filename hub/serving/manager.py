@@ -161,6 +161,12 @@ class AdapterManager:
         with self.lock:
             return len(self.device)
 
+    def tiers(self) -> dict[str, str]:
+        """Each known adapter's tier: "device" (a slot), "cpu" (weights in memory) or "store" (not read yet)."""
+        with self.lock:
+            return {name: "device" if a.slot is not None else "cpu" if a.bundle is not None else "store"
+                    for name, a in self.adapters.items()}
+
     def resident_bytes(self) -> int:
         """Device bytes of every kind's resident adapter weights (the 'bank')."""
         with self.lock:

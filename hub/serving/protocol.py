@@ -42,6 +42,7 @@ class RequestResult:
     input_tokens_dropped: int = 0
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    client: str = ""  # the API key's name that sent it (`SamplingParams.client`), for its quotas and counters
 
     @property
     def finished(self) -> bool:

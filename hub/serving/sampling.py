@@ -33,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    client: str = ""  # who sent it (an API key's name): not sampling, carried with it to the runner's fairness
 
     def validate(self) -> None:
         """Refuse any value that could make sampling raise inside a shared decode step."""

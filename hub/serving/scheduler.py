@@ -23,6 +23,7 @@ import torch
 from hub.errors import CapacityError, HubError, UnavailableError
 from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine
+from hub.serving.fairness import FairAdmission, FirstComeFirstServed
 from hub.serving.isolation import isolate_failed_step
 from hub.serving.manager import LoadState
 from hub.serving.sequence import Sequence
@@ -68,6 +69,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._supervised, name="hub-engine", daemon=True)
         self.steps = 0
         self.mixed_steps = 0
+        self.fairness: FairAdmission | FirstComeFirstServed = FairAdmission()
         engine.manager.on_change = self.notify
 
     def start(self) -> None:
@@ -145,6 +147,7 @@ class Scheduler:
             try:
                 self.batch.join(joining)
                 self.batch.step()
+                self.fairness.charge_decoded(self.batch.sequences)
                 self.steps += 1
                 self.mixed_steps += len({s.adapter.name for s in self.batch.sequences if s.adapter}) > 1
             except Exception:  # a failed step must not stop the server: fail only the sequences that cause it
@@ -152,21 +155,25 @@ class Scheduler:
                 self._isolate(self.batch.all_sequences() + joining)
 
     def _take_waiting(self) -> list[Sequence]:
-        """Waiting sequences that fit the batch and whose adapters are resident, in queue order. The queue is
-        taken under the condition and admitted outside it, so submitting never waits for admission."""
+        """Waiting sequences that fit the batch and whose adapters are resident, in fair order across clients
+        and adapters (`hub.serving.fairness`). The queue is taken under the condition and admitted outside it,
+        so submitting never waits for admission; the ones kept stay in queue order."""
         with self.wakeup:
             while not self.waiting and not self.batch.busy and not self.stopping:
                 self.wakeup.wait()
             candidates, self.waiting = self.waiting, deque()
-        room = self.max_batch - len(self.batch.all_sequences())
-        taken, kept, new_slots = [], deque(), [NEW_SLOTS_PER_PASS]
+        live = []
         for sequence in candidates:
             if sequence.cancelled:
                 self._finish(sequence, "cancelled")
-            elif len(taken) < room and self._admit(sequence, new_slots):
-                taken.append(sequence)
-            elif not sequence.finished:
-                kept.append(sequence)
+            else:
+                live.append(sequence)
+        running = self.batch.all_sequences()
+        new_slots = [NEW_SLOTS_PER_PASS]
+        taken = self.fairness.admit(live, running, self.max_batch - len(running),
+                                    lambda sequence: self._admit(sequence, new_slots))
+        joined = {id(s) for s in taken}
+        kept = deque(s for s in live if id(s) not in joined and not s.finished)
         with self.wakeup:
             kept.extend(self.waiting)  # submitted meanwhile: behind the ones kept
             self.waiting = kept

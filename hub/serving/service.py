@@ -146,7 +146,7 @@ def sequence_result(sequence: Sequence) -> RequestResult:
     return RequestResult(adapter.name if adapter else "base", adapter.version if adapter else "",
                          adapter.task.type_name if adapter else "base", sequence.text, sequence.finish_reason,
                          len(sequence.prompt_ids), len(sequence.output_ids), sequence.input_tokens_dropped,
-                         sequence.created, sequence.first_token_at)
+                         sequence.created, sequence.first_token_at, sequence.params.client)
 
 
 class HubService:
@@ -298,6 +298,9 @@ class HubService:
 
     def resident_count(self) -> int:
         return self.manager.resident_count()
+
+    def adapter_tiers(self) -> dict[str, str]:
+        return self.manager.tiers()
 
     async def reload(self) -> SyncResult:
         return await self.store_calls(self.sync.sync)

@@ -26,10 +26,21 @@ async function failure(response) {
   return new ServerError(response.status, `${response.status}: ${message}`);
 }
 
+// The API key of a server started with --keys (kept for this browser tab only); sent with every call.
+const KEY_ITEM = "hub-api-key";
+export const apiKey = () => sessionStorage.getItem(KEY_ITEM) || "";
+export function setApiKey(key) {
+  if (key) sessionStorage.setItem(KEY_ITEM, key); else sessionStorage.removeItem(KEY_ITEM);
+}
+
+function authHeaders(token) {
+  const key = token || apiKey();
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
+
 export async function request(url, { method = "GET", body, token } = {}) {
-  const headers = {};
+  const headers = authHeaders(token);
   if (body !== undefined) headers["content-type"] = "application/json";
-  if (token) headers.authorization = `Bearer ${token}`;
   let response;
   try {
     response = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -47,7 +58,7 @@ export async function streamGenerate(body, onEvent) {
   try {
     response = await fetch("/v1/generate", {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: { "content-type": "application/json", ...authHeaders() },
       body: JSON.stringify({ ...body, stream: true }),
     });
   } catch (err) {
@@ -68,4 +79,11 @@ export async function streamGenerate(body, onEvent) {
       if (data) onEvent(JSON.parse(data));
     }
   }
+}
+
+/** An image the server draws (a training curve), fetched with the API key; an object URL for an <img>. */
+export async function imageUrl(url) {
+  const response = await fetch(url, { headers: authHeaders() });
+  if (!response.ok) throw await failure(response);
+  return URL.createObjectURL(await response.blob());
 }

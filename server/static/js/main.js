@@ -1,7 +1,7 @@
 // The playground page: task list, per-task input forms, streamed answers (optionally two side by side),
 // the live /metrics panel and the admin actions.
 
-import { ServerError, request, streamGenerate } from "./api.js";
+import { ServerError, apiKey, imageUrl, request, setApiKey, streamGenerate } from "./api.js";
 import { createForm } from "./forms.js";
 import { startMetricsPanel } from "./metrics.js";
 
@@ -50,11 +50,8 @@ function renderTaskTable(tasks) {
 function showCurve(task) {
   const figure = $("#curve");
   const image = figure.querySelector("img");
-  image.onerror = async () => {
-    figure.hidden = true;
-    try { await request(task.training_curve); } catch (err) { showError(err); }
-  };
-  image.src = `${task.training_curve}?t=${Date.now()}`;
+  imageUrl(`${task.training_curve}?t=${Date.now()}`).then((url) => { image.src = url; figure.hidden = false; },
+    (err) => { figure.hidden = true; showError(err); });
   figure.querySelector("figcaption").textContent = `training curve of ${task.name}@${task.version}`;
   figure.hidden = false;
 }
@@ -69,6 +66,7 @@ async function loadTasks() {
   try {
     const { tasks } = await request("/v1/tasks");
     state.tasks = tasks;
+    $("#key-panel").hidden = true;
     renderTaskTable(tasks);
     for (const select of [$("#task-a"), $("#task-b"), $("#admin-unload-task")]) fillSelect(select, tasks);
     if (tasks.length > 1 && $("#task-b").value === $("#task-a").value) $("#task-b").selectedIndex = 1;
@@ -76,10 +74,22 @@ async function loadTasks() {
     $("#server-state").textContent = `${tasks.length} task${tasks.length === 1 ? "" : "s"} served`;
     $("#server-state").className = "pill ok";
   } catch (err) {
-    $("#server-state").textContent = "unreachable";
+    const needsKey = err instanceof ServerError && err.status === 401;
+    $("#key-panel").hidden = !needsKey;
+    $("#key-message").textContent = needsKey ? (apiKey() ? err.message : "this server needs an API key") : "";
+    $("#server-state").textContent = needsKey ? "API key needed" : "unreachable";
     $("#server-state").className = "pill bad";
-    showError(err);
+    if (!needsKey) showError(err);
   }
+}
+
+function wireKey() {
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    setApiKey($("#api-key").value.trim());
+    $("#api-key").value = "";
+    loadTasks();
+  });
 }
 
 function taskType(name) {
@@ -209,7 +219,7 @@ function wireAdmin() {
     event.preventDefault();
     state.adminToken = $("#admin-token").value.trim();
     $("#admin-actions").hidden = !state.adminToken;
-    $("#admin-result").textContent = state.adminToken ? "" : "enter the server's HUB_ADMIN_TOKEN first";
+    $("#admin-result").textContent = state.adminToken ? "" : "enter the server's HUB_ADMIN_TOKEN (or, with --keys, an admin key) first";
   });
   $("#admin-reload").addEventListener("click", () => adminAction(
     () => request("/v1/admin/reload", { method: "POST", token: state.adminToken })));
@@ -224,6 +234,7 @@ function main() {
   $("#refresh-tasks").addEventListener("click", loadTasks);
   $("#request-form").addEventListener("submit", generate);
   wireAdmin();
+  wireKey();
   startMetricsPanel({
     canvas: $("#tps-chart"),
     fields: { queue: $("#m-queue"), batch: $("#m-batch"), resident: $("#m-resident"), tps: $("#m-tps") },
