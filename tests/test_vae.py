@@ -272,16 +272,25 @@ def test_beta_schedules():
 
 
 def test_kl_floors():
-    kl = torch.tensor([[0.1, 2.0], [0.3, 4.0]])  # batch means per dim: 0.2, 3.0; total mean 3.2
-    assert float(kl_regulariser(kl, "none", 0.5)) == pytest.approx(3.2)
-    assert float(kl_regulariser(kl, "total_hinge", 2.0)) == pytest.approx(4.0)  # max(3.2, 2·2)
-    assert float(kl_regulariser(kl, "total_hinge", 1.0)) == pytest.approx(3.2)
-    assert float(kl_regulariser(kl, "per_dim_mask", 0.5)) == pytest.approx(3.0)
-    assert float(kl_regulariser(kl, "per_dim_clamp", 0.5)) == pytest.approx(3.5)
-    # below a floor the KL gets no gradient
-    kl = kl.clone().requires_grad_()
-    kl_regulariser(kl, "per_dim_clamp", 0.5).backward()
-    assert kl.grad[:, 0].abs().sum() == 0 and kl.grad[:, 1].abs().sum() > 0
+    # Dimension 0: sentence 1 is below λ = 0.5 (0.1), sentence 2 above (0.7); their batch mean 0.4 is below, so a
+    # floor on batch means would treat both sentences alike. Dimension 1 is above λ for both.
+    kl = torch.tensor([[0.1, 2.0], [0.7, 4.0]])  # per sentence Σ_d: 2.1, 4.7; mean 3.4
+    assert float(kl_regulariser(kl, "none", 0.5)) == pytest.approx(3.4)
+    assert float(kl_regulariser(kl, "total_hinge", 2.0)) == pytest.approx(4.0)  # max(3.4, 2·2), on the batch total
+    assert float(kl_regulariser(kl, "total_hinge", 1.0)) == pytest.approx(3.4)
+    # Optimus fb_mode 1: mean_b Σ_d KL_bd·1[KL_bd > λ] = ((0 + 2.0) + (0.7 + 4.0)) / 2 (batch means: 0 + 3.0)
+    assert float(kl_regulariser(kl, "per_dim_mask", 0.5)) == pytest.approx(3.35)
+    # P&L min_z: mean_b Σ_d max(KL_bd, λ) = ((0.5 + 2.0) + (0.7 + 4.0)) / 2 (batch means: 0.5 + 3.0)
+    assert float(kl_regulariser(kl, "per_dim_clamp", 0.5)) == pytest.approx(3.6)
+
+
+@pytest.mark.parametrize("floor", ["per_dim_mask", "per_dim_clamp"])
+def test_per_dimension_floors_act_on_each_sentence(floor):
+    # Below λ a sentence's dimension gets no KL gradient; above it, 1/B, whatever the other sentence does
+    # (a floor on the batch mean 0.4 would give both sentences of dimension 0 no gradient).
+    kl = torch.tensor([[0.1, 2.0], [0.7, 4.0]], requires_grad=True)
+    kl_regulariser(kl, floor, 0.5).backward()
+    assert kl.grad.tolist() == [[0.0, 0.5], [0.5, 0.5]]
 
 
 def test_elbo_normalisations():
