@@ -318,11 +318,14 @@ class SentenceVAE(nn.Module):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + std * eps
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The bundle's parts by name (what a recipe freezes or trains is a choice among them)."""
+        return {"encoder_adapters": self.encoder_adapters, "decoder_adapters": self.decoder_adapters,
+                "pooling": self.pooling, "heads": nn.ModuleList([self.mu, self.logvar]), "injector": self.injector}
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part of the bundle."""
-        parts = {"encoder_adapters": self.encoder_adapters, "decoder_adapters": self.decoder_adapters,
-                 "pooling": self.pooling, "heads": nn.ModuleList([self.mu, self.logvar]), "injector": self.injector}
-        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in self.parts().items()}
 
 
 def encode_sentences(tokenizer, sentences: list[str], max_length: int) -> list[list[int]]:
