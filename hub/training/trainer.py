@@ -405,13 +405,19 @@ def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) ->
     return state
 
 
-def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation). The log is
-    also copied into `best/`, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
-    text = json.dumps(asdict(log), indent=1)
+def write_train_log(run_dir: Path, log: dict) -> None:
+    """`train_log.json` of any trainer (VLM adapter, sentence VAE), in the run folder and copied into its export
+    `best/` when there is one, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
+    text = json.dumps(log, indent=1)
     (run_dir / TRAIN_LOG).write_text(text)
     if (run_dir / "best").is_dir():
         (run_dir / "best" / TRAIN_LOG).write_text(text)
+
+
+def write_log(run_dir: Path, log: TrainLog) -> None:
+    """`train_log.json` (`write_train_log`) and `loss_curve.png` (training loss per step, held-out loss per
+    evaluation)."""
+    write_train_log(run_dir, asdict(log))
     (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
 
 

@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -23,7 +24,7 @@ from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_informat
 from hub.model.backbone import Backbone
 from hub.store.catalog import ADAPTER_META, VAE_WEIGHTS
 from hub.store.format import SENTENCE_VAE, AdapterMeta
-from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging
+from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging, write_train_log
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         elbo_loss)
 
@@ -121,8 +122,11 @@ def prepare_vae_run_dir(run_dir: Path, config: VAETrainConfig) -> None:
 
 
 class VAETrainer:
-    def __init__(self, backbone: Backbone, config: VAETrainConfig, run_dir: Path):
+    def __init__(self, backbone: Backbone, config: VAETrainConfig, run_dir: Path,
+                 on_eval: Callable[["VAETrainer", dict], None] | None = None):
+        """`on_eval(trainer, result)` runs after every held-out evaluation (learning-curve benchmarks use it)."""
         self.backbone, self.config, self.run_dir = backbone, config, run_dir
+        self.on_eval = on_eval
         self.model = backbone.model
         torch.manual_seed(config.seed)
         self.vae = SentenceVAE(VAEConfig(**config.vae), self.model.config).to(backbone.device)
@@ -258,6 +262,8 @@ class VAETrainer:
                                                 "step": self.step})
         self._save_checkpoint(optimizer, schedule)
         write_vae_log(self.run_dir, self.log)
+        if self.on_eval:
+            self.on_eval(self, result)
 
     def _end_phase1_if_stalled(self) -> None:
         """Phase 1 stops early once held-out Rec has not improved for `phase1_patience` evaluations."""
@@ -295,8 +301,9 @@ class VAETrainer:
 
 
 def write_vae_log(run_dir: Path, log: VAETrainLog) -> None:
-    """`train_log.json` and `vae_curves.png`: reconstruction, KL and β per step; held-out KL and AU."""
-    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
+    """`train_log.json` (`write_train_log`: also into `best/`, so the store keeps it) and `vae_curves.png`:
+    reconstruction, KL and β per step; held-out KL and AU."""
+    write_train_log(run_dir, asdict(log))
     import matplotlib
 
     matplotlib.use("Agg")
