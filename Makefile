@@ -9,7 +9,7 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test chromium faults bench clean
+.PHONY: venv demo demo-serve test chromium java faults bench clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ chromium:
 	  echo "installing chromium for the browser test (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: venv chromium
+# METEOR and the PTB tokeniser of ROUGE-L and CIDEr (the E2E metrics) run on Java: without it their tests skip.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "installing a headless Java runtime for the E2E metric tests (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; }
+
+test: venv chromium java
 	$(BIN)/python -m pytest
 
 faults: venv
