@@ -39,7 +39,7 @@ from hub.evaluation.vae_metrics import evaluate_lm, evaluate_vae
 from hub.model.backbone import load_backbone
 from hub.store.catalog import read_export
 from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
-from hub.training.vae import VAETrainConfig, VAETrainer, prepare_vae_run_dir
+from hub.training.vae import RECIPES, VAETrainConfig, VAETrainer, prepare_vae_run_dir
 from tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,8 @@ def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
     metrics = evaluate_vae(model, backbone.model, backbone.tokenizer, test, args.iw_samples, config.max_length)
     return {**metrics, **trainer.parameter_report(), "train_seconds": seconds, "steps": args.steps,
             "train_sentences": len(train), "best_step": log.best_step, "evals": log.evals, "phase2_start": log.phase2_start,
-            "kl_normalisation": config.kl_normalisation, **({"curve": recorder.points} if recorder.points else {}),
+            "kl_normalisation": config.kl_normalisation, "kl_floor": config.kl_floor, "kl_floor_per_sentence": True,
+            **({"curve": recorder.points} if recorder.points else {}),
             **latent_walks(model, backbone, load_sentences(data, "test"), args.seed)}
 
 
@@ -196,11 +197,13 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
              f"{meta.get('machine')}; {meta.get('note', '')}).", "",
              "Metrics (spec §5, `hub.evaluation.vae_metrics`): PPL = exp(−Σ log p̂(x) / Σ n_x) with n_x the tokens "
              "of `<bos> x <eos>`; for the `lm` adapter log p(x) is exact, for VAEs it is the importance-weighted "
-             "estimate. −ELBO, Rec, KL in nats per sentence; MI over the test set; AU = dims with Var(μ) ≥ 0.01; "
+             "estimate. −ELBO, Rec, KL in nats per sentence; MI over the test set (at most ln N, up to the "
+             "estimator's one-sample noise: its aggregate posterior is the mixture of the N test sentences' "
+             "posteriors, so ln 100 = 4.61 nats for 100 sentences); AU = dims with Var(μ) ≥ 0.01; "
              "recon BLEU = greedy decoding from z = μ, sacreBLEU against the input.", "",
              f"Budget: {meta.get('steps')} steps × batch {meta.get('batch_size')} = "
-             f"{(meta.get('steps') or 0) * (meta.get('batch_size') or 0):,} sentences per row, under one epoch of "
-             "every data set here (AdaVAE's LM runs: 22,000 steps × batch 90); the numbers are those of short runs "
+             f"{(meta.get('steps') or 0) * (meta.get('batch_size') or 0):,} sentences per row ({epochs_line(meta)}; "
+             "AdaVAE's LM runs: 22,000 steps × batch 90); the numbers are those of short runs "
              "on a shared CPU, not of converged models." + (
                  "" if len(results["rows"]) == len(DATASETS) * len(ROWS)
                  else " Rows missing below did not finish before the deadline."), ""]
@@ -227,6 +230,13 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
     if long and long["rows"]:
         lines += render_long(long, doc.parent)
     return "\n".join(lines) + "\n"
+
+
+def epochs_line(meta: dict) -> str:
+    """Epochs of each data set's training split that the rows' steps × batch make."""
+    seen = (meta.get("steps") or 0) * (meta.get("batch_size") or 0)
+    sizes = {name: len(load_sentences(str(SHARED / path), "train")) for name, path in DATASETS.items()}
+    return ", ".join(f"{seen / size:.1f} epochs of {name}'s {size:,} training sentences" for name, size in sizes.items())
 
 
 def render_long(long: dict, folder: Path) -> list[str]:
@@ -334,7 +344,8 @@ def targets(rows: dict) -> list[str]:
             continue
         ratio = row["ppl"] / lm["ppl"] if lm else None
         checks = [f"AU ≥ 16: {'met' if row['au'] >= 16 else 'missed'} ({row['au']})",
-                  f"MI ≥ 2: {'met' if row['mi'] >= 2 else 'missed'} ({row['mi']:.2f})"]
+                  f"MI ≥ 2: {'met' if row['mi'] >= 2 else 'missed'} ({row['mi']:.2f} of at most "
+                  f"ln {row['sentences']} = {math.log(row['sentences']):.2f})"]
         if ratio is not None:
             checks.append(f"PPL ≤ 1.05× lm: {'met' if ratio <= 1.05 else 'missed'} ({ratio:.2f}×)")
         out.append(f"- {ROW_LABELS[name]}: " + "; ".join(checks))
@@ -348,11 +359,7 @@ def readings(rows: dict) -> list[str]:
         row = rows.get(name)
         if not row or "evals" not in row:
             continue
-        floor = {"adavae": 0.5 * row["nz"], "two-phase": 0.5 * row["nz"]}.get(name)
-        notes = []
-        if floor is not None and abs(row["kl"] - floor) < 1.5:
-            notes.append(f"KL {row['kl']:.1f} sits at the floor's {floor:.0f} nats (λ·nz): the floor, not the "
-                         f"data, sets it")
+        notes = [floor_reading(name, row)] if floor_reading(name, row) else []
         lm = rows.get("lm")
         if lm and "nll" in lm and "nll" in row:
             notes.append(f"−log p(x) {row['nll']:.1f} nats per sentence against the lm adapter's {lm['nll']:.1f}: "
@@ -366,6 +373,21 @@ def readings(rows: dict) -> list[str]:
         if notes:
             out.append(f"- {ROW_LABELS[name]}: " + "; ".join(notes))
     return out
+
+
+def floor_reading(recipe: str, row: dict) -> str | None:
+    """What the recipe's KL floor does to the KL measured (λ as the recipe sets it)."""
+    floor, lam = RECIPES.get(recipe, {}).get("kl_floor"), RECIPES.get(recipe, {}).get("kl_lambda", 0.5)
+    total = lam * row["nz"]
+    if floor == "total_hinge" and abs(row["kl"] - total) < 1.5:
+        return (f"KL {row['kl']:.1f} is at the total hinge λ·nz = {total:.0f} nats, below which the batch's KL gets "
+                f"no gradient: the floor, not the data, holds it there")
+    if floor in ("per_dim_clamp", "per_dim_mask"):
+        earlier = "" if row.get("kl_floor_per_sentence") else (
+            " (this row was trained with the floor's earlier batch-mean form, before issue 18, and not re-run)")
+        return (f"KL {row['kl']:.1f} against λ·nz = {total:.0f} nats: the per-dimension floor does not hold the total "
+                f"at λ·nz; it only stops the KL gradient of each sentence's dimensions below λ = {lam} nats{earlier}")
+    return None
 
 
 def plot_curves(dataset: str, rows: dict, folder: Path) -> str | None:
