@@ -95,15 +95,16 @@ class CurveRecorder:
 
 
 def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
-    data, run_dir, backbone = fresh_run(dataset, recipe, work)
+    data, run_dir, backbone = fresh_run(dataset, recipe + variant(args), work)
     c = backbone.model.config
     vae = {"nz": 32, "encoder_layers": round(2 * c.n_layer / 3), "bottleneck": c.n_embd // 6}
     config = VAETrainConfig.for_recipe(recipe, name=f"{dataset}-{recipe}", data=data, base=str(BASE), vae=vae,
                                        batch_size=args.batch_size, max_steps=args.steps,
-                                       eval_every=eval_every(args), max_eval_sentences=200, seed=args.seed)
+                                       eval_every=eval_every(args), max_eval_sentences=200, seed=args.seed,
+                                       word_dropout=args.word_dropout or None)
     prepare_vae_run_dir(run_dir, config)
     test, train = load_sentences(data, "test")[: args.test_sentences], load_sentences(data, "train")
-    recorder = CurveRecorder(f"{dataset}/{recipe}", lambda t: vae_curve_point(t, test, args.curve_iw_samples or
+    recorder = CurveRecorder(f"{dataset}/{recipe}{variant(args)}", lambda t: vae_curve_point(t, test, args.curve_iw_samples or
                                                                               args.iw_samples),
                              args, meta, {"steps": args.steps, "train_sentences": len(train)})
     trainer = VAETrainer(backbone, config, run_dir, on_eval=recorder if args.curve_points else None)
@@ -116,6 +117,7 @@ def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
     return {**metrics, **trainer.parameter_report(), "train_seconds": seconds, "steps": args.steps,
             "train_sentences": len(train), "best_step": log.best_step, "evals": log.evals, "phase2_start": log.phase2_start,
             "kl_normalisation": config.kl_normalisation, "kl_floor": config.kl_floor, "kl_floor_per_sentence": True,
+            "word_dropout": config.word_dropout, "machine": machine(), "note": args.note,
             **({"curve": recorder.points} if recorder.points else {}),
             **latent_walks(model, backbone, load_sentences(data, "test"), args.seed)}
 
@@ -172,7 +174,8 @@ def save_row(key: str, row: dict, meta: dict, path: Path, args) -> None:
     with open(args.results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results(path)
-        results["meta"] = meta
+        if "+" not in key or "meta" not in results:  # a variant row keeps the meta of the rows it is compared with
+            results["meta"] = meta
         results["rows"][key] = row
         path.write_text(json.dumps(results, indent=1))
         args.doc.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,23 @@ def save_row(key: str, row: dict, meta: dict, path: Path, args) -> None:
 
 def render_doc(args) -> str:
     return render(load_results(args.results), args.doc, load_results(args.long_results))
+
+
+def variant(args) -> str:
+    """The row-name suffix of a run that changes a recipe's option: `+wd0.3` for word dropout 0.3."""
+    return f"+wd{args.word_dropout:g}" if args.word_dropout else ""
+
+
+def label(name: str) -> str:
+    base, _, option = name.partition("+")
+    return ROW_LABELS[base] + (f" + word dropout {option[2:]}" if option else "")
+
+
+def dataset_rows(results: dict, dataset: str) -> dict[str, dict | None]:
+    """The data set's rows by name: the four ROWS (None where missing), then variants (`adavae+wd0.3`)."""
+    rows = {r: results["rows"].get(f"{dataset}/{r}") for r in ROWS}
+    variants = {k.split("/", 1)[1]: v for k, v in results["rows"].items() if k.startswith(f"{dataset}/") and "+" in k}
+    return {**rows, **variants}
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -205,10 +225,10 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
              f"{(meta.get('steps') or 0) * (meta.get('batch_size') or 0):,} sentences per row ({epochs_line(meta)}; "
              "AdaVAE's LM runs: 22,000 steps × batch 90); the numbers are those of short runs "
              "on a shared CPU, not of converged models." + (
-                 "" if len(results["rows"]) == len(DATASETS) * len(ROWS)
+                 "" if sum("+" not in k for k in results["rows"]) == len(DATASETS) * len(ROWS)
                  else " Rows missing below did not finish before the deadline."), ""]
     for dataset in DATASETS:
-        rows = {r: results["rows"].get(f"{dataset}/{r}") for r in ROWS}
+        rows = dataset_rows(results, dataset)
         if not any(rows.values()):
             continue
         lines += [f"## {dataset} (`../shared/{DATASETS[dataset]}`)", "",
@@ -219,7 +239,7 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
                 continue
             latent = [None] * 6 if name == "lm" else [row[k] for k in ("neg_elbo", "rec", "kl", "mi", "au",
                                                                             "recon_bleu")]
-            lines.append(f"| {ROW_LABELS[name]} | {row['trainable_params']:,} ({row['trainable_pct']:.2f} %) | "
+            lines.append(f"| {label(name)} | {row['trainable_params']:,} ({row['trainable_pct']:.2f} %) | "
                          f"{fmt(row['ppl'])} | " + " | ".join(fmt(v) for v in latent) +
                          f" | {row['train_seconds']:.0f} s |")
         lines += ["", *targets(rows), *readings(rows), ""]
@@ -251,7 +271,7 @@ def render_long(long: dict, folder: Path) -> list[str]:
              "scores the model as it is at that step (not the best checkpoint); the `lm` adapter trains for the same "
              "steps and batch and is scored exactly at the same steps.", ""]
     for dataset in DATASETS:
-        rows = {r: long["rows"].get(f"{dataset}/{r}") for r in ROWS}
+        rows = dataset_rows(long, dataset)
         lm = rows.pop("lm")
         for name, row in rows.items():
             if row and row.get("curve"):
@@ -268,7 +288,7 @@ def lm_ppl_at(lm: dict | None, step: int) -> float | None:
 
 
 def long_table(dataset: str, name: str, row: dict, lm: dict | None, meta: dict) -> list[str]:
-    lines = [f"### {dataset}: {ROW_LABELS[name]} against the lm adapter, {row['steps']} steps", "",
+    lines = [f"### {dataset}: {label(name)} against the lm adapter, {row['steps']} steps", "",
              "| step | epochs | lm PPL | VAE PPL (IW) | VAE / lm | −ELBO | Rec | KL | MI | AU | recon BLEU |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for point in row["curve"]:
@@ -290,7 +310,7 @@ def long_table(dataset: str, name: str, row: dict, lm: dict | None, meta: dict) 
 def gap_readings(name: str, row: dict, lm: dict | None) -> list[str]:
     """Whether the PPL gap to the `lm` adapter and the reconstruction change from the first point to the last."""
     first, last = row["curve"][0], row["curve"][-1]
-    out = [f"- {ROW_LABELS[name]}: reconstruction BLEU {first['recon_bleu']:.2f} at step {first['step']} → "
+    out = [f"- {label(name)}: reconstruction BLEU {first['recon_bleu']:.2f} at step {first['step']} → "
            f"{last['recon_bleu']:.2f} at step {last['step']} (best {max(p['recon_bleu'] for p in row['curve']):.2f}); "
            f"KL {first['kl']:.1f} → {last['kl']:.1f} nats; MI {first['mi']:.2f} → {last['mi']:.2f} "
            f"(at most ln {last['sentences']} = {math.log(last['sentences']):.2f} over {last['sentences']} sentences)"]
@@ -444,6 +464,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "vae_quality")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "vae_quality.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "VAE.md")
+    parser.add_argument("--word-dropout", type=float, default=0.0,
+                        help="decoder word dropout p for the VAE rows (a variant row, e.g. snli/adavae+wd0.3)")
     parser.add_argument("--curve-points", type=int, default=0,
                         help="score each row on the test sentences at this many evenly spaced steps; the rows go "
                              "into --long-results")
@@ -472,7 +494,7 @@ def main() -> None:
             else:
                 row = vae_row(dataset, name, args, args.work, meta)
                 vae_params = row["trainable_params"]
-            save_row(f"{dataset}/{name}", row, meta, results_path, args)
+            save_row(f"{dataset}/{name}{variant(args) if name != 'lm' else ''}", row, meta, results_path, args)
             print(f"{dataset}/{name}: PPL {row['ppl']:.2f}, KL {row.get('kl')}, AU {row.get('au')}", flush=True)
 
 def render_only(args) -> None:

@@ -17,7 +17,7 @@ from hub.errors import HubError
 from hub.evaluation.vae_metrics import (active_units, iw_terms, kl_per_dim, log_normal, log_standard_normal,
                                         mutual_information)
 from hub.model.backbone import load_backbone
-from hub.training.vae_objectives import beta_at, delete_tokens, elbo_loss, kl_regulariser
+from hub.training.vae_objectives import beta_at, delete_tokens, drop_words, elbo_loss, kl_regulariser
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +312,27 @@ def test_denoising_never_deletes_the_final_eos():
         assert noisy[-1] == 0 and len(noisy) >= len(ids) - 4
         assert all(t in ids for t in noisy) and noisy == sorted(noisy[:-1]) + [0]
     assert delete_tokens(ids, 0.0, rng) == ids
+
+
+def test_word_dropout_replaces_only_words_between_the_ends():
+    ids = [0] + list(range(1, 201)) + [0]
+    dropped = drop_words(ids, 0.3, random.Random(0), replacement=9999)
+    assert len(dropped) == len(ids) and dropped[0] == 0 and dropped[-1] == 0
+    assert all(d in (t, 9999) for d, t in zip(dropped, ids))
+    assert 0.2 < sum(d == 9999 for d in dropped) / 200 < 0.4
+    assert drop_words(ids, 0.0, random.Random(0), 9999) == ids
+
+
+def test_word_dropout_changes_what_the_decoder_reads_not_what_it_predicts(backbone):
+    model, vae = backbone.model, make_vae(backbone)
+    ids, mask = batch(backbone)
+    z = torch.randn(2, 4)
+    inputs = ids.clone()
+    inputs[:, 2] = 7
+    plain, dropped = vae.token_nll(model, ids, mask, z), vae.token_nll(model, ids, mask, z, inputs)
+    # targets up to the changed input are predicted from the same prefix; the ones after it see token 7
+    torch.testing.assert_close(dropped[:, :2], plain[:, :2])
+    assert (dropped[:, 2:] - plain[:, 2:]).abs().max() > 0
 
 
 def test_interpolation_path_ends_at_both_points():

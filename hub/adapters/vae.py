@@ -280,9 +280,11 @@ class SentenceVAE(nn.Module):
             yield
 
     def token_nll(self, model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor,
-                  z: torch.Tensor) -> torch.Tensor:
-        """−log p(x_t | x_<t, z) [B, T−1] of `<bos> x <eos>` rows (ids [B, T], right-padded; 0 at padding)."""
-        logits = self.decoder_logits(model, ids[:, :-1], mask[:, :-1], z)
+                  z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """−log p(x_t | x_<t, z) [B, T−1] of `<bos> x <eos>` rows (ids [B, T], right-padded; 0 at padding).
+
+        `inputs` (same shape) replaces what the decoder reads, not what it predicts (word dropout)."""
+        logits = self.decoder_logits(model, (ids if inputs is None else inputs)[:, :-1], mask[:, :-1], z)
         nll = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         return nll.view(ids.shape[0], -1) * mask[:, 1:]
 

@@ -26,7 +26,7 @@ from hub.store.catalog import ADAPTER_META, VAE_WEIGHTS
 from hub.store.format import SENTENCE_VAE, AdapterMeta
 from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging, write_train_log
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
-                                        elbo_loss)
+                                        drop_words, elbo_loss)
 
 RECIPES: dict[str, dict] = {
     # AdaVAE (spec §3): β cyclical 4 × (25 % zero, 25 % ramp), total hinge at 0.5·nz, decoder adapters from T/6.
@@ -64,6 +64,7 @@ class VAETrainConfig:
     kl_lambda: float = 0.5  # nats: per dimension (floors per_dim_*), or per dimension of the total (hinge: λ·nz)
     kl_normalisation: str = "per_sentence"
     denoise: float = 0.0
+    word_dropout: float = 0.0  # decoder-input word dropout p (Bowman et al. 2016); not a recipe default
     decoder_start: float = 0.0  # fraction of the steps before the decoder adapters train
     phase1: float = 0.0  # fraction of the steps as a β = 0 autoencoder (ends early on held-out Rec)
     phase1_freeze_decoder: bool = False  # phase 1 trains the encoder side only (P&L "yf")
@@ -83,7 +84,8 @@ class VAETrainConfig:
                                      (self.kl_normalisation, NORMALISATIONS, "--kl-normalisation")):
             if value not in allowed:
                 raise HubError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1}
+        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1,
+                     "word_dropout": self.word_dropout}
         bad = [name for name, value in fractions.items() if not 0 <= value < 1]
         if bad or self.max_steps < 1 or self.batch_size < 1 or self.max_length < 3:
             raise HubError(f"need 0 <= {', '.join(bad or fractions)} < 1, max_steps and batch_size >= 1, "
@@ -185,8 +187,10 @@ class VAETrainer:
         c, device = self.config, self.backbone.device
         enc_ids, enc_mask = pad_rows([delete_tokens(r, c.denoise, rng) for r in rows], device)
         ids, mask = pad_rows(rows, device)
+        inputs = pad_rows([drop_words(r, c.word_dropout, rng, self.eos_id) for r in rows], device)[0] \
+            if c.word_dropout > 0 else None
         mu, logvar = self.vae.encode(self.model, enc_ids, enc_mask)
-        nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar))
+        nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar), inputs)
         return elbo_loss(nll, mask[:, 1:], mu, logvar, beta, c.kl_floor, c.kl_lambda, c.kl_normalisation)
 
     def train(self, train_sentences: list[str], eval_sentences: list[str]) -> VAETrainLog:

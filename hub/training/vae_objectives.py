@@ -86,3 +86,12 @@ def delete_tokens(ids: list[int], p: float, rng: random.Random) -> list[int]:
     count = rng.randint(0, int(p * len(body)))
     dropped = set(rng.sample(range(len(body)), count))
     return [t for i, t in enumerate(body) if i not in dropped] + ids[-1:]
+
+
+def drop_words(ids: list[int], p: float, rng: random.Random, replacement: int) -> list[int]:
+    """Bowman et al.'s decoder word dropout: each token of `<bos> x <eos>` between the two ends becomes
+    `replacement` with probability p (GPT-2 has no <unk>: the hub uses <|endoftext|>). Only the decoder's input
+    changes; its targets stay the sentence, so it must take the dropped words from z."""
+    if p <= 0 or len(ids) < 3:
+        return ids
+    return ids[:1] + [replacement if rng.random() < p else t for t in ids[1:-1]] + ids[-1:]
