@@ -15,7 +15,7 @@ from hub.adapters.vae import (SentenceVAE, VAEConfig, encode_sentences, ffn_para
 from hub.adapters.vlm import vlm_adapter
 from hub.errors import HubError
 from hub.evaluation.vae_metrics import (active_units, iw_terms, kl_per_dim, log_normal, log_standard_normal,
-                                        mutual_information)
+                                        mutual_information, own_vocabulary)
 from hub.model.backbone import load_backbone
 from hub.training.vae_objectives import beta_at, delete_tokens, drop_words, elbo_loss, kl_regulariser
 
@@ -257,6 +257,16 @@ def test_mutual_information_and_active_units():
     # AU: unbiased variance of μ per dimension against 0.01
     mu = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.4, 0.2, 0.0]])  # variances 0.04, 0.01, 0
     assert active_units(mu) == 2
+
+
+def test_lm_likelihood_ignores_other_slots_rows():
+    # base vocabulary 3, added rows 3..6 of which the task owns 4 and 5 (the engine's table holds every slot's):
+    # the softmax is over ids 0, 1, 2, 4, 5 only, so an unreachable row's logit takes no probability.
+    logits = torch.tensor([[1.0, 2.0, 0.5, 9.0, 0.0, 3.0, 9.0]])
+    masked = own_vocabulary(logits, 3, [4, 5])
+    assert torch.isinf(masked[0, [3, 6]]).all()
+    torch.testing.assert_close(masked.log_softmax(-1)[0, [0, 1, 2, 4, 5]],
+                               logits[0, [0, 1, 2, 4, 5]].log_softmax(-1))
 
 
 def test_beta_schedules():

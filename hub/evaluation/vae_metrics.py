@@ -145,6 +145,15 @@ def _log_px_given_z(vae, model, ids: torch.Tensor, mask: torch.Tensor, z: torch.
     return -nll.sum(-1).view(b, c)
 
 
+def own_vocabulary(logits: torch.Tensor, base_vocab: int, own_ids) -> torch.Tensor:
+    """Logits [..., V'] with every added row but the task's own (`own_ids`) at −inf: on the serving engine V' holds
+    every slot's task rows, which a task can never emit; left in, they take probability mass and raise its PPL."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[:base_vocab] = True
+    keep[list(own_ids)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 @torch.no_grad()
 def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_size: int = 32) -> dict:
     """Exact log-likelihood of an `lm` adapter (`hub.evaluation.decode.TaskModel`): PPL with the VAE's token
@@ -162,8 +171,9 @@ def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_si
         batch = collate(part, task_model.pad_id, device)
         with task_model.activate():
             logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
+        logits = own_vocabulary(logits[:, :-1].float(), task_model.base_vocab, codec.token_ids.values())
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                                 ignore_index=IGNORE_INDEX, reduction="none").sum(-1)
         labelled = (labels != IGNORE_INDEX).sum(-1)
         words = sum(words_of(codec.tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX][:-1])) for e in part)
