@@ -351,7 +351,8 @@ def long_budget_section(results: dict, curves: Path) -> list[str]:
             f"{', '.join(map(str, best(True)))} (of {results['steps']}); each decoded from its best checkpoint "
             f"on the first {results['limit']} unique test MRs.", ""] + \
         [line for task in sorted({t for t, _, _ in groups}) for line in group_table(rows, task)] + \
-        [""] + stale_nist_note([r for r in rows if r["task"] == "e2e"], "`python -m bench.mvcr --steps ... --only CELL`") + [""] + \
+        [""] + stale_nist_note([r for r in rows if r["task"] == "e2e"],
+                               "`python -m bench.mvcr --steps ... --only CELL`") + [""] + \
         paired_summary(rows) + \
         ["", f"![held-out loss over {results['steps']} steps, plain vs MVCR]({curves.name})", ""]
 

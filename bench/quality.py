@@ -126,7 +126,8 @@ def e2e_scores(r: dict) -> str:
     """BLEU | NIST | METEOR | ROUGE-L | CIDEr cells ("–" where Java was missing; NIST of an earlier rule marked)."""
     scores, keys = r["test"]["scores"], ("bleu", "nist", "meteor", "rouge_l", "cider")
     marks = {"nist": f" {STALE}" if nist_is_stale(r) else ""}
-    return " | ".join(f"{scores[k] * E2E_SCALED.get(k, 1):.2f}{marks.get(k, '')}" if k in scores else "–" for k in keys)
+    return " | ".join(f"{scores[k] * E2E_SCALED.get(k, 1):.2f}{marks.get(k, '')}" if k in scores else "–"
+                      for k in keys)
 
 
 def other_scores(scores: dict) -> str:
@@ -230,7 +231,8 @@ def render(results: dict, curves: Path) -> str:
     ]
     lines += [f"| {r['row']} | {method(r)} | {params(r)} | {r['lr']:g} | {e2e_scores(r)} | "
               f"{training(r)} | {coverage(r)} | {r['test']['num_sources']} |" for r in e2e]
-    lines += [""] + stale_nist_note(e2e, "`python -m bench.quality --only ROW` (or `hub eval` on the published adapter)")
+    lines += [""] + stale_nist_note(e2e, "`python -m bench.quality --only ROW` (or `hub eval` on the published "
+                                         "adapter)")
     lines += bleu_ratios(rows)
     notes = sorted({n for r in rows.values() for n in r["test"]["notes"]})
     lines += [f"\nNote: {note}" for note in notes]

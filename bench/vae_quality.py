@@ -104,8 +104,8 @@ def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
                                        word_dropout=args.word_dropout or None)
     prepare_vae_run_dir(run_dir, config)
     test, train = load_sentences(data, "test")[: args.test_sentences], load_sentences(data, "train")
-    recorder = CurveRecorder(f"{dataset}/{recipe}{variant(args)}", lambda t: vae_curve_point(t, test, args.curve_iw_samples or
-                                                                              args.iw_samples),
+    iw_samples = args.curve_iw_samples or args.iw_samples
+    recorder = CurveRecorder(f"{dataset}/{recipe}{variant(args)}", lambda t: vae_curve_point(t, test, iw_samples),
                              args, meta, {"steps": args.steps, "train_sentences": len(train)})
     trainer = VAETrainer(backbone, config, run_dir, on_eval=recorder if args.curve_points else None)
     started = time.time()
@@ -115,7 +115,8 @@ def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
     model = load_vae(export.adapter_tensors, export.meta, c)
     metrics = evaluate_vae(model, backbone.model, backbone.tokenizer, test, args.iw_samples, config.max_length)
     return {**metrics, **trainer.parameter_report(), "train_seconds": seconds, "steps": args.steps,
-            "train_sentences": len(train), "best_step": log.best_step, "evals": log.evals, "phase2_start": log.phase2_start,
+            "train_sentences": len(train), "best_step": log.best_step, "evals": log.evals,
+            "phase2_start": log.phase2_start,
             "kl_normalisation": config.kl_normalisation, "kl_floor": config.kl_floor, "kl_floor_per_sentence": True,
             "word_dropout": config.word_dropout, "machine": machine(), "note": args.note,
             **({"curve": recorder.points} if recorder.points else {}),
@@ -256,7 +257,8 @@ def epochs_line(meta: dict) -> str:
     """Epochs of each data set's training split that the rows' steps × batch make."""
     seen = (meta.get("steps") or 0) * (meta.get("batch_size") or 0)
     sizes = {name: len(load_sentences(str(SHARED / path), "train")) for name, path in DATASETS.items()}
-    return ", ".join(f"{seen / size:.1f} epochs of {name}'s {size:,} training sentences" for name, size in sizes.items())
+    return ", ".join(f"{seen / size:.1f} epochs of {name}'s {size:,} training sentences"
+                     for name, size in sizes.items())
 
 
 def render_long(long: dict, folder: Path) -> list[str]:
@@ -405,8 +407,9 @@ def floor_reading(recipe: str, row: dict) -> str | None:
     if floor in ("per_dim_clamp", "per_dim_mask"):
         earlier = "" if row.get("kl_floor_per_sentence") else (
             " (this row was trained with the floor's earlier batch-mean form, before issue 18, and not re-run)")
-        return (f"KL {row['kl']:.1f} against λ·nz = {total:.0f} nats: the per-dimension floor does not hold the total "
-                f"at λ·nz; it only stops the KL gradient of each sentence's dimensions below λ = {lam} nats{earlier}")
+        return (f"KL {row['kl']:.1f} against λ·nz = {total:.0f} nats: the per-dimension floor does not hold the "
+                f"total at λ·nz; it only stops the KL gradient of each sentence's dimensions below λ = {lam} "
+                f"nats{earlier}")
     return None
 
 
