@@ -35,7 +35,7 @@ from hub.adapters.vae import analogy_point, interpolation_path, load_vae
 from hub.adapters.vlm import adapter_parameter_count
 from hub.data import load_sentences
 from hub.evaluation.decode import TaskModel, from_run
-from hub.evaluation.vae_metrics import evaluate_lm, evaluate_vae
+from hub.evaluation.vae_metrics import decoder_use_of_z, evaluate_lm, evaluate_vae
 from hub.model.backbone import load_backbone
 from hub.store.catalog import read_export
 from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
@@ -243,7 +243,7 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
             lines.append(f"| {label(name)} | {row['trainable_params']:,} ({row['trainable_pct']:.2f} %) | "
                          f"{fmt(row['ppl'])} | " + " | ".join(fmt(v) for v in latent) +
                          f" | {row['train_seconds']:.0f} s |")
-        lines += ["", *targets(rows), *readings(rows), *lm_vocabulary_note(rows), ""]
+        lines += ["", *targets(rows), *readings(rows), *z_use_readings(rows), *lm_vocabulary_note(rows), ""]
         plot = plot_curves(dataset, rows, doc.parent)
         if plot:
             lines += [f"![held-out KL and AU over training, {dataset}]({plot})", ""]
@@ -280,7 +280,7 @@ def render_long(long: dict, folder: Path) -> list[str]:
                 lines += long_table(dataset, name, row, lm, meta) + [""]
                 lines += [f"![test metrics over steps, {dataset} {name}]({plot_long(dataset, name, row, lm, folder)})",
                           ""]
-                lines += [*gap_readings(name, row, lm), ""]
+                lines += [*gap_readings(name, row, lm), *z_use_readings({name: row}), ""]
     lines += [*long.get("analysis", []), ""] if long.get("analysis") else []
     return lines
 
@@ -477,10 +477,11 @@ def main() -> None:
     parser.add_argument("--analysis", type=Path, default=None,
                         help="with --render-only: a markdown file whose lines go under the long runs' curves")
     parser.add_argument("--render-only", action="store_true", help="rewrite --doc from the results, run nothing")
-    parser.add_argument("--rescore-lm", action="store_true", help="score the lm rows again from their run folders")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the rows whose run folders are in --work again (lm PPL, the VAEs' use of z)")
     args = parser.parse_args()
-    if args.render_only or args.rescore_lm:
-        return rescore_lm(args) if args.rescore_lm else render_only(args)
+    if args.render_only or args.rescore:
+        return rescore(args) if args.rescore else render_only(args)
     torch.set_num_threads(1)
     meta = {"steps": args.steps, "batch_size": args.batch_size, "test_sentences": args.test_sentences,
             "iw_samples": args.iw_samples, "machine": machine(), "note": args.note}
@@ -500,18 +501,44 @@ def main() -> None:
             save_row(f"{dataset}/{name}{variant(args) if name != 'lm' else ''}", row, meta, results_path, args)
             print(f"{dataset}/{name}: PPL {row['ppl']:.2f}, KL {row.get('kl')}, AU {row.get('au')}", flush=True)
 
-def rescore_lm(args) -> None:
-    """Score each data set's `lm` row again from its run folder in --work (the results file of the run: --long-results
-    with --curve-points), with the current `evaluate_lm`."""
+def rescore(args) -> None:
+    """Rows whose run folder is in --work, scored again by the current code (the results file of the run:
+    --long-results with --curve-points): the `lm` row's PPL (`evaluate_lm`), each VAE row's `decoder_use_of_z`."""
     path = args.long_results if args.curve_points else args.results
     results = load_results(path)
-    for dataset in args.datasets:
-        row, run_dir = results["rows"].get(f"{dataset}/lm"), args.work / f"{dataset}-lm"
-        if row and (run_dir / "best").is_dir():
-            test = load_sentences(str(SHARED / DATASETS[dataset]), "test")[: args.test_sentences]
+    for key, row in list(results["rows"].items()):
+        dataset, name = key.split("/", 1)
+        run_dir = args.work / f"{dataset}-{name}"
+        if dataset not in args.datasets or not (run_dir / "best").is_dir():
+            continue
+        test = load_sentences(str(SHARED / DATASETS[dataset]), "test")[: args.test_sentences]
+        if name == "lm":
             row.update(evaluate_lm(from_run(run_dir, str(BASE), "cpu"), test), lm_own_vocabulary=True)
-            save_row(f"{dataset}/lm", row, results["meta"], path, args)
-            print(f"{dataset}/lm rescored: PPL {row['ppl']:.2f}")
+        else:
+            row["z_use"] = z_use(run_dir / "best", test)
+        save_row(key, row, results["meta"], path, args)
+        print(f"{key} rescored: PPL {row['ppl']:.2f}" if name == "lm" else f"{key}: {row['z_use']}")
+
+
+def z_use(export_dir: Path, sentences: list[str]) -> dict[str, float]:
+    """`decoder_use_of_z` of an exported VAE on the stand-in."""
+    backbone = load_backbone(str(BASE), "cpu", dtype=torch.float32)
+    export = read_export(export_dir)
+    model = load_vae(export.adapter_tensors, export.meta, backbone.model.config)
+    return decoder_use_of_z(model, backbone.model, backbone.tokenizer, sentences)
+
+
+def z_use_readings(rows: dict) -> list[str]:
+    """Rows measured by `decoder_use_of_z` (`--rescore`): what the decoder gains from the sentence's own code."""
+    out = []
+    for name, row in rows.items():
+        use = (row or {}).get("z_use")
+        if use:
+            out.append(f"- {label(name)}, decoder's use of z (test Rec, nats per sentence, z not sampled): "
+                       f"{use['rec_own_mu']:.2f} with the sentence's own μ, {use['rec_other_mu']:.2f} with the next "
+                       f"sentence's μ, {use['rec_zero_z']:.2f} with z = 0: its own code saves "
+                       f"{use['rec_other_mu'] - use['rec_own_mu']:.2f} nats over another sentence's")
+    return out
 
 
 def lm_vocabulary_note(rows: dict) -> list[str]:
@@ -522,7 +549,7 @@ def lm_vocabulary_note(rows: dict) -> list[str]:
     return ["- (i) lm adapter: its PPL was scored before issue 18 fixed `evaluate_lm` on the serving engine, whose "
             "softmax then also spread over the engine table's 64 task rows of other slots: about 2 % too high (a "
             "smoke run: 169.0 against 165.5 with the task's own rows only), so the VAE / lm ratios here are about "
-            "2 % too low. Its run folder is gone; `--rescore-lm` refreshes a row whose folder is in --work."]
+            "2 % too low. Its run folder is gone; `--rescore` refreshes a row whose folder is in --work."]
 
 
 def render_only(args) -> None:

@@ -14,8 +14,8 @@ from hub.adapters.vae import (SentenceVAE, VAEConfig, encode_sentences, ffn_para
                               pad_rows)
 from hub.adapters.vlm import vlm_adapter
 from hub.errors import HubError
-from hub.evaluation.vae_metrics import (active_units, iw_terms, kl_per_dim, log_normal, log_standard_normal,
-                                        mutual_information, own_vocabulary)
+from hub.evaluation.vae_metrics import (active_units, decoder_use_of_z, iw_terms, kl_per_dim, log_normal,
+                                        log_standard_normal, mutual_information, own_vocabulary)
 from hub.model.backbone import load_backbone
 from hub.training.vae_objectives import beta_at, delete_tokens, drop_words, elbo_loss, kl_regulariser
 
@@ -267,6 +267,22 @@ def test_lm_likelihood_ignores_other_slots_rows():
     assert torch.isinf(masked[0, [3, 6]]).all()
     torch.testing.assert_close(masked.log_softmax(-1)[0, [0, 1, 2, 4, 5]],
                                logits[0, [0, 1, 2, 4, 5]].log_softmax(-1))
+
+
+def test_decoder_use_of_z_tells_a_decoder_that_reads_z_from_one_that_does_not(backbone):
+    sentences = ["a man walks a dog .", "two people sit on a bench", "a cat sleeps ."]
+    model, vae = backbone.model, make_vae(backbone)
+    reads = decoder_use_of_z(vae, model, backbone.tokenizer, sentences, batch_size=2)
+    ids, mask = batch(backbone, sentences)
+    with torch.no_grad():
+        mu = vae.encode(model, ids, mask)[0]
+        by_hand = float(vae.token_nll(model, ids, mask, mu.roll(-1, 0)).sum()) / 3
+    assert reads["rec_other_mu"] == pytest.approx(by_hand, rel=1e-5)
+    assert len({round(v, 3) for v in reads.values()}) == 3
+    with torch.no_grad():
+        vae.injector.kv.weight.zero_()  # z no longer reaches the decoder
+    ignores = decoder_use_of_z(vae, model, backbone.tokenizer, sentences, batch_size=2)
+    assert ignores["rec_own_mu"] == pytest.approx(ignores["rec_other_mu"]) == pytest.approx(ignores["rec_zero_z"])
 
 
 def test_beta_schedules():
