@@ -11,6 +11,8 @@ data sets may run as parallel processes (`--datasets snli` & `--datasets ptb` ..
     python -m bench.vae_quality --datasets snli --steps 20 --test-sentences 10 --iw-samples 10 \\
         --results /tmp/v/vae.json --doc /tmp/v/VAE.md --work /tmp/v/runs   # a smoke run
     python -m bench.vae_quality --datasets snli --rows adavae lm --steps 3000 --curve-points 12   # a long run
+    python -m bench.vae_quality --datasets snli --rows adavae --steps 400 --word-dropout 0.5     # a variant row
+    python -m bench.vae_quality --rescore --datasets snli --work runs/vae_quality   # lm PPL, VAEs' use of z again
 
 With `--curve-points K` a row is also scored on the test sentences at K evenly spaced steps (IW PPL, −ELBO, KL, MI,
 AU, reconstruction BLEU; the `lm` row: exact PPL) and goes into `--long-results` instead: `docs/VAE.md` shows those
@@ -228,6 +230,9 @@ def render(results: dict, doc: Path, long: dict | None = None) -> str:
              "on a shared CPU, not of converged models." + (
                  "" if sum("+" not in k for k in results["rows"]) == len(DATASETS) * len(ROWS)
                  else " Rows missing below did not finish before the deadline."), ""]
+    if long and long["rows"]:
+        lines += ["A longer run's test metrics over training steps, against the `lm` adapter at the same steps, and "
+                  "whether the gap closes: *Long runs*, the last section.", ""]
     for dataset in DATASETS:
         rows = dataset_rows(results, dataset)
         if not any(rows.values()):
@@ -285,26 +290,28 @@ def render_long(long: dict, folder: Path) -> list[str]:
     return lines
 
 
-def lm_ppl_at(lm: dict | None, step: int) -> float | None:
-    return next((p["ppl"] for p in (lm or {}).get("curve", []) if p["step"] == step), None)
+def lm_at(lm: dict | None, step: int, key: str = "ppl") -> float | None:
+    return next((p[key] for p in (lm or {}).get("curve", []) if p["step"] == step), None)
 
 
 def long_table(dataset: str, name: str, row: dict, lm: dict | None, meta: dict) -> list[str]:
-    lines = [f"### {dataset}: {label(name)} against the lm adapter, {row['steps']} steps", "",
-             "| step | epochs | lm PPL | VAE PPL (IW) | VAE / lm | −ELBO | Rec | KL | MI | AU | recon BLEU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cut = f", cut short after step {row['curve'][-1]['step']}" if row.get("partial") else ""
+    lines = [f"### {dataset}: {label(name)} against the lm adapter, {row['steps']} steps planned{cut}", "",
+             "| step | epochs | lm PPL | lm −log p(x) | VAE PPL (IW) | VAE / lm | −ELBO | Rec | KL | MI | AU | "
+             "recon BLEU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for point in row["curve"]:
-        lm_ppl = lm_ppl_at(lm, point["step"])
+        lm_ppl = lm_at(lm, point["step"])
         ratio = point["ppl"] / lm_ppl if lm_ppl else None
         epochs = point["step"] * meta["batch_size"] / row["train_sentences"]
-        lines.append(f"| {point['step']} | {epochs:.1f} | {fmt(lm_ppl)} | {fmt(point['ppl'])} | "
+        lines.append(f"| {point['step']} | {epochs:.1f} | {fmt(lm_ppl)} | {fmt(lm_at(lm, point['step'], 'nll'))} | "
+                     f"{fmt(point['ppl'])} | "
                      f"{fmt(ratio)} | " + " | ".join(fmt(point[k]) for k in ("neg_elbo", "rec", "kl", "mi", "au",
                                                                            "recon_bleu")) + " |")
     if row.get("partial"):
-        return lines + ["| (run cut short: no final best-checkpoint row) | | | | | | | | | | |"]
+        return lines
     lm_ppl = lm["ppl"] if lm and not lm.get("partial") else None
     best = f"| best held-out checkpoint (step {row['best_step']}), k = {row['iw_samples']} | | " \
-           f"{fmt(lm_ppl)} | {fmt(row['ppl'])} | {fmt(row['ppl'] / lm_ppl) if lm_ppl else '–'} | " \
+           f"{fmt(lm_ppl)} | {fmt(lm['nll'] if lm_ppl else None)} | {fmt(row['ppl'])} | {fmt(row['ppl'] / lm_ppl) if lm_ppl else '–'} | " \
            + " | ".join(fmt(row[k]) for k in ("neg_elbo", "rec", "kl", "mi", "au", "recon_bleu")) + " |"
     return lines + [best]
 
@@ -315,13 +322,21 @@ def gap_readings(name: str, row: dict, lm: dict | None) -> list[str]:
     out = [f"- {label(name)}: reconstruction BLEU {first['recon_bleu']:.2f} at step {first['step']} → "
            f"{last['recon_bleu']:.2f} at step {last['step']} (best {max(p['recon_bleu'] for p in row['curve']):.2f}); "
            f"KL {first['kl']:.1f} → {last['kl']:.1f} nats; MI {first['mi']:.2f} → {last['mi']:.2f} "
-           f"(at most ln {last['sentences']} = {math.log(last['sentences']):.2f} over {last['sentences']} sentences)"]
-    gaps = [(p["step"], p["ppl"] / lm_ppl) for p in row["curve"] if (lm_ppl := lm_ppl_at(lm, p["step"]))]
+           f"({mi_bound(last['mi'], last['sentences'])})"]
+    gaps = [(p["step"], p["ppl"] / lm_ppl) for p in row["curve"] if (lm_ppl := lm_at(lm, p["step"]))]
     if gaps:
         narrowest = min(gaps, key=lambda g: g[1])
         out.append(f"- PPL gap VAE / lm: {gaps[0][1]:.2f}× at step {gaps[0][0]}, {gaps[-1][1]:.2f}× at step "
                    f"{gaps[-1][0]}, narrowest {narrowest[1]:.2f}× at step {narrowest[0]}")
     return out
+
+
+def mi_bound(mi: float, sentences: int) -> str:
+    """MI against its ln N bound over N sentences; near the bound the set is too small to measure more."""
+    bound = math.log(sentences)
+    reading = (": at the bound (beyond it only by the one-sample estimator's noise), so this set of sentences "
+               "cannot show more MI" if mi >= 0.9 * bound else "")
+    return f"at most ln {sentences} = {bound:.2f} over {sentences} sentences{reading}"
 
 
 def plot_long(dataset: str, name: str, row: dict, lm: dict | None, folder: Path) -> str:
