@@ -10,7 +10,7 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test lint chromium faults bench bench-guidellm clean
+.PHONY: venv demo demo-serve test lint chromium java faults bench bench-guidellm clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ chromium:
 	  echo "installing chromium for the browser test (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: venv chromium
+# METEOR and the PTB tokeniser of ROUGE-L and CIDEr (the E2E metrics) run on Java: without it their tests skip.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "installing a headless Java runtime for the E2E metric tests (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; }
+
+test: venv chromium java
 	$(BIN)/python -m pytest
 
 # Style (ruff), the layering (import-linter, .importlinter: no upward import, no cycle) and types (mypy on the

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.common import SHARED, machine
+from bench.common import SHARED, STALE, machine, nist_is_stale, stale_nist_note
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (1, 2, 3)
@@ -91,6 +91,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
 
     from bench.quality import mr_coverage
     from hub.evaluation.decode import Decoding, evaluate, from_run, write_result
+    from hub.evaluation.metrics.e2e.mteval import NIST_RULE
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, load_baseline, make_trainer
     from hub.training.trainer import TrainConfig, prepare_run_dir
@@ -130,7 +131,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
         "step_seconds": (train_seconds - eval_seconds[0] - sum(w[0] for w in warm_up_seconds)) / max(1, trainer.step),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "evals": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log.evals],
-        "test": result.record(), **(mr_coverage(result.sources, result.outputs) if cell.task == "e2e" else {}),
+        "test": result.record(),
+        **({**mr_coverage(result.sources, result.outputs), "nist_rule": NIST_RULE} if cell.task == "e2e" else {}),
         "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -206,6 +208,11 @@ def scores_of(row: dict) -> dict[str, float]:
     return {k: scores[k] * (100 if k in SCALED else 1) for k in TASKS[row["task"]].keys if k in scores}
 
 
+def stale_mark(runs: list[dict], key: str) -> str:
+    """`STALE` after a NIST cell when any of its E2E runs was scored by an earlier NIST rule."""
+    return f" {STALE}" if key == "nist" and any(r["task"] == "e2e" and nist_is_stale(r) for r in runs) else ""
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
@@ -228,7 +235,8 @@ def group_table(rows: list[dict], task: str) -> list[str]:
             if not runs:
                 continue
             runs_list = list(runs.values())
-            cells_ = " | ".join(mean_std([scores_of(r).get(k) for r in runs_list if k in scores_of(r)]) for k in keys)
+            cells_ = " | ".join(mean_std([scores_of(r).get(k) for r in runs_list if k in scores_of(r)]) +
+                                stale_mark(runs_list, k) for k in keys)
             lines.append(f"| {method} | {n} | {'yes' if mvcr else 'no'} | {len(runs)} | {cells_} | "
                          f"{mean_std([r['best_eval_loss'] for r in runs_list])} | "
                          f"{statistics.mean(r['step_seconds'] for r in runs_list):.2f} | "
@@ -237,7 +245,8 @@ def group_table(rows: list[dict], task: str) -> list[str]:
         paired = sorted(set(by_mvcr[False]) & set(by_mvcr[True]))
         if paired:
             diffs = " | ".join(mean_std([scores_of(by_mvcr[True][s]).get(k, 0) - scores_of(by_mvcr[False][s]).get(k, 0)
-                                         for s in paired]) for k in keys)
+                                         for s in paired]) + stale_mark([*runs_list, *by_mvcr[False].values()], k)
+                               for k in keys)
             loss = mean_std([by_mvcr[True][s]["best_eval_loss"] - by_mvcr[False][s]["best_eval_loss"] for s in paired])
             ratio = statistics.mean(by_mvcr[True][s]["step_seconds"] / by_mvcr[False][s]["step_seconds"] for s in paired)
             lines.append(f"| **MVCR − plain** | {n} | paired | {len(paired)} | {diffs} | {loss} | ×{ratio:.2f} | | |")
@@ -314,11 +323,11 @@ def render(results: dict, curves: Path, args: argparse.Namespace) -> str:
     rescored = sum("rescored" in r for r in rows)
     if rescored:
         lines += [f"{rescored} E2E cells decoded in an earlier session were scored again from their saved outputs "
-                  "with the current E2E metric (BLEU on 0-100, NIST as the official scorer computes it), so every "
-                  "row is on one scale.", ""]
+                  "with the E2E metric of that time (BLEU on 0-100), so every row's BLEU is on one scale.", ""]
     lines += target_check(rows) + timing_line(results.get("timing"))
     for task in TASKS:
         lines += [f"## {task}", ""] + group_table(rows, task) + [""]
+    lines += stale_nist_note([r for r in rows if r["task"] == "e2e"], "`python -m bench.mvcr --only CELL`")
     notes = sorted({n for r in rows for n in r["test"]["notes"]})
     lines += [f"Note: {n}" for n in notes]
     longer = bool(args.long_results and args.long_results.exists())
@@ -348,7 +357,9 @@ def long_budget_section(results: dict, curves: Path) -> list[str]:
             f"{', '.join(map(str, best(True)))} (of {results['steps']}); each decoded from its best checkpoint "
             f"on the first {results['limit']} unique test MRs.", ""] + \
         [line for task in sorted({t for t, _, _ in groups}) for line in group_table(rows, task)] + \
-        [""] + paired_summary(rows) + \
+        [""] + stale_nist_note([r for r in rows if r["task"] == "e2e"],
+                               "`python -m bench.mvcr --steps ... --only CELL`") + [""] + \
+        paired_summary(rows) + \
         ["", f"![held-out loss over {results['steps']} steps, plain vs MVCR]({curves.name})", ""]
 
 
@@ -383,8 +394,10 @@ IMPLEMENTATION = [
     "records `{layers, dims, noise, p_identity, pretrain_epochs, ae_lr}`. `hub/serving/` has no MVCR code.",
     "- Reconstruction: after each task step, each layer's loss mean_k MSE(h, HAE_k(h)) on that step's noisy MLP "
     "outputs, stepped by the layer's own AdamW (HAEs only, lr 1e-3, linear decay over warm-up + task steps, clip "
-    "1.0). The public code back-propagates the same loss from the task forward; recomputing it from stored, "
-    "detached inputs gives the HAEs the same gradient and leaves every other parameter untouched (tested).",
+    "1.0). The public code back-propagates that loss from the task forward; the hub recomputes it from stored, "
+    "detached inputs, an unbiased surrogate: the new forward pass draws its own sub-autoencoder and dropout masks, "
+    "so the HAEs get a gradient of the same expected loss, not the same gradient (no test compares the two). It "
+    "leaves every other parameter untouched (tested: `test_reconstruction_step_touches_only_the_autoencoders`).",
     "- Warm-up: one eval-mode forward pass over the training set captures the MLP outputs (cached while under "
     "512 MiB), then `pretrain_epochs` epochs of reconstruction steps on them plus the noise.",
 ]

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import SHARED, machine
+from bench.common import SHARED, STALE, machine, nist_is_stale, stale_nist_note
 from bench.e2e_learning_curve import slot_recall
 from hub.model.backbone import load_backbone
 from hub.training.baselines import default_lr, load_baseline, make_trainer
 from hub.evaluation.decode import Decoding, TaskModel, evaluate, from_run, write_result
+from hub.evaluation.metrics.e2e.mteval import NIST_RULE
 from hub.training.trainer import TrainConfig, prepare_run_dir
 from tasks import make_task
 
@@ -87,7 +88,7 @@ def train_row(name: str, row: Row, args: argparse.Namespace) -> dict:
         "bottleneck": config.bottleneck if row.method != "full" else None,
         "lora_rank": getattr(trainer, "rank", None), "lr": config.lr,
         "trainable_params": trainer.trainable_count, "backbone_params": backbone.num_parameters,
-        "epochs": config.epochs, "steps": trainer.step, "best_step": log.best_step,
+        "epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "steps": trainer.step, "best_step": log.best_step,
         "best_eval_loss": log.best_eval_loss, "train_seconds": round(time.time() - started, 1),
         "evals": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log.evals],
     }
@@ -106,7 +107,7 @@ def run_row(name: str, row: Row, args: argparse.Namespace) -> dict:
     decoding = Decoding(max_new_tokens=task_model.task.defaults.max_new_tokens, batch_size=args.batch_size)
     result = evaluate(task_model, str(args.shared / row.data), "test", decoding, args.limit)
     write_result(result, run_dir / "eval")
-    coverage = mr_coverage(result.sources, result.outputs) if row.task == "e2e" else {}
+    coverage = {**mr_coverage(result.sources, result.outputs), "nist_rule": NIST_RULE} if row.task == "e2e" else {}
     return {"row": name, **asdict(row), **trained, "backbone": args.base, "test": result.record(), **coverage,
             "limit": args.limit, "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -121,10 +122,12 @@ def mr_coverage(mrs: list[str], outputs: list[str]) -> dict:
 
 # -- report -------------------------------------------------------------------------------------------------
 
-def e2e_scores(scores: dict) -> str:
-    """BLEU | NIST | METEOR | ROUGE-L | CIDEr cells ("–" where Java was missing)."""
-    keys = ("bleu", "nist", "meteor", "rouge_l", "cider")
-    return " | ".join(f"{scores[k] * E2E_SCALED.get(k, 1):.2f}" if k in scores else "–" for k in keys)
+def e2e_scores(r: dict) -> str:
+    """BLEU | NIST | METEOR | ROUGE-L | CIDEr cells ("–" where Java was missing; NIST of an earlier rule marked)."""
+    scores, keys = r["test"]["scores"], ("bleu", "nist", "meteor", "rouge_l", "cider")
+    marks = {"nist": f" {STALE}" if nist_is_stale(r) else ""}
+    return " | ".join(f"{scores[k] * E2E_SCALED.get(k, 1):.2f}{marks.get(k, '')}" if k in scores else "–"
+                      for k in keys)
 
 
 def other_scores(scores: dict) -> str:
@@ -141,12 +144,22 @@ def params(r: dict) -> str:
 
 
 def training(r: dict) -> str:
-    """Best held-out loss @ step | steps | epochs (of the task's VLM value) | train time."""
+    """Best held-out loss @ step | steps | epochs trained (of those configured) | train time."""
     vlm_epochs = make_task(r["task"], r["options"]).defaults.epochs
     still_improving = " (last step: still improving)" if r["best_step"] == r["steps"] else ""
+    vlm = "" if r["epochs"] == vlm_epochs else f" (VLM: {vlm_epochs})"
     return (f"{r['best_eval_loss']:.3f} @ {r['best_step']}{still_improving} | {r['steps']} | "
-            f"{r['epochs']} of {vlm_epochs} | "
+            f"{r['steps'] / steps_per_epoch(r):.1f} of {r['epochs']}{vlm} | "
             f"{r['train_seconds'] / 60:.1f} min")
+
+
+def steps_per_epoch(r: dict) -> int:
+    """Recorded by the run, or (rows of earlier runs) worked out from the data as `train_row` does."""
+    if "steps_per_epoch" in r:
+        return r["steps_per_epoch"]
+    task = make_task(r["task"], r["options"])
+    train = task.load_examples(str(SHARED / ROWS[r["row"]].data), "train")
+    return max(1, len(train) // (task.defaults.batch_size * task.defaults.grad_accum))
 
 
 def languages(r: dict) -> str:
@@ -171,7 +184,7 @@ def bleu_ratios(rows: dict) -> list[str]:
     for r in adapters:
         a = r["test"]["scores"]["bleu"]
         lines.append(f"- **Adapter b={r['bottleneck']}, {params(r)} parameters: BLEU / full fine-tuning's = "
-                     f"{100 * a:.2f} / {100 * f:.2f} = {a / f:.3f}**: "
+                     f"{a:.2f} / {f:.2f} = {a / f:.3f}**: "
                      f"{'meets' if a >= 0.98 * f else 'short of'} the ≥ 0.98 target.")
     for r in adapters:
         if r["test"]["scores"]["bleu"] < 0.98 * f and "name_rate" in r and "name_rate" in full:
@@ -209,13 +222,17 @@ def render(results: dict, curves: Path) -> str:
         "backbone's parameters. Full fine-tuning uses VGLM's full-FT lr (spec §4); LoRA (`hub.training.baselines`) is PEFT "
         "LoRA on `c_attn` with the rank whose size is nearest the adapter's, α = 32, at the adapter's lr. "
         "*Names its restaurant*: share of outputs containing their MR's `name` value; *slot values mentioned*: "
-        "share of the MR's name, near, food, area and eatType values found in the output (case-insensitive).", "",
+        "share of the MR's name, near, food, area and eatType values found in the output (case-insensitive). "
+        "*Epochs*: trained (steps ÷ steps per epoch; fewer when held-out loss stopped the run early) of those "
+        "configured.", "",
         "| row | method | trainable params | lr | BLEU | NIST | METEOR | ROUGE-L | CIDEr | best held-out loss @ step "
         "| steps | epochs | train time | names its restaurant | slot values mentioned | test MRs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['row']} | {method(r)} | {params(r)} | {r['lr']:g} | {e2e_scores(r['test']['scores'])} | "
+    lines += [f"| {r['row']} | {method(r)} | {params(r)} | {r['lr']:g} | {e2e_scores(r)} | "
               f"{training(r)} | {coverage(r)} | {r['test']['num_sources']} |" for r in e2e]
+    lines += [""] + stale_nist_note(e2e, "`python -m bench.quality --only ROW` (or `hub eval` on the published "
+                                         "adapter)")
     lines += bleu_ratios(rows)
     notes = sorted({n for r in rows.values() for n in r["test"]["notes"]})
     lines += [f"\nNote: {note}" for note in notes]

@@ -26,17 +26,28 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+# What a trainer's held-out evaluations record, and in which unit: the VLM trainer's token cross-entropy, the
+# sentence VAE's −ELBO (its training loss is Rec + β·R per sentence).
+HELD_OUT = {"eval_loss": ("held-out loss", "cross-entropy (nats/token)"),
+            "neg_elbo": ("held-out −ELBO", "loss (nats/sentence)")}
+
+
 def training_curve_png(log: dict, title: str = "") -> bytes:
-    """Training loss per optimizer step and held-out loss per evaluation (a `TrainLog` as a dict)."""
+    """Training loss per optimizer step and held-out loss per evaluation, from a `train_log.json` of either trainer
+    (`TrainLog`, `VAETrainLog`, as dicts); a VAE log also shows its training KL."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps, evals = log.get("steps", []), log.get("evals", [])
+    key = next((k for k in HELD_OUT if evals and k in evals[0]), "eval_loss")
+    label, unit = HELD_OUT[key]
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss", alpha=0.6)
-    ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out loss")
+    if steps and "kl" in steps[0]:
+        ax.plot([s["step"] for s in steps], [s["kl"] for s in steps], label="train KL", alpha=0.6)
+    ax.plot([e["step"] for e in evals], [e[key] for e in evals], "o-", label=label)
     if log.get("best_step") is not None:
         ax.axvline(log["best_step"], color="grey", linestyle=":", label=f"best (step {log['best_step']})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(unit)
     if title:
         ax.set_title(title)
     ax.legend()

@@ -96,7 +96,6 @@ def test_library_adapter_equals_the_formula_by_hand(tiny_base, ids):
         block.register_forward_hook(by_hand(i))
     with torch.no_grad():
         expected, actual = plain(ids).logits, library(ids).logits
-        assert (actual - plain.transformer.h[0].mlp.c_fc.weight.new_zeros(1)).abs().max() > 0
         effect = (library(ids).logits - GPT2LMHeadModel.from_pretrained(tiny_base).eval()(ids).logits).abs().max()
     assert effect > 0.1, "the adapter must change the output for this test to mean anything"
     assert (expected - actual).abs().max() <= 1e-5

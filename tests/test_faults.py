@@ -238,7 +238,7 @@ def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
         return filtered(logits, params)
 
     greedy = SamplingParams(max_new_tokens=6)
-    alone = decode_to_completion(engine, [engine.new_sequence("e2e", MR, greedy)])[0].text
+    alone = decode_to_completion(engine, [engine.new_sequence("e2e", MR, greedy)])[0]
     monkeypatch.setattr(output_module, "filtered_logits", poisoned)
     scheduler = Scheduler(engine, max_batch=16)
     done = threading.Event()
@@ -252,9 +252,8 @@ def test_a_row_that_fails_sampling_fails_alone(backbone, store, monkeypatch):
     assert done.wait(60)
     scheduler.stop(10)
     assert poison.finish_reason == "error"
-    assert [s.finish_reason for s in sequences] == ["length"] * 8 or all(s.finish_reason in ("stop", "length")
-                                                                           for s in sequences)
-    assert all(s.text == alone for s in sequences)
+    assert alone.finish_reason in ("stop", "length")
+    assert all((s.text, s.finish_reason) == (alone.text, alone.finish_reason) for s in sequences)
     assert all(a.in_use == 0 for a in engine.manager.adapters.values()), "every adapter reference is released"
 
 

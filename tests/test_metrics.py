@@ -112,17 +112,46 @@ def test_e2e_nist_length_penalty(metrics):
     assert nist == pytest.approx(2 * math.exp(-BETA * math.log(0.5) ** 2))  # 0.26381
 
 
-def test_e2e_nist_average_reference_length_as_the_official_script(metrics):
-    # Segment 1 has two refs, segment 2 one. Reference counts: a 2, b 2, c 1, d 1, total 6.
-    # Matched info: a, b: log2(6/2) each; c: log2(6/1); bigram "a b": log2(2/2) = 0.
-    # NIST unigram term = (2 log2 3 + log2 6) / 3 hyp words; bigram term 0.
-    # The official E2E scorer (e2e-metrics fdfe692) sums each segment's mean non-empty reference
-    # length: 2 + 2 = 4 words against 3 output words, penalty exp(-BETA ln(3/4)^2) = 0.70542.
-    # (Dividing 6 reference words by the 2 references of segment 1 would give 3: no penalty, 1.9183.)
-    _, nist = bleu_nist(metrics, ["a b", "c"], [["a b", "a b"], ["c d"]])
-    unigram_info = (2 * math.log2(3) + math.log2(6)) / 3
-    assert nist == pytest.approx(unigram_info * math.exp(-BETA * math.log(3 / 4) ** 2))
-    assert nist == pytest.approx(1.3532, abs=1e-4)
+def test_e2e_nist_reference_length_as_the_official_perl(metrics):
+    # The case, checked against mteval-v13a-sig.pl after e2e-metrics fdfe692: NIST 2.8363, BLEU 0.5488.
+    # Reference words: 6 + 2 + 2 + 2 = 12; counts a b c d x y 1 each, e 3, f 2, g 1.
+    # Unigram info of the 5 matched output words: a, b, c log2(12); e log2(12/3); f log2(12/2).
+    # Bigrams: "a b", "b c" log2(1/1) = 0; "e f" log2(count(e)/count(e f)) = log2(3/2); 3 output bigrams.
+    # Trigram "a b c": 0. Reference length = 12 words / (4 non-empty refs / 2 segments) = 6 against 5 output words.
+    # (The Python port's sum of per-segment means, 6 + 2 = 8, gives 1.2857; the largest count of references,
+    # 12 / 3 = 4, no penalty at all.)
+    # BLEU: every output n-gram matches (no 4-grams); closest lengths 6 + 2 = 8 against 5: BP = exp(1 - 8/5).
+    bleu, nist = bleu_nist(metrics, ["a b c", "e f"], [["a b c d x y"], ["e f", "e f", "e g"]])
+    gain = (3 * math.log2(12) + math.log2(4) + math.log2(6)) / 5 + math.log2(1.5) / 3
+    assert nist == pytest.approx(gain * math.exp(-BETA * math.log(5 / 6) ** 2))
+    assert nist == pytest.approx(2.8363, abs=1e-4)
+    assert bleu == pytest.approx(math.exp(-0.6))
+    assert bleu == pytest.approx(0.5488, abs=1e-4)
+
+
+def test_e2e_nist_empty_references_as_the_official_perl(metrics):
+    # Empty references (the E2E script pads each segment to the largest number of references with them; a
+    # reference with no word after tokenisation is one) add no words and are not counted as references, but the
+    # segments they pad count: padding the case changes nothing.
+    padded = [["a b c d x y", "", " "], ["e f", "e f", "e g"]]
+    assert bleu_nist(metrics, ["a b c", "e f"], padded) == pytest.approx((0.5488, 2.8363), abs=1e-4)
+    # A segment with only empty references: reference words 4 + 2 + 1 = 7 over 3 non-empty references in 3
+    # segments -> reference length 7 / (3 / 3) = 7 against 4 output words. Counts a 2, b 2, c 2, d 1:
+    # a, b, c match with info log2(7/2) each, "x" matches nothing; bigram "a b" log2(2/2) = 0.
+    # (Sum of per-segment means: 3 + 1 + 0 = 4, no penalty, 1.3555; counting empties: 7 / (7 / 3) = 3.)
+    _, nist = bleu_nist(metrics, ["a b", "c", "x"], [["a b c d", "a b"], ["c", "", ""], ["", ""]])
+    assert nist == pytest.approx(3 * math.log2(3.5) / 4 * math.exp(-BETA * math.log(4 / 7) ** 2))
+    assert nist == pytest.approx(0.3620, abs=1e-4)
+
+
+def test_e2e_bleu_closest_length_folds_from_the_first_reference(metrics):
+    # mteval starts from the first reference's length and skips *later* empty references, so an empty first
+    # reference counts as length 0: for "a b" against ["", "a b c d e"], |2 - 5| > |2 - 0| keeps r = 0 (no
+    # brevity penalty); for "a b c d" |4 - 5| < 4 takes r = 5. p1 = 1, p2 = 1 (a b); "a b" has no 3-gram.
+    bleu, _ = bleu_nist(metrics, ["a b"], [["", "a b c d e"]])
+    assert bleu == pytest.approx(1.0)
+    bleu, _ = bleu_nist(metrics, ["a b c d"], [["", "a b c d e"]])
+    assert bleu == pytest.approx(math.exp(1 - 5 / 4))
 
 
 def test_e2e_needs_java_unless_skipped(metrics, monkeypatch):

@@ -14,10 +14,10 @@ from hub.adapters.vae import (SentenceVAE, VAEConfig, encode_sentences, ffn_para
                               pad_rows)
 from hub.adapters.vlm import vlm_adapter
 from hub.errors import HubError
-from hub.evaluation.vae_metrics import (active_units, iw_terms, kl_per_dim, log_normal, log_standard_normal,
-                                        mutual_information)
+from hub.evaluation.vae_metrics import (active_units, decoder_use_of_z, iw_terms, kl_per_dim, log_normal,
+                                        log_standard_normal, mutual_information, own_vocabulary)
 from hub.model.backbone import load_backbone
-from hub.training.vae_objectives import beta_at, delete_tokens, elbo_loss, kl_regulariser
+from hub.training.vae_objectives import beta_at, delete_tokens, drop_words, elbo_loss, kl_regulariser
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +265,32 @@ def test_mutual_information_and_active_units():
     assert active_units(mu) == 2
 
 
+def test_lm_likelihood_ignores_other_slots_rows():
+    # base vocabulary 3, added rows 3..6 of which the task owns 4 and 5 (the engine's table holds every slot's):
+    # the softmax is over ids 0, 1, 2, 4, 5 only, so an unreachable row's logit takes no probability.
+    logits = torch.tensor([[1.0, 2.0, 0.5, 9.0, 0.0, 3.0, 9.0]])
+    masked = own_vocabulary(logits, 3, [4, 5])
+    assert torch.isinf(masked[0, [3, 6]]).all()
+    torch.testing.assert_close(masked.log_softmax(-1)[0, [0, 1, 2, 4, 5]],
+                               logits[0, [0, 1, 2, 4, 5]].log_softmax(-1))
+
+
+def test_decoder_use_of_z_tells_a_decoder_that_reads_z_from_one_that_does_not(backbone):
+    sentences = ["a man walks a dog .", "two people sit on a bench", "a cat sleeps ."]
+    model, vae = backbone.model, make_vae(backbone)
+    reads = decoder_use_of_z(vae, model, backbone.tokenizer, sentences, batch_size=2)
+    ids, mask = batch(backbone, sentences)
+    with torch.no_grad():
+        mu = vae.encode(model, ids, mask)[0]
+        by_hand = float(vae.token_nll(model, ids, mask, mu.roll(-1, 0)).sum()) / 3
+    assert reads["rec_other_mu"] == pytest.approx(by_hand, rel=1e-5)
+    assert len({round(v, 3) for v in reads.values()}) == 3
+    with torch.no_grad():
+        vae.injector.kv.weight.zero_()  # z no longer reaches the decoder
+    ignores = decoder_use_of_z(vae, model, backbone.tokenizer, sentences, batch_size=2)
+    assert ignores["rec_own_mu"] == pytest.approx(ignores["rec_other_mu"]) == pytest.approx(ignores["rec_zero_z"])
+
+
 def test_beta_schedules():
     # cyclical: 4 cycles of 100 steps: 25 at 0, 25 ramping, 50 at β_max
     assert [beta_at(s, 400, "cyclical") for s in (0, 24, 25, 37, 50, 99, 100, 137)] == \
@@ -278,16 +304,25 @@ def test_beta_schedules():
 
 
 def test_kl_floors():
-    kl = torch.tensor([[0.1, 2.0], [0.3, 4.0]])  # batch means per dim: 0.2, 3.0; total mean 3.2
-    assert float(kl_regulariser(kl, "none", 0.5)) == pytest.approx(3.2)
-    assert float(kl_regulariser(kl, "total_hinge", 2.0)) == pytest.approx(4.0)  # max(3.2, 2·2)
-    assert float(kl_regulariser(kl, "total_hinge", 1.0)) == pytest.approx(3.2)
-    assert float(kl_regulariser(kl, "per_dim_mask", 0.5)) == pytest.approx(3.0)
-    assert float(kl_regulariser(kl, "per_dim_clamp", 0.5)) == pytest.approx(3.5)
-    # below a floor the KL gets no gradient
-    kl = kl.clone().requires_grad_()
-    kl_regulariser(kl, "per_dim_clamp", 0.5).backward()
-    assert kl.grad[:, 0].abs().sum() == 0 and kl.grad[:, 1].abs().sum() > 0
+    # Dimension 0: sentence 1 is below λ = 0.5 (0.1), sentence 2 above (0.7); their batch mean 0.4 is below, so a
+    # floor on batch means would treat both sentences alike. Dimension 1 is above λ for both.
+    kl = torch.tensor([[0.1, 2.0], [0.7, 4.0]])  # per sentence Σ_d: 2.1, 4.7; mean 3.4
+    assert float(kl_regulariser(kl, "none", 0.5)) == pytest.approx(3.4)
+    assert float(kl_regulariser(kl, "total_hinge", 2.0)) == pytest.approx(4.0)  # max(3.4, 2·2), on the batch total
+    assert float(kl_regulariser(kl, "total_hinge", 1.0)) == pytest.approx(3.4)
+    # Optimus fb_mode 1: mean_b Σ_d KL_bd·1[KL_bd > λ] = ((0 + 2.0) + (0.7 + 4.0)) / 2 (batch means: 0 + 3.0)
+    assert float(kl_regulariser(kl, "per_dim_mask", 0.5)) == pytest.approx(3.35)
+    # P&L min_z: mean_b Σ_d max(KL_bd, λ) = ((0.5 + 2.0) + (0.7 + 4.0)) / 2 (batch means: 0.5 + 3.0)
+    assert float(kl_regulariser(kl, "per_dim_clamp", 0.5)) == pytest.approx(3.6)
+
+
+@pytest.mark.parametrize("floor", ["per_dim_mask", "per_dim_clamp"])
+def test_per_dimension_floors_act_on_each_sentence(floor):
+    # Below λ a sentence's dimension gets no KL gradient; above it, 1/B, whatever the other sentence does
+    # (a floor on the batch mean 0.4 would give both sentences of dimension 0 no gradient).
+    kl = torch.tensor([[0.1, 2.0], [0.7, 4.0]], requires_grad=True)
+    kl_regulariser(kl, floor, 0.5).backward()
+    assert kl.grad.tolist() == [[0.0, 0.5], [0.5, 0.5]]
 
 
 def test_elbo_normalisations():
@@ -309,6 +344,27 @@ def test_denoising_never_deletes_the_final_eos():
         assert noisy[-1] == 0 and len(noisy) >= len(ids) - 4
         assert all(t in ids for t in noisy) and noisy == sorted(noisy[:-1]) + [0]
     assert delete_tokens(ids, 0.0, rng) == ids
+
+
+def test_word_dropout_replaces_only_words_between_the_ends():
+    ids = [0] + list(range(1, 201)) + [0]
+    dropped = drop_words(ids, 0.3, random.Random(0), replacement=9999)
+    assert len(dropped) == len(ids) and dropped[0] == 0 and dropped[-1] == 0
+    assert all(d in (t, 9999) for d, t in zip(dropped, ids))
+    assert 0.2 < sum(d == 9999 for d in dropped) / 200 < 0.4
+    assert drop_words(ids, 0.0, random.Random(0), 9999) == ids
+
+
+def test_word_dropout_changes_what_the_decoder_reads_not_what_it_predicts(backbone):
+    model, vae = backbone.model, make_vae(backbone)
+    ids, mask = batch(backbone)
+    z = torch.randn(2, 4)
+    inputs = ids.clone()
+    inputs[:, 2] = 7
+    plain, dropped = vae.token_nll(model, ids, mask, z), vae.token_nll(model, ids, mask, z, inputs)
+    # targets up to the changed input are predicted from the same prefix; the ones after it see token 7
+    torch.testing.assert_close(dropped[:, :2], plain[:, :2])
+    assert (dropped[:, 2:] - plain[:, 2:]).abs().max() > 0
 
 
 def test_interpolation_path_ends_at_both_points():

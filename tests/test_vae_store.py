@@ -56,8 +56,11 @@ def vae_run(tiny_base, sentence_dir, tmp_path_factory) -> Path:
 def test_training_writes_a_resumable_run(vae_run, tiny_base, sentence_dir):
     log = json.loads((vae_run / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == [1, 2, 3, 4]
-    assert {"loss", "rec", "kl", "beta"} <= log["steps"][0].keys() and log["evals"][-1]["au"] >= 0
+    assert {"loss", "rec", "kl", "beta"} <= log["steps"][0].keys()
+    assert {"neg_elbo", "rec", "kl", "au", "mi", "beta"} <= log["evals"][-1].keys()
+    assert all(e["au"] in range(0, 5) for e in log["evals"])  # a count of the nz = 4 dimensions
     assert (vae_run / "vae_curves.png").stat().st_size > 0
+    assert json.loads((vae_run / "best" / "train_log.json").read_text()) == log  # the export carries the log
     meta = json.loads((vae_run / "best" / "adapter_meta.json").read_text())
     assert meta["adapter_kind"] == "sentence_vae" and meta["vae"]["pooling"] == "mean"
     assert meta["training"]["kl_floor"] == "per_dim_mask" and meta["training"]["denoise"] == 0.2
@@ -79,6 +82,15 @@ def test_publish_list_show_eval_rm(vae_run, tiny_base, sentence_dir, tmp_path):
     metrics = json.loads(invoke("show", "snli-vae", "--store", store, "--json"))["metrics"]["test"]
     assert metrics["iw_samples"] == 3 and metrics["sentences"] == 4 and metrics["ppl"] > 1
     assert "removed snli-vae@1" in invoke("rm", "snli-vae", "--store", store)
+
+
+def test_show_plot_draws_a_published_vaes_training_curve(vae_run, tmp_path):
+    store = tmp_path / "store"
+    invoke("publish", vae_run, "--name", "snli-vae", "--store", store)
+    assert AdapterStore(store).training_log("snli-vae")[1]["evals"][-1]["neg_elbo"] > 0
+    output = invoke("show", "snli-vae", "--store", store, "--plot", "--plot-out", tmp_path / "curve.png")
+    assert "training curve written" in output
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_store_checks_checksum_and_backbone(vae_run, tiny_base, other_base, tmp_path):

@@ -281,9 +281,11 @@ class SentenceVAE(nn.Module):
             yield
 
     def token_nll(self, model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor,
-                  z: torch.Tensor) -> torch.Tensor:
-        """−log p(x_t | x_<t, z) [B, T−1] of `<bos> x <eos>` rows (ids [B, T], right-padded; 0 at padding)."""
-        logits = self.decoder_logits(model, ids[:, :-1], mask[:, :-1], z)
+                  z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """−log p(x_t | x_<t, z) [B, T−1] of `<bos> x <eos>` rows (ids [B, T], right-padded; 0 at padding).
+
+        `inputs` (same shape) replaces what the decoder reads, not what it predicts (word dropout)."""
+        logits = self.decoder_logits(model, (ids if inputs is None else inputs)[:, :-1], mask[:, :-1], z)
         nll = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         return nll.view(ids.shape[0], -1) * mask[:, 1:]
 
@@ -319,11 +321,14 @@ class SentenceVAE(nn.Module):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + std * eps
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The bundle's parts by name (what a recipe freezes or trains is a choice among them)."""
+        return {"encoder_adapters": self.encoder_adapters, "decoder_adapters": self.decoder_adapters,
+                "pooling": self.pooling, "heads": nn.ModuleList([self.mu, self.logvar]), "injector": self.injector}
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part of the bundle."""
-        parts = {"encoder_adapters": self.encoder_adapters, "decoder_adapters": self.decoder_adapters,
-                 "pooling": self.pooling, "heads": nn.ModuleList([self.mu, self.logvar]), "injector": self.injector}
-        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in self.parts().items()}
 
 
 def encode_sentences(tokenizer, sentences: list[str], max_length: int) -> list[list[int]]:

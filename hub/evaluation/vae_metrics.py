@@ -146,6 +146,36 @@ def _log_px_given_z(vae, model, ids: torch.Tensor, mask: torch.Tensor, z: torch.
 
 
 @torch.no_grad()
+def decoder_use_of_z(vae, model, tokenizer, sentences: list[str], max_length: int = 32,
+                     batch_size: int = 16) -> dict[str, float]:
+    """How much the decoder reads z: Rec (nats per sentence, −log p(x|z)) with z = μ(x), with z = μ of the next
+    sentence of the set (another sentence's code), and with z = 0 (the prior's mean). A decoder that ignores z
+    gives the three the same value; what z(x) saves over another sentence's z is what it carries about x."""
+    from hub.adapters.vae import encode_sentences, pad_rows
+
+    vae.eval()
+    device = next(model.parameters()).device
+    rows = encode_sentences(tokenizer, sentences, max_length)
+    batches = [pad_rows(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)]
+    mu = torch.cat([vae.encode(model, ids, mask)[0] for ids, mask in batches])
+    codes = {"rec_own_mu": mu, "rec_other_mu": mu.roll(-1, 0), "rec_zero_z": torch.zeros_like(mu)}
+    totals = dict.fromkeys(codes, 0.0)
+    for start, (ids, mask) in zip(range(0, len(rows), batch_size), batches):
+        for name, z in codes.items():
+            totals[name] += float(vae.token_nll(model, ids, mask, z[start : start + len(ids)]).sum())
+    return {name: total / len(rows) for name, total in totals.items()}
+
+
+def own_vocabulary(logits: torch.Tensor, base_vocab: int, own_ids) -> torch.Tensor:
+    """Logits [..., V'] with every added row but the task's own (`own_ids`) at −inf: on the serving engine V' holds
+    every slot's task rows, which a task can never emit; left in, they take probability mass and raise its PPL."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[:base_vocab] = True
+    keep[list(own_ids)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@torch.no_grad()
 def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_size: int = 32) -> dict:
     """Exact log-likelihood of an `lm` adapter (`hub.evaluation.decode.TaskModel`): PPL with the VAE's token
     count (`<bos> x <eos>`, x cut to `max_length` − 2 tokens as for the VAE)."""
@@ -162,8 +192,9 @@ def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_si
         batch = collate(part, task_model.pad_id, device)
         with task_model.activate():
             logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
+        logits = own_vocabulary(logits[:, :-1].float(), task_model.base_vocab, codec.token_ids.values())
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                                 ignore_index=IGNORE_INDEX, reduction="none").sum(-1)
         labelled = (labels != IGNORE_INDEX).sum(-1)
         words = sum(words_of(codec.tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX][:-1])) for e in part)

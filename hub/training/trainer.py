@@ -26,7 +26,6 @@ from hub.errors import HubError
 from hub.interop import prompt_layout, quiet_adapter_activation
 from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec, collate
 from hub.plots import training_curve_png
-from hub.store.export import staging as staging  # re-exported: hub.training.vae imports it from here
 from hub.store.export import write_export
 from hub.store.layout import ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
 from hub.model.task_tokens import install_task_rows, new_task_rows
@@ -379,13 +378,19 @@ def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) ->
     return state
 
 
-def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` and `loss_curve.png` (training loss per step, held-out loss per evaluation). The log is
-    also copied into `best/`, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
-    text = json.dumps(asdict(log), indent=1)
+def write_train_log(run_dir: Path, log: dict) -> None:
+    """`train_log.json` of any trainer (VLM adapter, sentence VAE), in the run folder and copied into its export
+    `best/` when there is one, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
+    text = json.dumps(log, indent=1)
     (run_dir / TRAIN_LOG).write_text(text)
     if (run_dir / "best").is_dir():
         (run_dir / "best" / TRAIN_LOG).write_text(text)
+
+
+def write_log(run_dir: Path, log: TrainLog) -> None:
+    """`train_log.json` (`write_train_log`) and `loss_curve.png` (training loss per step, held-out loss per
+    evaluation)."""
+    write_train_log(run_dir, asdict(log))
     (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
 
 

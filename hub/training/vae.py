@@ -2,7 +2,7 @@
 
 Every remedy is its own option (`VAETrainConfig`); a recipe only chooses their defaults (`RECIPES`). A run
 directory holds `run_config.json`, `checkpoint.pt` (to resume), `train_log.json`, `vae_curves.png` and
-`best/` (lowest held-out −ELBO), the export `hub publish` reads (`hub.store.catalog`, kind `sentence_vae`).
+`best/` (lowest held-out −ELBO), the export `hub publish` reads (`hub.store.export`, kind `sentence_vae`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -21,11 +22,12 @@ from hub.adapters.vae import SentenceVAE, VAEConfig, encode_sentences, pad_rows
 from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
-from hub.store.catalog import ADAPTER_META, VAE_WEIGHTS
-from hub.store.format import SENTENCE_VAE, AdapterMeta
-from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, staging
+from hub.store.export import write_export
+from hub.store.layout import VAE_WEIGHTS
+from hub.store.format import SENTENCE_VAE
+from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, write_train_log
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
-                                        elbo_loss)
+                                        drop_words, elbo_loss)
 
 RECIPES: dict[str, dict] = {
     # AdaVAE (spec §3): β cyclical 4 × (25 % zero, 25 % ramp), total hinge at 0.5·nz, decoder adapters from T/6.
@@ -63,6 +65,7 @@ class VAETrainConfig:
     kl_lambda: float = 0.5  # nats: per dimension (floors per_dim_*), or per dimension of the total (hinge: λ·nz)
     kl_normalisation: str = "per_sentence"
     denoise: float = 0.0
+    word_dropout: float = 0.0  # decoder-input word dropout p (Bowman et al. 2016); not a recipe default
     decoder_start: float = 0.0  # fraction of the steps before the decoder adapters train
     phase1: float = 0.0  # fraction of the steps as a β = 0 autoencoder (ends early on held-out Rec)
     phase1_freeze_decoder: bool = False  # phase 1 trains the encoder side only (P&L "yf")
@@ -82,7 +85,8 @@ class VAETrainConfig:
                                      (self.kl_normalisation, NORMALISATIONS, "--kl-normalisation")):
             if value not in allowed:
                 raise HubError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1}
+        fractions = {"--denoise": self.denoise, "--decoder-start": self.decoder_start, "--phase1": self.phase1,
+                     "word_dropout": self.word_dropout}
         bad = [name for name, value in fractions.items() if not 0 <= value < 1]
         if bad or self.max_steps < 1 or self.batch_size < 1 or self.max_length < 3:
             raise HubError(f"need 0 <= {', '.join(bad or fractions)} < 1, max_steps and batch_size >= 1, "
@@ -121,8 +125,11 @@ def prepare_vae_run_dir(run_dir: Path, config: VAETrainConfig) -> None:
 
 
 class VAETrainer:
-    def __init__(self, backbone: Backbone, config: VAETrainConfig, run_dir: Path):
+    def __init__(self, backbone: Backbone, config: VAETrainConfig, run_dir: Path,
+                 on_eval: Callable[["VAETrainer", dict], None] | None = None):
+        """`on_eval(trainer, result)` runs after every held-out evaluation (learning-curve benchmarks use it)."""
         self.backbone, self.config, self.run_dir = backbone, config, run_dir
+        self.on_eval = on_eval
         self.model = backbone.model
         torch.manual_seed(config.seed)
         self.vae = SentenceVAE(VAEConfig(**config.vae), self.model.config).to(backbone.device)
@@ -181,8 +188,10 @@ class VAETrainer:
         c, device = self.config, self.backbone.device
         enc_ids, enc_mask = pad_rows([delete_tokens(r, c.denoise, rng) for r in rows], device)
         ids, mask = pad_rows(rows, device)
+        inputs = pad_rows([drop_words(r, c.word_dropout, rng, self.eos_id) for r in rows], device)[0] \
+            if c.word_dropout > 0 else None
         mu, logvar = self.vae.encode(self.model, enc_ids, enc_mask)
-        nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar))
+        nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar), inputs)
         return elbo_loss(nll, mask[:, 1:], mu, logvar, beta, c.kl_floor, c.kl_lambda, c.kl_normalisation)
 
     def train(self, train_sentences: list[str], eval_sentences: list[str]) -> VAETrainLog:
@@ -258,6 +267,8 @@ class VAETrainer:
                                                 "step": self.step})
         self._save_checkpoint(optimizer, schedule)
         write_vae_log(self.run_dir, self.log)
+        if self.on_eval:
+            self.on_eval(self, result)
 
     def _end_phase1_if_stalled(self) -> None:
         """Phase 1 stops early once held-out Rec has not improved for `phase1_patience` evaluations."""
@@ -279,24 +290,22 @@ class VAETrainer:
             self.step, self.log = state["step"], VAETrainLog(**state["log"])
 
     def export(self, out_dir: Path, metrics: dict) -> None:
-        """The bundle (`vae.safetensors`) and its metadata, atomically replacing `out_dir`."""
-        with staging(out_dir) as tmp:
-            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vae.state_dict().items()}
-            save_file(tensors, str(tmp / VAE_WEIGHTS))
-            vae = self.vae.config
-            meta = {"adapter_kind": SENTENCE_VAE, "name": self.config.name, "task_type": SENTENCE_VAE, "vae": vae.as_dict(),
-                    "nz": vae.nz, "encoder_layers": vae.encoder_layers, "pooling": vae.pooling,
-                    "injection": vae.injection, "bottleneck": vae.bottleneck, "recipe": self.config.recipe,
-                    "eos_token": self.tokenizer.eos_token, "max_length": self.config.max_length,
-                    **self.parameter_report(), "metrics": metrics, "backbone": self.backbone.fingerprint,
-                    "training": asdict(self.config)}
-            checked = AdapterMeta.from_dict(meta, f"the {ADAPTER_META} of '{out_dir}'")
-            (tmp / ADAPTER_META).write_text(json.dumps(checked.to_dict(), indent=2))
+        """The bundle (`vae.safetensors`) and its metadata, atomically replacing `out_dir` (`write_export`)."""
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vae.state_dict().items()}
+        vae = self.vae.config
+        meta = {"adapter_kind": SENTENCE_VAE, "name": self.config.name, "task_type": SENTENCE_VAE, "vae": vae.as_dict(),
+                "nz": vae.nz, "encoder_layers": vae.encoder_layers, "pooling": vae.pooling,
+                "injection": vae.injection, "bottleneck": vae.bottleneck, "recipe": self.config.recipe,
+                "eos_token": self.tokenizer.eos_token, "max_length": self.config.max_length,
+                **self.parameter_report(), "metrics": metrics, "backbone": self.backbone.fingerprint,
+                "training": asdict(self.config)}
+        write_export(out_dir, meta, lambda folder: save_file(tensors, str(folder / VAE_WEIGHTS)))
 
 
 def write_vae_log(run_dir: Path, log: VAETrainLog) -> None:
-    """`train_log.json` and `vae_curves.png`: reconstruction, KL and β per step; held-out KL and AU."""
-    (run_dir / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
+    """`train_log.json` (`write_train_log`: also into `best/`, so the store keeps it) and `vae_curves.png`:
+    reconstruction, KL and β per step; held-out KL and AU."""
+    write_train_log(run_dir, asdict(log))
     import matplotlib
 
     matplotlib.use("Agg")

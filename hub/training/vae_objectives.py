@@ -46,21 +46,20 @@ def beta_at(step: int, total: int, schedule: str, beta_max: float = 1.0, start: 
 
 
 def kl_regulariser(kl_dims: torch.Tensor, floor: str, lam: float) -> torch.Tensor:
-    """R from per-sentence, per-dimension KL [B, nz].
+    """R from per-sentence, per-dimension KL [B, nz], a mean over the batch of each sentence's term.
 
-    none: mean_batch Σ_d KL_d.  total_hinge (AdaVAE fb 1): max(mean_batch Σ_d KL_d, λ·nz).
-    per_dim_mask (Optimus fb_mode 1): Σ_d KL̄_d · 1[KL̄_d > λ].  per_dim_clamp (P&L `min_z`): Σ_d max(KL̄_d, λ);
-    KL̄_d is the batch mean. Below a floor the KL gets no gradient."""
-    total = kl_dims.sum(-1).mean()
+    none: Σ_d KL_bd.  total_hinge (AdaVAE fb 1): max(mean_b Σ_d KL_bd, λ·nz), a floor on the batch's total.
+    per_dim_mask (Optimus fb_mode 1): Σ_d KL_bd · 1[KL_bd > λ].  per_dim_clamp (P&L `min_z`): Σ_d max(KL_bd, λ).
+    The per-dimension floors act on each sentence's KL of each dimension (as both papers' code does), not on a
+    batch mean: a sentence below λ in a dimension gets no KL gradient there whatever the other sentences do."""
     if floor == "none":
-        return total
+        return kl_dims.sum(-1).mean()
     if floor == "total_hinge":
-        return torch.clamp(total, min=lam * kl_dims.shape[-1])
-    per_dim = kl_dims.mean(0)
+        return torch.clamp(kl_dims.sum(-1).mean(), min=lam * kl_dims.shape[-1])
     if floor == "per_dim_mask":
-        return (per_dim * (per_dim > lam).to(per_dim.dtype)).sum()
+        return (kl_dims * (kl_dims > lam).to(kl_dims.dtype)).sum(-1).mean()
     if floor == "per_dim_clamp":
-        return torch.clamp(per_dim, min=lam).sum()
+        return torch.clamp(kl_dims, min=lam).sum(-1).mean()
     raise HubError(f"KL floor must be one of {', '.join(KL_FLOORS)}, not {floor!r}")
 
 
@@ -87,3 +86,12 @@ def delete_tokens(ids: list[int], p: float, rng: random.Random) -> list[int]:
     count = rng.randint(0, int(p * len(body)))
     dropped = set(rng.sample(range(len(body)), count))
     return [t for i, t in enumerate(body) if i not in dropped] + ids[-1:]
+
+
+def drop_words(ids: list[int], p: float, rng: random.Random, replacement: int) -> list[int]:
+    """Bowman et al.'s decoder word dropout: each token of `<bos> x <eos>` between the two ends becomes
+    `replacement` with probability p (GPT-2 has no <unk>: the hub uses <|endoftext|>). Only the decoder's input
+    changes; its targets stay the sentence, so it must take the dropped words from z."""
+    if p <= 0 or len(ids) < 3:
+        return ids
+    return ids[:1] + [replacement if rng.random() < p else t for t in ids[1:-1]] + ids[-1:]

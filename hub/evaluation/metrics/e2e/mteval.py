@@ -7,20 +7,26 @@ number of references per segment). Its behaviour, reproduced here:
   (only ASCII letters are lowercased, as Perl's ``tr/A-Z/a-z/`` does);
 * BLEU: clipped n-gram precisions up to 4; brevity penalty ``exp(min(0, 1 - r/c))`` with ``r``
   the summed length of each segment's reference closest in length to the output (ties go to the
-  shorter one; empty references are ignored); an n-gram order with no match counts as
-  ``1 / (2^k * total)`` for the k-th such order (mteval's smoothing) instead of zeroing BLEU;
+  shorter one; empty references after the first are skipped); an n-gram order with no match
+  counts as ``1 / (2^k * total)`` for the k-th such order (mteval's smoothing) instead of zeroing
+  BLEU;
 * NIST up to 5-grams with information weights ``log2(count(prefix) / count(ngram))`` counted
   over every reference of the corpus, and the length penalty taken against the corpus reference
-  length as the E2E script computes it: the sum over segments of the mean length of that
-  segment's *non-empty* references (e2e-metrics commit fdfe692, "NIST to work with average number
-  of non-empty references"). Dividing the total reference words by the largest number of
-  references of any segment instead switches the penalty off whenever segments have fewer
-  references than the largest one (most of the E2E test set).
+  length as the Perl script computes it after e2e-metrics commit fdfe692 ("NIST to work with
+  average number of non-empty references"): the total number of reference words divided by the
+  average number of non-empty references per segment, ``ref_words / (nonempty_refs / segments)``.
+  A reference is empty when it has no word after tokenisation (the E2E script pads every segment
+  to the largest number of references with empty ones); empty references add no words but the
+  segments they pad still count. The Perl divides by zero when no reference has a word; we
+  apply no length penalty then.
 
-The Python port in the same repository (``pymteval.py``) differs from the Perl only where
-an output is shorter than an n-gram order (it counts negative n-gram totals) or where an n-gram
-order has no match (it floors the precision near zero); we follow the Perl script, which printed
-the published numbers.
+The Python port in the same repository (``pymteval.py``, ``measure_scores.py -p``) differs from
+the Perl in three places, and we follow the Perl, which is the scorer's default: it takes the
+NIST reference length as the sum over segments of each segment's mean non-empty reference
+length (equal to the Perl's only when every segment has the same number of non-empty references
+or the same mean reference length);
+it counts negative n-gram totals where an output is shorter than an n-gram order; and it floors
+the precision of an n-gram order with no match near zero.
 """
 
 import math
@@ -30,6 +36,9 @@ from collections.abc import Sequence
 
 BLEU_ORDER = 4
 NIST_ORDER = 5
+# Which NIST reference-length rule scored a result: benchmarks record it beside their scores, so a report can tell
+# NIST values of an earlier rule (stale) from current ones.
+NIST_RULE = "mteval-v13a-sig.pl after e2e-metrics fdfe692"
 
 # mteval's "tokenize punctuation" class: ASCII symbols except ' - . , (those have own rules).
 _PUNCT = re.compile(r"([{-~\[-` -&(-+:-@/])")
@@ -63,15 +72,24 @@ def _ngrams(words: Sequence[str], max_n: int) -> Counter[Ngram]:
 
 
 def _closest_length(hyp_len: int, ref_lens: Sequence[int]) -> int:
-    """Reference length closest to the output's; the shorter on a tie; empty refs ignored."""
-    candidates = [n for n in ref_lens if n] or [0]
-    return min(candidates, key=lambda n: (abs(n - hyp_len), n))
+    """Reference length closest to the output's, the shorter on a tie, folded as mteval does.
+
+    The fold starts from the first reference's length and skips every later empty reference, so
+    an empty *first* reference counts as length 0 (E2E pads with empty references at the end)."""
+    current = ref_lens[0] if ref_lens else 0
+    for length in ref_lens[1:]:
+        if length and (abs(hyp_len - length), length) < (abs(hyp_len - current), current):
+            current = length
+    return current
 
 
-def _mean_nonempty_length(seg_refs: Sequence[Sequence[str]]) -> float:
-    """Mean length of a segment's non-empty references (0 when all are empty)."""
-    lengths = [len(ref) for ref in seg_refs if ref]
-    return sum(lengths) / len(lengths) if lengths else 0.0
+def nist_reference_length(refs: Sequence[Sequence[Sequence[str]]]) -> float:
+    """mteval-v13a-sig.pl's NIST reference length: reference words ÷ (non-empty references ÷ segments).
+
+    ``refs`` holds each segment's tokenised references; 0 when no reference has a word."""
+    words = sum(len(ref) for seg_refs in refs for ref in seg_refs)
+    nonempty = sum(1 for seg_refs in refs for ref in seg_refs if ref)
+    return words * len(refs) / nonempty if nonempty else 0.0
 
 
 def _nist_length_penalty(ratio: float) -> float:
@@ -130,7 +148,7 @@ def corpus_bleu_nist(
     brevity = math.exp(min(0.0, 1 - closest_ref_len / hyp_words)) if hyp_words else 0.0
     bleu = brevity * math.exp(log_precision / BLEU_ORDER)
 
-    avg_ref_len = sum(_mean_nonempty_length(seg_refs) for seg_refs in refs)
+    avg_ref_len = nist_reference_length(refs)
     nist_gain = sum(info[n] / max(totals[n], 1) for n in range(1, NIST_ORDER + 1))
     ratio = hyp_words / avg_ref_len if avg_ref_len else 1.0
     nist = nist_gain * _nist_length_penalty(ratio)
