@@ -53,7 +53,6 @@ def test_generated_and_prompt_logprobs_equal_a_plain_forward_pass_in_a_mixed_bat
     decode_to_completion(engine, [neighbours[0], seq, neighbours[1]])
     ids = list(PROMPT.ids) + seq.output_ids
     expected = plain_log_probs(reference, ids)
-    vocab = expected.shape[-1] - len(reference[1].token_rows)
     assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(PROMPT.ids)
     scored = seq.prompt_logprobs[1:] + seq.logprobs
     assert len(seq.logprobs) == 6 == len(seq.output_ids)
@@ -62,10 +61,27 @@ def test_generated_and_prompt_logprobs_equal_a_plain_forward_pass_in_a_mixed_bat
         assert entry.id == ids[position + 1]
         assert abs(entry.logprob - float(row[entry.id])) < TOL
         top_values, top_ids = row.topk(len(entry.top))
-        assert [i if i < vocab else -1 for i, _ in entry.top] == [i if i < vocab else -1 for i in top_ids.tolist()]
+        assert [i for i, _ in entry.top] == top_ids.tolist()
         assert all(abs(v - float(t)) < TOL for (_, v), t in zip(entry.top, top_values))
     assert len(seq.logprobs[0].top) == 3 and len(seq.prompt_logprobs[1].top) == 2
     assert len(neighbours[0].logprobs[0].top) == 5 and not neighbours[1].logprobs
+
+
+def test_task_tokens_are_numbered_and_named_as_in_the_adapters_own_model(engine):
+    from hub.serving.logprobs import rendered, rendered_logprobs
+
+    seq = engine.new_sequence("hot", MR, sampling_params(max_new_tokens=3, prompt_logprobs=1, logprobs=1))
+    decode_to_completion(engine, [seq])
+    vocab = engine.backbone.vocab_size
+    task = seq.adapter.task
+    marker = seq.prompt_logprobs[1]  # the first slot's marker follows the task's BOS
+    assert marker.id >= vocab and rendered(seq, marker).token == task.special_tokens[marker.id - vocab]
+    text = rendered(seq, seq.prompt_logprobs[2])
+    assert text.token == engine.backbone.tokenizer.decode([seq.prompt_ids[2]]) and text.bytes
+    assert text.token in dict(text.top)
+    fields = rendered_logprobs(seq)
+    assert fields["prompt_logprobs"][0].token == task.bos and fields["prompt_logprobs"][0].logprob is None
+    assert len(fields["prompt_logprobs"]) == len(seq.prompt_ids) and len(fields["logprobs"]) == len(seq.output_ids)
 
 
 def test_echo_with_no_new_tokens_scores_the_prompt_only(engine, reference):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine
 from hub.serving.isolation import isolate_failed_step
 from hub.serving.manager import LoadState
+from hub.serving.occupancy import Occupancy, occupancy
 from hub.serving.sequence import Sequence
 
 log = logging.getLogger("hub.serving.scheduler")
@@ -50,6 +51,7 @@ class SchedulerStats:
     adapter_loads: int = 0  # store reads of adapter weights (cold adapters), failed ones included
     adapter_load_failures: int = 0
     adapter_load_seconds: float = 0.0
+    occupancy: Occupancy = field(default_factory=Occupancy)
 
 
 class Scheduler:
@@ -107,8 +109,12 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         loads = self.engine.manager.counters
-        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps,
-                              loads.loads, loads.failures, loads.seconds)
+        with self.wakeup:
+            waiting = list(self.waiting)
+        running = self.batch.all_sequences()
+        held = occupancy(running, waiting, self.engine.manager, self.max_batch, self.engine.backbone.n_positions)
+        return SchedulerStats(len(waiting), len(running), self.steps, self.mixed_steps,
+                              loads.loads, loads.failures, loads.seconds, held)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""
