@@ -82,7 +82,10 @@ class ServerMetrics:
                 decode = time.monotonic() - result.first_token_at
                 self.per_token.labels(task=task).observe(decode / (result.completion_tokens - 1))
 
-    def render(self, stats: SchedulerStats, resident: int, ready: bool = True) -> bytes:
+    def render(self, stats: SchedulerStats, resident: int, ready: bool = True,
+               held: Occupancy | None = None) -> bytes:
+        """The scrape; `held` (the backend's `occupancy()`, where it has one) fills the protocol's adapter and KV
+        gauges."""
         self.queue_depth.set(stats.waiting)
         self.batch_size.set(stats.running)
         self.resident.set(resident)
@@ -90,11 +93,10 @@ class ServerMetrics:
         self.loads.set(stats.adapter_loads)
         self.load_failures.set(stats.adapter_load_failures)
         self.load_seconds.set(stats.adapter_load_seconds)
-        self._protocol_gauges(stats)
+        self._protocol_gauges(stats, held or Occupancy())
         return generate_latest(self.registry)
 
-    def _protocol_gauges(self, stats: SchedulerStats) -> None:
-        held: Occupancy = stats.occupancy
+    def _protocol_gauges(self, stats: SchedulerStats, held: Occupancy) -> None:
         self.waiting.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_usage.set(held.kv_usage)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +51,6 @@ class SchedulerStats:
     adapter_loads: int = 0  # store reads of adapter weights (cold adapters), failed ones included
     adapter_load_failures: int = 0
     adapter_load_seconds: float = 0.0
-    occupancy: Occupancy = field(default_factory=Occupancy)
 
 
 class Scheduler:
@@ -109,12 +108,15 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         loads = self.engine.manager.counters
+        return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps,
+                              loads.loads, loads.failures, loads.seconds)
+
+    def occupancy(self) -> Occupancy:
+        """Adapters of running and waiting requests, the KV budget in use, each adapter's tier (for /metrics)."""
         with self.wakeup:
             waiting = list(self.waiting)
-        running = self.batch.all_sequences()
-        held = occupancy(running, waiting, self.engine.manager, self.max_batch, self.engine.backbone.n_positions)
-        return SchedulerStats(len(waiting), len(running), self.steps, self.mixed_steps,
-                              loads.loads, loads.failures, loads.seconds, held)
+        return occupancy(self.batch.all_sequences(), waiting, self.engine.manager, self.max_batch,
+                         self.engine.backbone.n_positions)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""

@@ -25,6 +25,7 @@ from hub.model.dtypes import DTYPE_NAMES
 from hub.serving.engine import Engine
 from hub.serving.logprobs import rendered_logprobs
 from hub.serving.manager import ManagerSettings
+from hub.serving.occupancy import Occupancy
 from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
@@ -299,6 +300,9 @@ class HubService:
 
     def resident_count(self) -> int:
         return self.manager.resident_count()
+
+    def occupancy(self) -> Occupancy:
+        return self.scheduler.occupancy()
 
     async def reload(self) -> SyncResult:
         return await self.store_calls(self.sync.sync)
