@@ -115,8 +115,8 @@ class CompletionRequest(OpenAIRequest):
         if isinstance(prompt, str):
             return [prompt]
         if all(isinstance(p, int) for p in prompt):
-            return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
-        return [p if isinstance(p, str) else TokenPrompt(tuple(p)) for p in prompt]  # type: ignore[union-attr]
+            return [TokenPrompt(tuple(int(p) for p in prompt))]  # type: ignore[arg-type]
+        return [p if isinstance(p, str) else TokenPrompt(tuple(p)) for p in prompt if not isinstance(p, int)]
 
 
 class TextPart(BaseModel):
@@ -317,7 +317,7 @@ async def stream_events(choices: Choices, kind: str, top: dict, options: StreamO
 # -- routes -----------------------------------------------------------------------------------------------------
 def openai_router(hub: ServingBackend, metrics: ServerMetrics) -> APIRouter:
     router = APIRouter()
-    routes = {"responses": {**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)}}
+    responses: dict[int | str, Any] = {200: STREAM_RESPONSE[200], **error_responses(*GENERATION_ERRORS)}
 
     async def run(body: OpenAIRequest, request: Request, ref: TaskRef, kind: str, sources: list,
                   params: list[SamplingParams], make_choice) -> Any:
@@ -335,7 +335,7 @@ def openai_router(hub: ServingBackend, metrics: ServerMetrics) -> APIRouter:
                 "choices": [make_choice(i, text, result, sources[i // body.n])
                             for i, (text, result) in enumerate(zip(texts, results))]}
 
-    @router.post("/v1/completions", **routes)
+    @router.post("/v1/completions", responses=responses)
     async def completions(body: CompletionRequest, request: Request):
         if body.max_tokens == 0 and not body.echo:
             raise HubError("max_tokens 0 is allowed only with echo: true (score the prompt)")
@@ -346,7 +346,7 @@ def openai_router(hub: ServingBackend, metrics: ServerMetrics) -> APIRouter:
         return await run(body, request, ref, "text_completion", body.prompts(), params,
                          lambda i, text, result, source: completion_choice(i, text, result, body, source))
 
-    @router.post("/v1/chat/completions", **routes)
+    @router.post("/v1/chat/completions", responses=responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         ref = await hub.resolve(body.model)
         source = hub.parse_chat(ref, [m.text_message() for m in body.messages])

@@ -10,6 +10,7 @@ prompt tokens (`echo`) from the prefill, whose forward keeps every position's lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -104,9 +105,15 @@ def record_prompt(logits: torch.Tensor, rows: list[Sequence], done: int, width: 
             seq.prompt_logprobs += entries(log_probs, targets, top, seq, base_vocab)
 
 
+def tokenizer_of(seq: Sequence) -> Any:
+    if seq.detokenizer is None:
+        raise ValueError("a sequence made outside the engine has no tokenizer")
+    return seq.detokenizer.tokenizer
+
+
 def token_text(seq: Sequence, token: int) -> str:
     """The text of one token as numbered in a `TokenLogprob` (a task token by its name)."""
-    tokenizer = seq.detokenizer.tokenizer
+    tokenizer = tokenizer_of(seq)
     if token < len(tokenizer):
         return tokenizer.decode([token], clean_up_tokenization_spaces=False)
     names = seq.adapter.task.special_tokens if seq.adapter is not None else ()
@@ -129,7 +136,7 @@ def rendered_logprobs(seq: Sequence) -> dict:
     if seq.params.logprobs is not None:
         fields["logprobs"] = [rendered(seq, e) for e in seq.logprobs]
     if seq.params.prompt_logprobs is not None and seq.prompt_logprobs:
-        first = relative_id(seq, seq.prompt_ids[0], len(seq.detokenizer.tokenizer))
+        first = relative_id(seq, seq.prompt_ids[0], len(tokenizer_of(seq)))
         fields["prompt_logprobs"] = [TokenText(token_text(seq, first), None)] + [
             rendered(seq, e) for e in seq.prompt_logprobs[1:] if e is not None]
     return fields
