@@ -10,7 +10,7 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test lint chromium java faults bench bench-guidellm clean
+.PHONY: venv demo demo-serve test lint chromium java faults bench bench-guidellm lm-eval clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,5 +63,15 @@ $(GUIDELLM_VENV)/bin/guidellm:
 bench-guidellm: venv $(GUIDELLM_VENV)/bin/guidellm
 	GUIDELLM=$(CURDIR)/$(GUIDELLM_VENV)/bin/guidellm $(BIN)/python -m bench.guidellm_bench --out docs
 
+# lm-evaluation-harness (`lm_eval --model local-completions`) scores tests/fixtures/lm_eval through `hub serve` and
+# must match the in-process numbers (tests/test_lm_eval.py); its own venv, as GuideLLM's.
+LMEVAL_VENV := .venv-lmeval
+$(LMEVAL_VENV)/bin/lm_eval:
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/pip install --quiet "torch==2.13.0" "lm-eval[api]==0.4.13"
+
+lm-eval: venv $(LMEVAL_VENV)/bin/lm_eval
+	LM_EVAL=$(CURDIR)/$(LMEVAL_VENV)/bin/lm_eval $(BIN)/python -m pytest tests/test_lm_eval.py
+
 clean:
-	rm -rf $(VENV) $(GUIDELLM_VENV) .demo runs
+	rm -rf $(VENV) $(GUIDELLM_VENV) $(LMEVAL_VENV) .demo runs

@@ -27,9 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def guidellm_command(guidellm: str, url: str, model: str, tokenizer: Path, rate: float, seconds: float,
-                     prompt_tokens: int, output_tokens: int, report: Path) -> list[str]:
+                     prompt_tokens: int, output_tokens: int, report: Path,
+                     request_format: str | None = "/v1/completions") -> list[str]:
+    """GuideLLM's command line; `request_format` None leaves GuideLLM's default (chat completions)."""
+    backend = f"kind=openai_http,target={url},model={model}"
     return [guidellm, "run",
-            "--backend", f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
+            "--backend", backend + (f",request_format={request_format}" if request_format else ""),
             "--profile", f"kind=constant,rate={rate}",
             "--constraint", f"kind=max_duration,seconds={seconds}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",

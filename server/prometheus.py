@@ -1,5 +1,10 @@
 """Prometheus metrics of the server, in a registry of its own (one per app).
 
+Besides the hub's own series, the gauges of the Kubernetes Gateway API Inference Extension's Model Server
+Protocol under vLLM's names (`MODEL_SERVER_PROTOCOL`), so an endpoint picker routes a request to the replica that
+has its adapter: queued and running requests, the share of the batch's KV budget in use, and
+`vllm:lora_requests_info` naming the adapters of running and waiting requests.
+
 Per-adapter series (requests, tokens, latencies, residency tier) are labelled by task name, bounded: the first
 `MAX_ADAPTER_LABELS` adapters seen keep their own label, later ones are summed under `other` (likewise API keys,
 `MAX_KEY_LABELS`), so a hub with thousands of adapters cannot blow up a Prometheus server.
@@ -14,6 +19,7 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from hub.serving.occupancy import Occupancy
 from hub.serving.protocol import RequestResult
 from hub.serving.scheduler import SchedulerStats
 
@@ -93,6 +99,13 @@ class KeyMetrics:
     def tokens(self, key: str, prompt: int, completion: int) -> None:
         self.token_counts.labels(key=key, kind="prompt").inc(prompt)
         self.token_counts.labels(key=key, kind="completion").inc(completion)
+# name -> (type, labels) of the Model Server Protocol's metrics as this server exports them
+MODEL_SERVER_PROTOCOL = {
+    "vllm:num_requests_waiting": ("gauge", ()),
+    "vllm:num_requests_running": ("gauge", ()),
+    "vllm:kv_cache_usage_perc": ("gauge", ()),
+    "vllm:lora_requests_info": ("gauge", ("max_lora", "running_lora_adapters", "waiting_lora_adapters")),
+}
 
 
 class ServerMetrics:
@@ -100,6 +113,7 @@ class ServerMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        self.labelled: set[str] = set()
         r = self.registry
         self.adapters = bound = BoundedLabels(MAX_ADAPTER_LABELS)
         self.requests = BoundedMetric(Counter("hub_requests", "generation requests", ["task"], registry=r), bound)
@@ -122,6 +136,13 @@ class ServerMetrics:
         self.per_token = BoundedMetric(Histogram("hub_time_per_output_token_seconds", "decode time per generated "
                                                  "token", ["task"], buckets=LATENCY_BUCKETS, registry=r), bound)
         self.key_metrics = KeyMetrics(r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "requests waiting to join the batch", registry=r)
+        self.running = Gauge("vllm:num_requests_running", "requests in the running batch", registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "share of the batch's KV budget (max batch rows x context "
+                              "tokens) in use, 0 to 1", registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "adapters of running and waiting requests (the value is "
+                               "when it was sampled)", MODEL_SERVER_PROTOCOL["vllm:lora_requests_info"][1],
+                               registry=r)
 
     def watch_tiers(self, backend: Any) -> None:
         """Export each adapter's residency tier, if the backend tells it (`HubService`; not under Ray)."""
@@ -142,7 +163,10 @@ class ServerMetrics:
                 decode = time.monotonic() - result.first_token_at
                 self.per_token.labels(task=task).observe(decode / (result.completion_tokens - 1))
 
-    def render(self, stats: SchedulerStats, resident: int, ready: bool = True) -> bytes:
+    def render(self, stats: SchedulerStats, resident: int, ready: bool = True,
+               held: Occupancy | None = None) -> bytes:
+        """The scrape; `held` (the backend's `occupancy()`, where it has one) fills the protocol's adapter and KV
+        gauges."""
         self.queue_depth.set(stats.waiting)
         self.batch_size.set(stats.running)
         self.resident.set(resident)
@@ -150,4 +174,13 @@ class ServerMetrics:
         self.loads.set(stats.adapter_loads)
         self.load_failures.set(stats.adapter_load_failures)
         self.load_seconds.set(stats.adapter_load_seconds)
+        self._protocol_gauges(stats, held or Occupancy())
         return generate_latest(self.registry)
+
+    def _protocol_gauges(self, stats: SchedulerStats, held: Occupancy) -> None:
+        self.waiting.set(stats.waiting)
+        self.running.set(stats.running)
+        self.kv_usage.set(held.kv_usage)
+        self.lora_info.clear()
+        self.lora_info.labels(max_lora=str(held.max_adapters), running_lora_adapters=",".join(held.running_adapters),
+                              waiting_lora_adapters=",".join(held.waiting_adapters)).set(time.time())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from hub.errors import HubError, NotFoundError, UnavailableError
+from hub.serving.service import GenerationFailedError, RequestTimeoutError
+
 
 class ValidationIssue(BaseModel):
     loc: list[str | int]
@@ -31,3 +34,14 @@ GENERATION_ERRORS = (*BODY_ERRORS, 404, 429, 500, 503, 504)
 ADMIN_ERRORS = (401, 403, 503)
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                          "description": "JSON, or server-sent events with `stream: true`"}}
+
+
+def status_of(err: HubError) -> int:
+    """The HTTP status of a `HubError` (capacity errors are 429 with Retry-After, in the app's handler)."""
+    if isinstance(err, RequestTimeoutError):
+        return 504
+    if isinstance(err, GenerationFailedError):
+        return 500
+    if isinstance(err, UnavailableError):
+        return 503
+    return 404 if isinstance(err, NotFoundError) else 422

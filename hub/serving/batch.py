@@ -4,17 +4,23 @@ New sequences are prefilled on their own (left-padded) and merged into the runni
 is in the cache. `prefill_chunk` is the budget of prompt tokens one step may prefill across the rows joining
 together (as vLLM's `max_num_batched_tokens`): prompts beyond it are prefilled over several steps (chunked
 prefill), so the running sequences keep decoding meanwhile and no step grows with the size of a burst.
+
+A prefill keeps only the last position's logits, except for a sequence that asks for its prompt's
+log-probabilities (`echo`): it is prefilled in a job of its own that keeps every position's logits, so the
+`[chunk, V]` logits it needs cost the other requests nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hub.adapters.base import PREFIX_KEYS, PREFIX_VALUES
 from hub.serving.engine import Engine, bind_all_or_release
+from hub.serving.logprobs import record_prompt
 from hub.serving.output import OutputProcessor
 from hub.serving.sequence import Sequence
 
@@ -70,6 +76,7 @@ class Prefill:
     cache: DynamicCache = field(default_factory=DynamicCache)
     prefix: int = 0  # columns of latent slots before the prompts (`prefix_cache`)
     done: int = 0
+    every_position: bool = False  # keep every position's logits (prompt log-probabilities)
 
     @property
     def width(self) -> int:
@@ -99,9 +106,15 @@ class DecodeBatch:
         return self.sequences + [s for p in self.prefilling for s in p.sequences]
 
     def join(self, sequences: list[Sequence]) -> None:
-        """Start prefilling (bound) sequences; without a chunk limit they join the batch now."""
-        if not sequences:
-            return
+        """Start prefilling (bound) sequences; without a chunk limit they join the batch now. A sequence that
+        asks for prompt log-probabilities gets a prefill of its own."""
+        scored = [s for s in sequences if s.params.prompt_logprobs is not None]
+        plain = [s for s in sequences if s.params.prompt_logprobs is None]
+        for group in [plain] + [[s] for s in scored]:
+            if group:
+                self._start_prefill(group)
+
+    def _start_prefill(self, sequences: list[Sequence]) -> None:
         inputs = left_pad([_context(s, self.engine.no_type_id) for s in sequences], self.device)
         job = Prefill(list(sequences), inputs, any(s.prompt_types for s in sequences), self.engine.plans(sequences))
         prefix = prefix_cache(sequences, self.device, self.engine.backbone.dtype)
@@ -109,6 +122,7 @@ class DecodeBatch:
             job.cache, column = prefix
             inputs["attention_mask"] = torch.cat([column, inputs["attention_mask"]], dim=1)
             job.prefix = 1
+        job.every_position = any(s.params.prompt_logprobs is not None for s in sequences)
         self.prefilling.append(job)
         if self.prefill_chunk is None:
             self._prefill_next()
@@ -139,19 +153,24 @@ class DecodeBatch:
         columns = slice(job.done, end)
         types = job.inputs["token_type_ids"][:, columns] if job.has_types else None
         logits = self._forward(job.inputs["input_ids"][:, columns], types,
-                               job.inputs["attention_mask"][:, : job.prefix + end], job.cache, job.plans)
+                               job.inputs["attention_mask"][:, : job.prefix + end], job.cache, job.plans,
+                               every_position=job.every_position)
+        if job.every_position:
+            record_prompt(logits, job.sequences, job.done, job.width, self.engine.backbone.vocab_size)
+            logits = logits[:, -1]
         job.done = end
         if end == job.width:
             self.prefilling.pop(0)
             self._merge(job.sequences, job.cache, job.inputs["attention_mask"])
             self.output.advance(logits, job.sequences)
 
-    def _forward(self, ids, types, mask, cache, plans: list) -> torch.Tensor:
+    def _forward(self, ids, types, mask, cache, plans: list, every_position: bool = False) -> torch.Tensor:
+        """The last position's logits [B, V]; with `every_position`, every position's [B, T, V]."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         with self.engine.applying(plans):
             out = self.model(input_ids=ids, token_type_ids=types, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+                             past_key_values=cache, use_cache=True, logits_to_keep=0 if every_position else 1)
+        return out.logits.float() if every_position else out.logits[:, -1].float()
 
     def _merge(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append new rows: left-pad the shorter side's keys/values and mask to a common length."""

@@ -20,7 +20,8 @@ from hub.model.backbone import Backbone
 from hub.serving.detokenize import IncrementalText
 from hub.serving.manager import AdapterManager, ManagerSettings
 from hub.serving.sampling import SamplingParams, new_generator
-from hub.serving.sequence import ResidentAdapter, Sequence
+from hub.serving.sequence import ResidentAdapter, Sequence, TokenPrompt
+from hub.store.format import is_int
 from hub.serving.token_rows import TokenRowTable
 from hub.task import Task
 
@@ -53,7 +54,8 @@ class Engine:
     def new_sequence(self, adapter: ResidentAdapter | str | None, source, params: SamplingParams,
                      prompt_text: str | None = None) -> Sequence:
         """Encode a request's prompt for its adapter's task (or raw text for the base model, adapter None). The
-        server passes the adapter its request was resolved to; a name is resolved here, once.
+        server passes the adapter its request was resolved to; a name is resolved here, once. A `TokenPrompt`
+        source is decoded as it is, with no task layout.
 
         The sequence counts as a user of its adapter from here on; `release` gives it back on every path.
         """
@@ -63,15 +65,13 @@ class Engine:
         limit = self.backbone.n_positions
         if params.max_new_tokens >= limit:
             raise HubError(f"max_new_tokens must be below the model's context of {limit} tokens")
-        if adapter is None:
-            ids = self.backbone.tokenizer.encode(prompt_text or "")
-            if not ids or len(ids) + params.max_new_tokens > limit:
-                raise HubError(f"the prompt needs 1 to {limit - params.max_new_tokens} tokens "
-                               f"(context {limit} minus max_new_tokens), got {len(ids)}")
-            return self._sequence(None, ids, None, params, self.backbone.tokenizer.eos_token_id or 0)
-        refusal = get_kind(adapter.kind).text_input_error
+        if adapter is None and not isinstance(source, TokenPrompt):
+            source = TokenPrompt(tuple(self.backbone.tokenizer.encode(prompt_text or "")))
+        refusal = get_kind(adapter.kind).text_input_error if adapter is not None else None
         if refusal:
             raise HubError(f"task {adapter.name!r} takes no text input: {refusal}")
+        if isinstance(source, TokenPrompt):
+            return self._token_sequence(adapter, list(source.ids), params)
         sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id)
         try:
             source = adapter.task.parse_input(source)
@@ -82,6 +82,16 @@ class Engine:
             self.release(sequence)
             raise
         return sequence
+
+    def _token_sequence(self, adapter: ResidentAdapter | None, ids: list[int], params: SamplingParams) -> Sequence:
+        limit, vocab = self.backbone.n_positions, self.backbone.vocab_size
+        if not ids or len(ids) + params.max_new_tokens > limit:
+            raise HubError(f"the prompt needs 1 to {limit - params.max_new_tokens} tokens "
+                           f"(context {limit} minus max_new_tokens), got {len(ids)}")
+        if not all(is_int(i) and 0 <= i < vocab for i in ids):
+            raise HubError(f"prompt token ids must be whole numbers from 0 to {vocab - 1}")
+        eos = adapter.encoder.eos_id if adapter is not None else self.backbone.tokenizer.eos_token_id or 0
+        return self._sequence(adapter, ids, None, params, eos)
 
     def new_state_sequence(self, adapter: ResidentAdapter, prompt_ids: list[int], eos_id: int,
                            params: SamplingParams, extra: dict[str, torch.Tensor]) -> Sequence:

@@ -13,6 +13,8 @@ import time
 import torch
 
 from hub.model.task_tokens import mask_task_logits
+from hub.serving.logprobs import record_generated
+from hub.serving.penalties import apply_penalties
 from hub.serving.sampling import SamplingParams
 from hub.serving.sequence import Sequence
 
@@ -57,8 +59,21 @@ class OutputProcessor:
         self.context = context
 
     def advance(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
-        """Choose each row's next token from its last-position logits [B, V], then update the row."""
-        tokens = choose_tokens(self._mask_task_tokens(logits, rows), rows)
+        """Choose each row's next token from its last-position logits [B, V] (after its penalties), record its
+        log-probability where asked, then update the row. A row that asks for no tokens (`max_new_tokens` 0: a
+        scored prompt) ends here."""
+        scored = [s for s in rows if s.params.max_new_tokens == 0]
+        for sequence in scored:
+            sequence.finish_reason = "length"
+            sequence.notify()
+        if scored:
+            keep = [i for i, s in enumerate(rows) if s.params.max_new_tokens > 0]
+            logits, rows = logits[keep], [rows[i] for i in keep]
+        if not rows:
+            return
+        masked = apply_penalties(self._mask_task_tokens(logits, rows), rows, self.base_vocab)
+        tokens = choose_tokens(masked, rows)
+        record_generated(logits, rows, tokens, self.base_vocab)
         now = time.monotonic()
         for sequence, token in zip(rows, tokens):
             sequence.first_token_at = sequence.first_token_at or now

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
+from hub.serving.logprobs import TokenText
 from hub.serving.sampling import SamplingParams
 from hub.task import Task
 
@@ -43,6 +44,8 @@ class RequestResult:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     client: str = ""  # the API key's name that sent it (`SamplingParams.client`), for its quotas and counters
+    logprobs: list[TokenText] | None = None  # per generated token, when asked
+    prompt_logprobs: list[TokenText] | None = None  # per prompt token as the model saw it (echo), when asked
 
     @property
     def finished(self) -> bool:

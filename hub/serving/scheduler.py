@@ -26,6 +26,7 @@ from hub.serving.engine import Engine
 from hub.serving.fairness import FairAdmission, FirstComeFirstServed
 from hub.serving.isolation import isolate_failed_step
 from hub.serving.manager import LoadState
+from hub.serving.occupancy import Occupancy, occupancy
 from hub.serving.sequence import Sequence
 
 log = logging.getLogger("hub.serving.scheduler")
@@ -112,6 +113,13 @@ class Scheduler:
         loads = self.engine.manager.counters
         return SchedulerStats(len(self.waiting), len(self.batch.all_sequences()), self.steps, self.mixed_steps,
                               loads.loads, loads.failures, loads.seconds)
+
+    def occupancy(self) -> Occupancy:
+        """Adapters of running and waiting requests, the KV budget in use, each adapter's tier (for /metrics)."""
+        with self.wakeup:
+            waiting = list(self.waiting)
+        return occupancy(self.batch.all_sequences(), waiting, self.engine.manager, self.max_batch,
+                         self.engine.backbone.n_positions)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted sequence, then end the engine thread."""

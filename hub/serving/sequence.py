@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -15,6 +15,9 @@ from hub.serving.detokenize import IncrementalText
 from hub.serving.sampling import SamplingParams
 from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
+
+if TYPE_CHECKING:
+    from hub.serving.logprobs import TokenLogprob
 
 
 @dataclass
@@ -59,6 +62,14 @@ class ResidentAdapter:
         return TaskCodec(self.task, self.encoder.tokenizer, first, self.encoder.max_length)
 
 
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids (OpenAI's and lm-evaluation-harness's list of ints): the model sees exactly
+    these tokens, with no task layout; a task's adapter still applies to every position."""
+
+    ids: tuple[int, ...]
+
+
 _sequence_ids = itertools.count(1)
 
 
@@ -91,6 +102,8 @@ class Sequence:
     stop_scan: int = 0  # stop strings are searched for in `text` from here on
     error: HubError | None = None  # why it ended with finish_reason "error", when that is known
     input_tokens_dropped: int = 0  # cut from a too-long input by a task that truncates (`Task.truncates_input`)
+    logprobs: list["TokenLogprob"] = field(default_factory=list)  # per output token, with `params.logprobs`
+    prompt_logprobs: list["TokenLogprob | None"] = field(default_factory=list)  # with `params.prompt_logprobs`
 
     @property
     def finished(self) -> bool:

@@ -23,7 +23,9 @@ from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
 from hub.model.dtypes import DTYPE_NAMES
 from hub.serving.engine import Engine
+from hub.serving.logprobs import rendered_logprobs
 from hub.serving.manager import ManagerSettings
+from hub.serving.occupancy import Occupancy
 from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
@@ -146,7 +148,8 @@ def sequence_result(sequence: Sequence) -> RequestResult:
     return RequestResult(adapter.name if adapter else "base", adapter.version if adapter else "",
                          adapter.task.type_name if adapter else "base", sequence.text, sequence.finish_reason,
                          len(sequence.prompt_ids), len(sequence.output_ids), sequence.input_tokens_dropped,
-                         sequence.created, sequence.first_token_at, sequence.params.client)
+                         sequence.created, sequence.first_token_at, sequence.params.client,
+                         **rendered_logprobs(sequence))
 
 
 class HubService:
@@ -302,6 +305,9 @@ class HubService:
     def adapter_tiers(self) -> dict[str, str]:
         return self.manager.tiers()
 
+    def occupancy(self) -> Occupancy:
+        return self.scheduler.occupancy()
+
     async def reload(self) -> SyncResult:
         return await self.store_calls(self.sync.sync)
 
@@ -330,7 +336,13 @@ def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
     meta = adapter.meta
     return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
             "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
-            "resident": adapter.slot is not None}
+            "resident": adapter.slot is not None, "parent": backbone_name(meta.backbone)}
+
+
+def backbone_name(fingerprint) -> str | None:
+    """The name of an adapter's backbone (its folder's name, or the hub id it was loaded from)."""
+    source = fingerprint.get("source")
+    return Path(source).name if source else None
 
 
 def sendable_text(sequence: Sequence, done: bool) -> str:
