@@ -1,6 +1,8 @@
 # Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
 # `make lint` checks style (ruff), the layering (lint-imports) and types (mypy).
 # `make demo-serve` serves the demo's store on 127.0.0.1:8765 until Ctrl-C (the playground is at /);
+# `make docs` builds the docs site (docs/ -> site/, mkdocs build --strict); `make wheel-check` builds the wheel and
+# sdist and tries the wheel in a fresh venv (train, publish, serve, one request);
 # `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md; `make test` runs it at a fast setting.
 PYTHON ?= python3
 VENV := .venv
@@ -10,12 +12,12 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test lint chromium faults bench bench-guidellm clean
+.PHONY: venv demo demo-serve test lint docs wheel-check chromium faults bench bench-guidellm clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,docs]"
 	touch $(BIN)/hub
 
 venv: $(BIN)/hub
@@ -44,6 +46,11 @@ lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# The docs site: every warning (a broken link or anchor included) fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "docs site built in site/ (open site/index.html; \`$(BIN)/mkdocs serve\` previews while editing)"
+
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults
 
@@ -58,4 +65,4 @@ bench-guidellm: venv $(GUIDELLM_VENV)/bin/guidellm
 	GUIDELLM=$(CURDIR)/$(GUIDELLM_VENV)/bin/guidellm $(BIN)/python -m bench.guidellm_bench --out docs
 
 clean:
-	rm -rf $(VENV) $(GUIDELLM_VENV) .demo runs
+	rm -rf $(VENV) $(GUIDELLM_VENV) .demo runs site dist
