@@ -51,6 +51,12 @@ docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	@echo "docs site built in site/ (open site/index.html; \`$(BIN)/mkdocs serve\` previews while editing)"
 
+# The package as a user gets it (scripts/wheel_check.sh): python -m build -> dist/ (wheel + sdist), the wheel into a
+# fresh venv outside the tree, then hub --version, train 3 steps on the stand-in, publish, serve, one request.
+# Minutes, mostly pip installing the dependencies; capped at 20.
+wheel-check: venv
+	SHARED=$(SHARED) PYTHON=$(BIN)/python timeout 1200 bash scripts/wheel_check.sh
+
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults
 
