@@ -47,7 +47,7 @@ PY
 
 step "fresh venv, pip install $WHEEL"
 python3 -m venv "$WORK/venv"
-{ "$WORK/venv/bin/pip" install --quiet --upgrade pip && "$WORK/venv/bin/pip" install --quiet "$ROOT/$WHEEL"; } \
+{ "$WORK/venv/bin/pip" install --quiet --upgrade pip && "$WORK/venv/bin/pip" install --quiet --no-compile "$ROOT/$WHEEL"; } \
     > "$WORK/pip.log" 2>&1 || { grep -v "Location .* is ignored" "$WORK/pip.log" | tail -40; exit 1; }
 HUB="$WORK/venv/bin/hub"
 
