@@ -76,7 +76,7 @@ tail -3 train.log
 step "hub serve on 127.0.0.1:$PORT"
 "$HUB" serve --store store --device cpu --host 127.0.0.1 --port "$PORT" > server.log 2>&1 &
 SERVER=$!
-for _ in $(seq 240); do
+for _ in $(seq 600); do  # up to 5 minutes: a loaded machine imports torch and the app slowly
     curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null && break
     kill -0 "$SERVER" 2>/dev/null || { cat server.log; exit 1; }
     sleep 0.5
