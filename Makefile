@@ -1,6 +1,8 @@
 # Two commands: `make demo` (set up, train, publish, serve, ask) and `make test` (set up, run the suite);
 # `make lint` checks style (ruff), the layering (lint-imports) and types (mypy).
 # `make demo-serve` serves the demo's store on 127.0.0.1:8765 until Ctrl-C (the playground is at /);
+# `make docs` builds the docs site (docs/ -> site/, mkdocs build --strict); `make wheel-check` builds the wheel and
+# sdist and tries the wheel in a fresh venv (train, publish, serve, one request);
 # `make faults` runs the whole fault suite (tests/faults/, minutes) and writes docs/RELIABILITY.md; `make test` runs it at a fast setting.
 PYTHON ?= python3
 VENV := .venv
@@ -10,12 +12,12 @@ DEMO_STEPS ?= 300
 DEMO_PORT ?= 8765
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-serve test lint chromium java faults bench bench-guidellm lm-eval clean
+.PHONY: venv demo demo-serve test lint docs wheel-check chromium java faults bench bench-guidellm lm-eval clean
 
 $(BIN)/hub: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,docs]"
 	touch $(BIN)/hub
 
 venv: $(BIN)/hub
@@ -50,6 +52,17 @@ lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# The docs site: every warning (a broken link or anchor included) fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "docs site built in site/ (open site/index.html; \`$(BIN)/mkdocs serve\` previews while editing)"
+
+# The package as a user gets it (scripts/wheel_check.sh): python -m build -> dist/ (wheel + sdist), the wheel into a
+# fresh venv outside the tree, then hub --version, train 3 steps on the stand-in, publish, serve, one request.
+# Minutes, mostly pip installing the dependencies; capped at 20.
+wheel-check: venv
+	SHARED=$(SHARED) PYTHON=$(BIN)/python timeout 1200 bash scripts/wheel_check.sh
+
 faults: venv
 	HUB_FAULTS=1 timeout 600 $(BIN)/python -m pytest tests/test_faults.py tests/faults
 
@@ -74,4 +87,4 @@ lm-eval: venv $(LMEVAL_VENV)/bin/lm_eval
 	LM_EVAL=$(CURDIR)/$(LMEVAL_VENV)/bin/lm_eval $(BIN)/python -m pytest tests/test_lm_eval.py
 
 clean:
-	rm -rf $(VENV) $(GUIDELLM_VENV) $(LMEVAL_VENV) .demo runs
+	rm -rf $(VENV) $(GUIDELLM_VENV) $(LMEVAL_VENV) .demo runs site dist

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import typer
 
@@ -23,6 +24,27 @@ serve.register(app)
 eval_commands.register(app)
 app.add_typer(vae_app, name="vae")
 app.add_typer(keys_app, name="keys")
+
+DISTRIBUTION = "gpt2-adapter-hub"  # the name in pyproject.toml
+
+
+def hub_version() -> str:
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hub {hub_version()} ({DISTRIBUTION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the installed version and exit.")) -> None:
+    """Multi-task adapter hub for one shared, frozen GPT-2."""
 
 
 def main() -> None:

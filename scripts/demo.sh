@@ -48,7 +48,7 @@ Why the answer may name another restaurant: the stand-in GPT-2 in $BASE cannot c
 (its README measures this) and the adapter leaves attention frozen, so the E2E adapter writes E2E-style
 sentences with restaurant names from its training data. This is the backbone, not a bug. A real GPT-2
 (--base gpt2, online) copies well: published E2E results put this adapter close to full fine-tuning there
-(README, "How long to train E2E on the stand-in"; no real-GPT-2 output was measured offline here).
+(docs/tasks/e2e.md, "How long to train E2E on the stand-in"; no real-GPT-2 output was measured offline here).
 
 Next steps (the server above has stopped):
   make demo-serve                       # serve the demo store; the playground is http://127.0.0.1:$PORT/
