@@ -21,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from hub.adapters.registry import kind_specs
+from hub.adapters.spec import load_hook
 from hub.errors import CapacityError, HubError, NotFoundError, UnavailableError
 from hub.model.backbone import Backbone
 from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
@@ -31,7 +33,6 @@ from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
-from server.vae import vae_router
 from tasks import make_task
 
 log = logging.getLogger("hub.server")
@@ -155,8 +156,10 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="GPT-2 adapter hub", lifespan=lifespan, description="" if hub.vae else NO_VAE_NOTE)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
-    if hub.vae is not None:
-        app.include_router(vae_router(hub))
+    for kind in kind_specs():  # each kind's routes, where it has some and the backend serves them
+        router = load_hook(kind.http_router)(hub) if kind.http_router else None
+        if router is not None:
+            app.include_router(router)
     add_playground(app, hub.store)
 
     @app.exception_handler(HubError)

@@ -38,6 +38,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from hub.adapters.registry import task_for
 from hub.errors import CapacityError, HubError, NotFoundError
 from hub.model.dtypes import torch_dtype
 from hub.serving.engine import Engine
@@ -262,7 +263,7 @@ class RemoteService:
             self.unknown[task] = now
             raise NotFoundError(f"unknown task {task!r}; available: {', '.join(self.task_names()) or 'none'}")
         meta = summary.latest.meta
-        return TaskRef(task, summary.latest.version, make_task(meta.task_type, dict(meta.task_config)))
+        return TaskRef(task, summary.latest.version, task_for(meta, make_task))
 
     def task_names(self) -> list[str]:
         return sorted(self.summaries)

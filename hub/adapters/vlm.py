@@ -24,9 +24,8 @@ from torch import nn
 
 from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
 from hub.adapters.rank_buckets import Bag, Location, RankBucket
+from hub.adapters.vlm_format import VLM, adapter_layers
 from hub.errors import HubError
-from hub.adapters.vlm_format import adapter_layers
-from hub.store.format import VLM
 
 
 def vlm_adapter_config(hidden_size: int, bottleneck: int) -> SeqBnConfig:

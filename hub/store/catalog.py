@@ -13,9 +13,9 @@ from hub.store.export import RunExport, export_dir, read_export, stage_payload
 from hub.store.fileio import sha256_file, utc_now
 from hub.store.fingerprint import fingerprint_mismatch
 from hub.store.layout import (
-    ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, EXPORT_FILES, HUB_JSON, INTERNAL_PREFIXES, KIND_PAYLOAD_FILES,
-    KIND_WEIGHTS, MAX_PUBLISH_ATTEMPTS, PAYLOAD_FILES, PICKLE_SUFFIXES, STALE_AFTER_S, TASK_TOKENS, TRAIN_LOG,
-    VAE_WEIGHTS, payload_files, weights_file,
+    ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, EXPORT_FILES, HUB_JSON, INTERNAL_PREFIXES,
+    MAX_PUBLISH_ATTEMPTS, PAYLOAD_FILES, PICKLE_SUFFIXES, STALE_AFTER_S, TASK_TOKENS, TRAIN_LOG, payload_files,
+    weights_file,
 )
 from hub.store.local import AdapterStore
 from hub.store.refs import MAX_NAME_LEN, NAME_RE, parse_ref, validate_name, version_key
@@ -25,12 +25,15 @@ from hub.store.versions import (
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_FILES", "HUB_JSON", "INTERNAL_PREFIXES",
-    "KIND_PAYLOAD_FILES", "KIND_WEIGHTS", "MAX_NAME_LEN", "MAX_PUBLISH_ATTEMPTS", "NAME_RE", "PAYLOAD_FILES",
+    "MAX_NAME_LEN", "MAX_PUBLISH_ATTEMPTS", "NAME_RE", "PAYLOAD_FILES",
     "PICKLE_SUFFIXES", "STALE_AFTER_S", "TASK_TOKENS", "TRAIN_LOG", "VAE_WEIGHTS", "AdapterStore", "AdapterSummary",
     "LoadedAdapter", "RunExport", "SkippedVersion", "StoredVersion", "check_backbone", "export_dir",
     "fingerprint_mismatch", "loaded_adapter", "parse_ref", "payload_files", "read_export", "read_training_log",
     "sha256_file", "stage_payload", "utc_now", "validate_name", "version_key", "weights_file",
 ]
+
+# Read here by `hub.training.vae` until it imports the kind's own (`hub.adapters.vae_kind.VAE_WEIGHTS`).
+VAE_WEIGHTS = "vae.safetensors"
 
 
 def check_backbone(stored: StoredVersion, backbone: dict) -> None:
