@@ -141,7 +141,7 @@ def create_app(backbone: Backbone, store: Store, settings: ServiceSettings | Non
 
 def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               metrics: ServerMetrics | None = None) -> FastAPI:
-    """The routes over a backend: `HubService` in this process, or `server.ray_serve.RemoteService`."""
+    """The routes over a backend: `HubService` in this process, or `server.ray.ingress.RemoteService`."""
     metrics = metrics or ServerMetrics()
     hub.on_finished = metrics.observe_finished
 
