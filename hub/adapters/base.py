@@ -72,7 +72,7 @@ class KindRuntime(ABC):
     """A kind installed on one backbone: resident bundles by slot, and hooks that apply the active plan."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: Any = model  # a GPT2LMHeadModel, read through attributes torch does not type
         self.hooks = HookSet()
         self.plan: Any = None  # what the hooks apply during the current forward; None: do nothing
         self.slots: dict[int, Any] = {}  # slot -> the kind's device copy of a bundle

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from hub.adapters.vlm import AdapterWeights, vlm_adapter
 from hub.errors import HubError, IntegrityError
@@ -110,7 +111,7 @@ class AdapterSet(nn.Module):
                               self.up_bias)
 
     @contextmanager
-    def attached(self, blocks: nn.ModuleList, site: str, eps: float) -> Iterator[None]:
+    def attached(self, blocks: Sequence[GPT2Block], site: str, eps: float) -> Iterator[None]:
         """Hooks that apply layer i's adapter in `blocks[i]` at `site`; removed on exit."""
         with ExitStack() as stack:
             for i, block in enumerate(blocks[: self.ln_weight.shape[0]]):
@@ -120,7 +121,7 @@ class AdapterSet(nn.Module):
             yield
 
 
-def _site_hooks(block: nn.Module, site: str, w: AdapterWeights, eps: float) -> list:
+def _site_hooks(block: GPT2Block, site: str, w: AdapterWeights, eps: float) -> list:
     if site == "block_output":
         return [block.register_forward_hook(
             lambda module, args, output: (vlm_adapter(output[0], w, eps),) + tuple(output[1:]))]
@@ -149,6 +150,7 @@ class LatentPooling(nn.Module):
             return (h * real).sum(1) / real.sum(1).clamp(min=1)
         if self.kind == "max":
             return h.masked_fill(~real, float("-inf")).amax(1)
+        assert self.score is not None  # latent_attn
         scores = torch.relu(self.score(h)) / self.temperature
         alpha = scores.masked_fill(~real, float("-inf")).softmax(dim=1)
         return (alpha * h).sum(1)
@@ -251,7 +253,7 @@ class SentenceVAE(nn.Module):
             h = self._encoder_block(block, h, key_padding, weights.map(lambda t: t[layer]))
         return transformer.ln_f.forward(h)
 
-    def _encoder_block(self, block: nn.Module, h: torch.Tensor, key_padding: torch.Tensor,
+    def _encoder_block(self, block: GPT2Block, h: torch.Tensor, key_padding: torch.Tensor,
                        w: AdapterWeights) -> torch.Tensor:
         """GPT2Block's pre-LN residual computation (attention, then MLP) with this layer's encoder adapter."""
         x = h + block.attn.forward(block.ln_1.forward(h), attention_mask=key_padding)[0]

@@ -54,14 +54,14 @@ class VaeRuntime(KindRuntime):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.eps = model.config.layer_norm_epsilon
+        self.eps = self.model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
         self.streams: dict[int, torch.Tensor] = {}  # layer -> ln_2's input in the current forward
-        for layer, block in enumerate(model.transformer.h):
+        for layer, block in enumerate(self.model.transformer.h):
             self.hooks.add(block, self._block_hook(layer))
             self.hooks.add_pre(block.ln_2, self._stream_hook(layer))
             self.hooks.add(block.mlp, self._mlp_hook(layer))
-        self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
+        self.hooks.add_pre(self.model.transformer.drop, self._embedding_hook)
 
     def add(self, bundle: SentenceVAE) -> int:
         dtype = next(self.model.parameters()).dtype  # the encoder runs on the backbone's own dtype
@@ -84,14 +84,14 @@ class VaeRuntime(KindRuntime):
         plans = [group_rows(None if rows is None else [RowState(at_site(r.slot, site)) for r in rows],
                             at_site(slot, site), self.device) for site in ADAPTER_SITES]
         if rows is None:
-            return VaePlan(*plans, None)
+            return VaePlan(plans[0], plans[1], None)
         offsets = [row.extra.get(EMBEDDING_OFFSET) for row in rows]
         embedding = None
         if any(o is not None for o in offsets):
             d = self.model.config.n_embd
             embedding = torch.stack([o.to(self.device) if o is not None else torch.zeros(d, device=self.device)
                                      for o in offsets])
-        return VaePlan(*plans, embedding)
+        return VaePlan(plans[0], plans[1], embedding)
 
     def _block_hook(self, layer: int):
         def apply(module, args, output):
