@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
 from cli.common import BaseOption, DeviceOption, StoreOption, eval_out_dir, open_store
-from cli.vae import latent_eval
 from hub.errors import HubError
 
 
@@ -37,8 +36,10 @@ def evaluate(
     if [ref, run, model].count(None) != 2:
         raise HubError("give exactly one of: an adapter NAME[@VERSION], --run RUN_DIR or --model RUN_DIR")
     adapter_store = open_store(store) if ref else None
-    if model is None and latent_eval(ref, run, adapter_store, base, device, data, split, limit, iw_samples, out):
-        return
+    scorer = _scorer(ref, run, adapter_store) if model is None else None
+    if scorer is not None:
+        return scorer(ref=ref, run=run, store=adapter_store, base=base, device=device, data=data, split=split,
+                      limit=limit, iw_samples=iw_samples, out=out)
     task_model = _task_model(ref, run, model, adapter_store, base, device)
     decoding = evaluation.Decoding(max_new_tokens or task_model.task.defaults.max_new_tokens, num_beams,
                                    length_penalty, no_repeat_ngram_size, batch_size)
@@ -50,6 +51,21 @@ def evaluate(
         evaluation.record_in_store(adapter_store, task_model.store_ref, result)
         typer.echo(f"recorded in the metadata of {task_model.store_ref}")
     typer.echo(f"outputs and metrics in {out}")
+
+
+def _scorer(ref: str | None, run: Path | None, adapter_store) -> Callable[..., None] | None:
+    """What scores a stored or exported model instead of decoding a split: its adapter kind's `hub eval` hook
+    (a sentence VAE's), or perplexity for an lm adapter; None: decode it with its task."""
+    from functools import partial
+
+    from cli.vae import LM, evaluate_lm_command
+    from hub.adapters.registry import kind_spec
+    from hub.adapters.spec import load_hook
+    from hub.store.export import export_dir, read_export
+
+    meta = adapter_store.show(ref).meta if ref else read_export(export_dir(run)).meta
+    hook = kind_spec(meta.adapter_kind).cli_eval or (evaluate_lm_command if meta.task_type == LM else None)
+    return partial(load_hook(hook), meta) if hook else None
 
 
 def _task_model(ref: str | None, run: Path | None, model: Path | None, adapter_store, base: str | None, device: str):

@@ -110,7 +110,7 @@ def serve(
                        max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype, request_timeout=request_timeout,
                        watch_interval=watch_interval, prefill_chunk=prefill_chunk, store_timeout=store_timeout)
     if ray:
-        from server.ray_serve import RayServeOptions, serve_on_ray
+        from server.ray import RayServeOptions, serve_on_ray
 
         options = settings(RayServeOptions, store=store, base=base, device=device, dtype=dtype, threads=threads,
                            replicas=replicas, max_tasks_per_replica=max_tasks_per_replica, replica_gpus=replica_gpus,

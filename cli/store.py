@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 
 from cli.common import StoreOption, open_store, print_json
-from cli.vae import vae_summary
 from hub.errors import HubError
 from hub.store.layout import STALE_AFTER_S
 
@@ -87,11 +86,13 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION"), store: str
 
 
 def _print_version(stored) -> None:
+    from hub.adapters.registry import kind_spec
+
     meta = stored.meta
     typer.echo(f"{stored.ref}  ({meta.task_type}, created {meta.created_at})\n"
                f"  bottleneck {meta.bottleneck}, {meta.trainable_params:,} trainable parameters "
                f"({meta.trainable_pct:.2f}% of the backbone)\n"
-               f"  {vae_summary(meta) or 'special tokens ' + ' '.join(meta.special_tokens)}\n"
+               f"  {kind_spec(meta.adapter_kind).describe(meta)}\n"
                f"  backbone {meta.backbone.get('source', '?')}\n  metrics {json.dumps(meta.to_dict()['metrics'])}")
     for name, settings in meta.to_dict().get("training", {}).get("regularizers", {}).items():
         typer.echo(f"  trained with {name} {json.dumps(settings)}")

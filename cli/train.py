@@ -11,6 +11,8 @@ from typing import Any, Optional
 import typer
 
 from cli.common import DeviceOption, ThreadsOption, TrainBaseOption, set_threads
+from hub.adapters.registry import find_kind, kind_specs
+from hub.adapters.spec import load_hook
 from hub.errors import HubError
 
 
@@ -64,14 +66,11 @@ def train(
 ) -> None:
     """Train a task adapter on the frozen backbone (or, with --method full|lora, a baseline to compare with).
 
-    `sentence_vae` takes more options: hub vae train-options --help. Data-parallel with
-    `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
-    if task_type == "sentence_vae":
-        unsupported = {"--mvcr": mvcr, "--method": method != Method.adapter, "--nproc": nproc > 1,
-                       "--train-examples": train_examples is not None}
-        return _train_sentence_vae(ctx.args, unsupported, threads, data=data, name=name, base=base,
-                                   bottleneck=bottleneck, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                                   max_length=max_length, eval_every=eval_every, seed=seed, device=device, out=out)
+    An adapter kind trained on its own (`sentence_vae`) takes its own options: hub vae train-options --help.
+    Data-parallel with `hub train --nproc N ...` or `accelerate launch --num_processes N -m hub train ...`."""
+    kind = find_kind(task_type)
+    if kind is not None and kind.cli_train:  # the kind's trainer, given every option of this command
+        return load_hook(kind.cli_train)(ctx.args, ctx.params)
     if ctx.args:
         raise HubError(f"unknown option(s) {' '.join(ctx.args)} for task type {task_type!r}")
     _join_data_parallel(nproc, device)
@@ -84,16 +83,6 @@ def train(
                                  eval_every=eval_every, seed=seed, base=base, method=method.value,
                                  train_examples=train_examples, data_seed=data_seed, regularizers=mvcr_spec)
     _run_training(task, config, device, threads, out)
-
-
-def _train_sentence_vae(args: list[str], unsupported: dict[str, bool], threads: int | None, **options: Any) -> None:
-    from cli.vae import train_sentence_vae
-
-    if any(unsupported.values()):
-        raise HubError(f"sentence_vae training does not support {', '.join(k for k, v in unsupported.items() if v)}"
-                       f" (its options: hub vae train-options --help)")
-    typer.echo(f"sentence_vae: {set_threads(threads)}")
-    train_sentence_vae(args, **options)
 
 
 def _join_data_parallel(nproc: int, device: str) -> None:
@@ -180,12 +169,15 @@ def _mvcr_spec(enabled: bool, layers: str | None, dims: str | None, noise: float
 
 
 def list_task_types() -> None:
-    """List the task types that `hub train` knows."""
+    """List the task types that `hub train` knows, and the adapter kinds it trains on their own."""
     from tasks import TASK_TYPES
 
     for name, cls in sorted(TASK_TYPES.items()):
         d = cls.defaults
         typer.echo(f"{name:<10} b={d.bottleneck:<4} lr={d.lr:g} epochs={d.epochs}  {cls.description}")
+    for kind in kind_specs():
+        if kind.cli_train:
+            typer.echo(f"{kind.name:<10} adapter kind  {kind.description}")
 
 
 def register(app: typer.Typer) -> None:

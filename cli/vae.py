@@ -1,25 +1,30 @@
-"""`hub train sentence_vae` options, `hub eval` of VAE and `lm` models, and
-`hub vae encode|decode|sample|interpolate`."""
+"""The `sentence_vae` kind's CLI hooks (`hub.adapters.vae_kind.SPEC`): `hub train sentence_vae` and its options,
+`hub eval` of a VAE (and of an `lm` adapter, its baseline), and `hub vae encode|decode|sample|interpolate`."""
 
 from __future__ import annotations
 
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from typer.exceptions import TyperException
 from typer.main import TyperGroup
 
-from cli.common import BaseOption, DeviceOption, StoreOption, eval_out_dir, open_store
+from cli.common import BaseOption, DeviceOption, StoreOption, eval_out_dir, open_store, set_threads
+from hub.adapters.vae_kind import SENTENCE_VAE, max_length
 from hub.errors import HubError
 from hub.store.format import AdapterMeta
 
 vae_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Sentence VAEs: encode sentences, decode latent vectors, sample, interpolate.")
 
-LATENT_TASK_TYPES = ("sentence_vae", "lm")  # scored by `hub.evaluation.vae_metrics`, not by decoding a split
+LM = "lm"  # the task type of the VAE's baseline, scored by perplexity too (`hub.evaluation.vae_metrics`)
+# `hub train` options a sentence VAE's trainer has no use for (given: refused), as option -> "was it given?"
+VLM_ONLY_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "--mvcr": bool, "--method": lambda method: method != "adapter", "--nproc": lambda n: n > 1,
+    "--train-examples": lambda n: n is not None}
 
 
 class Recipe(str, Enum):
@@ -60,16 +65,6 @@ def train_options(
     return options
 
 
-def vae_summary(meta: AdapterMeta) -> str | None:
-    """`hub show`'s line for a sentence VAE (None for other kinds)."""
-    if meta.vae is None:
-        return None
-    vae = meta.vae
-    return (f"sentence VAE: nz {vae['nz']}, encoder {vae['encoder_layers']} blocks, pooling {vae['pooling']}, "
-            f"injection {vae['injection']} ({vae['kv_projection']}), adapters {vae['adapter_site']}, "
-            f"recipe {meta.extra.get('recipe')}; parts {meta.extra.get('parts')}")
-
-
 def parse_train_options(args: list[str]) -> dict:
     """`hub train sentence_vae`'s extra options, parsed by `train-options`; bad ones are a HubError."""
     group = typer.main.get_command(vae_app)
@@ -78,6 +73,18 @@ def parse_train_options(args: list[str]) -> dict:
         return command.main(args=args, prog_name="hub train sentence_vae", standalone_mode=False)
     except TyperException as err:
         raise HubError(f"{getattr(err, 'format_message', err.__str__)()} (see: hub vae train-options --help)") from None
+
+
+def train_command(args: list[str], options: dict[str, Any]) -> None:
+    """`hub train sentence_vae` (the kind's CLI train hook): `options` are every option of `hub train`."""
+    given = [flag for flag, was_given in VLM_ONLY_OPTIONS.items() if was_given(options[flag[2:].replace("-", "_")])]
+    if given:
+        raise HubError(f"sentence_vae training does not support {', '.join(given)}"
+                       f" (its options: hub vae train-options --help)")
+    typer.echo(f"sentence_vae: {set_threads(options['threads'])}")
+    shared = ("data", "name", "base", "bottleneck", "max_steps", "lr", "batch_size", "max_length", "eval_every",
+              "seed", "device", "out")
+    train_sentence_vae(args, **{k: options[k] for k in shared})
 
 
 def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: str | None, bottleneck: int | None,
@@ -103,7 +110,7 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
                                           "adapter_site")}}
     VAEConfig(**vae).validate(model_config.n_layer)
     config = VAETrainConfig.for_recipe(
-        recipe, name=validate_name(name or "sentence_vae"), data=data, base=backbone.source, vae=vae, lr=lr,
+        recipe, name=validate_name(name or SENTENCE_VAE), data=data, base=backbone.source, vae=vae, lr=lr,
         batch_size=batch_size, max_length=max_length, max_steps=max_steps, eval_every=eval_every, seed=seed,
         **options)
     prepare_vae_run_dir(out, config)
@@ -117,59 +124,64 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
     typer.echo(f"run saved in {out}; publish it with: hub publish {out}")
 
 
-def evaluate_latent_model(meta: AdapterMeta, task_model_or_vae, backbone, data: str, split: str, limit: int | None,
-                          iw_samples: int, out: Path) -> dict:
-    """IW/exact PPL, −ELBO, Rec, KL, MI, AU and reconstruction BLEU of a VAE (or PPL of an lm adapter)."""
-    from hub.data import load_sentences
-    from hub.evaluation.vae_metrics import evaluate_lm, evaluate_vae
+def evaluate_command(meta: AdapterMeta, *, ref: str | None, run: Path | None, store, base: str | None, device: str,
+                     iw_samples: int, **target: Any) -> None:
+    """`hub eval` of a sentence VAE (the kind's CLI eval hook): IW/exact PPL, −ELBO, Rec, KL, MI, AU and
+    reconstruction BLEU of `target`'s data split, from the store (`ref`) or a run's export."""
+    from hub.adapters.vae import load_vae
+    from hub.evaluation.vae_metrics import evaluate_vae
+    from hub.store.export import export_dir, read_export
+    from hub.store.fingerprint import check_backbone
 
-    sentences = load_sentences(data, split)[:limit]
-    max_length = meta.max_length or meta.extra.get("training", {}).get("max_length") or 32
-    if meta.task_type == "lm":
-        metrics = evaluate_lm(task_model_or_vae, sentences, max_length)
+    backbone = _eval_backbone(meta, base, device)
+    if ref:
+        tensors = store.load(ref, backbone.fingerprint).adapter_tensors
     else:
-        metrics = evaluate_vae(task_model_or_vae, backbone.model, backbone.tokenizer, sentences, iw_samples,
-                               max_length)
-    metrics = {**metrics, "data": data, "split": split}
+        check_backbone(meta.backbone, backbone.fingerprint, f"run '{run}'")
+        tensors = read_export(export_dir(run)).adapter_tensors
+    vae = load_vae(tensors, meta, backbone.model.config).to(backbone.device)
+    _score(meta, lambda sentences, length: evaluate_vae(vae, backbone.model, backbone.tokenizer, sentences,
+                                                         iw_samples, length), ref=ref, run=run, store=store, **target)
+
+
+def evaluate_lm_command(meta: AdapterMeta, *, ref: str | None, run: Path | None, store, base: str | None,
+                        device: str, iw_samples: int, **target: Any) -> None:
+    """`hub eval` of an lm adapter (the sentence VAE's baseline): perplexity, not a decoded split
+    (`iw_samples` is a VAE's)."""
+    from hub.evaluation import decode as evaluation
+    from hub.evaluation.vae_metrics import evaluate_lm
+    from tasks import make_task
+
+    backbone = _eval_backbone(meta, base, device)
+    model = (evaluation.from_store(store, ref, backbone, make_task) if ref
+             else evaluation.from_run(run, base, device, make_task))
+    _score(meta, lambda sentences, length: evaluate_lm(model, sentences, length), ref=ref, run=run, store=store,
+           **target)
+
+
+def _eval_backbone(meta: AdapterMeta, base: str | None, device: str):
+    from hub.model.backbone import load_backbone, resolve_base
+
+    return load_backbone(resolve_base(base, dict(meta.backbone)), device)
+
+
+def _score(meta: AdapterMeta, scores: Callable[[list[str], int], dict], *, ref: str | None, run: Path | None, store,
+           data: str, split: str, limit: int | None, out: Path | None) -> None:
+    """`scores(sentences, max_length)` of a split: metrics.json, one line of them, and the store's record."""
+    from hub.data import load_sentences
+
+    out = out or eval_out_dir(ref or Path(run or "").name, split)
+    metrics = {**scores(load_sentences(data, split)[:limit], max_length(meta)), "data": data, "split": split}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shown = ("ppl", "ppl_word", "nll", "neg_elbo", "rec", "kl", "mi", "au", "recon_bleu", "sentences")
     typer.echo("  ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                          for k in shown if k in metrics))
-    return {k: metrics[k] for k in shown + ("iw_samples", "data", "split") if k in metrics}
-
-
-def latent_eval(ref: str | None, run: Path | None, store, base: str | None, device: str, data: str, split: str,
-                limit: int | None, iw_samples: int, out: Path | None) -> bool:
-    """`hub eval` of a sentence VAE or an lm adapter (from the store or a run); False for any other model."""
-    from hub.adapters.vae import load_vae
-    from hub.evaluation import decode as evaluation
-    from hub.model.backbone import load_backbone, resolve_base
-    from hub.store.export import export_dir, read_export
-    from hub.store.fingerprint import check_backbone
-    from tasks import make_task
-
-    meta = store.show(ref).meta if ref else read_export(export_dir(run)).meta
-    if meta.task_type not in LATENT_TASK_TYPES:
-        return False
-    backbone = load_backbone(resolve_base(base, dict(meta.backbone)), device)
-    if meta.task_type == "lm":
-        model = (evaluation.from_store(store, ref, backbone, make_task) if ref
-                 else evaluation.from_run(run, base, device, make_task))
-    else:
-        if ref:
-            tensors = store.load(ref, backbone.fingerprint).adapter_tensors
-        else:
-            check_backbone(meta.backbone, backbone.fingerprint, f"run '{run}'")
-            tensors = read_export(export_dir(run)).adapter_tensors
-        model = load_vae(tensors, meta, backbone.model.config).to(backbone.device)
-    out = out or eval_out_dir(ref or Path(run).name, split)
-    metrics = evaluate_latent_model(meta, model, backbone, data, split, limit, iw_samples, out)
     if ref:
-        store.update_metrics(ref, {split: metrics})
+        recorded = {k: metrics[k] for k in shown + ("iw_samples", "data", "split") if k in metrics}
+        store.update_metrics(ref, {split: recorded})
         typer.echo(f"recorded in the metadata of {store.show(ref).ref}")
     typer.echo(f"metrics in {out / 'metrics.json'}")
-    return True
 
 
 # -- hub vae encode | decode | sample | interpolate -----------------------------------------------------------

@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
+from hub.adapters.registry import kind_specs
+from hub.adapters.spec import load_hook
 from hub.errors import CapacityError, HubError
 from hub.model.backbone import Backbone
 from hub.serving.protocol import RequestResult, ServingBackend
@@ -31,7 +33,6 @@ from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, e
 from server.streams import sse
 from server.playground import add_playground, training_curve_url
 from server.prometheus import ServerMetrics
-from server.vae import vae_router
 from server.vllm_routes import vllm_router
 from tasks import make_task
 
@@ -120,8 +121,10 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                   dependencies=[Depends(access.guard)] if access else [])
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.state.hub = hub
-    if hub.vae is not None:
-        app.include_router(vae_router(hub))
+    for kind in kind_specs():  # each kind's routes, where it has some and the backend serves them
+        router = load_hook(kind.http_router)(hub) if kind.http_router else None
+        if router is not None:
+            app.include_router(router)
     app.include_router(openai_router(hub, metrics))
     add_playground(app, hub.store)
 

@@ -1,8 +1,9 @@
 """HTTP routes of sentence VAEs: POST /v1/vae/{task}/encode | decode | reconstruct | sample | interpolate | analogy.
 
 Thin: checks and latent arithmetic are `hub.serving.vae.VaeOps`; decoding goes through the backend's VAE
-capability (`ServingBackend.vae`), so VAE rows share fused batches with every other task. Mounted only on a
-backend that has that capability (not under `--ray`). Bad input is a HubError, answered 4xx by the app.
+capability (`ServingBackend.vae`), so VAE rows share fused batches with every other task. The `sentence_vae`
+kind's HTTP hook (`hub.adapters.vae_kind.SPEC.http_router`): mounted only on a backend that has that capability
+(not under `--ray`). Bad input is a HubError, answered 4xx by the app.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class AnalogyRequest(Sampling):
     c: str
 
 
-def vae_router(service: ServingBackend) -> APIRouter:
+def vae_router(service: ServingBackend) -> APIRouter | None:
+    """The routes, or None on a backend without the VAE capability."""
+    if service.vae is None:
+        return None
     router = APIRouter(prefix="/v1/vae/{task}", tags=["sentence VAE"], responses=error_responses(*GENERATION_ERRORS))
 
     async def ops(task: str) -> VaeOps:

@@ -10,14 +10,12 @@ from tasks.coqa import CoQATask
 from tasks.e2e import E2ETask
 from tasks.lm import LMTask
 from tasks.persona import PersonaTask
-from tasks.sentence_vae import SentenceVAETask
 from tasks.summarize import SummarizeTask
 from tasks.text2text import Text2TextTask
 from tasks.translate import TranslateTask
 
 TASK_TYPES: dict[str, type[Task]] = {
-    cls.type_name: cls for cls in (E2ETask, Text2TextTask, PersonaTask, SummarizeTask, TranslateTask, CoQATask, LMTask,
-                                  SentenceVAETask)
+    cls.type_name: cls for cls in (E2ETask, Text2TextTask, PersonaTask, SummarizeTask, TranslateTask, CoQATask, LMTask)
 }
 
 

@@ -318,7 +318,9 @@ class ShiftRuntime(KindRuntime):
 
 @pytest.fixture
 def shift_kind():
-    registry.register(ShiftKind())
+    vlm = registry.kind_spec("vlm")
+    registry.register(dataclasses.replace(vlm, stored=dataclasses.replace(vlm.stored, name=ShiftKind.name),
+                                          implementation=ShiftKind))
     yield
     registry.unregister(ShiftKind.name)
 

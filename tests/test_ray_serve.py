@@ -178,7 +178,7 @@ def test_back_pressure_is_a_429_and_replica_errors_cross_as_themselves():
     from ray.exceptions import RayTaskError
     from ray.serve.exceptions import BackPressureError
 
-    from server.ray_serve import _next_event
+    from server.ray.ingress import _next_event
 
     with pytest.raises(CapacityError):
         asyncio.run(_next_event(_Events(BackPressureError(num_queued_requests=4, max_queued_requests=4))))
@@ -189,7 +189,7 @@ def test_back_pressure_is_a_429_and_replica_errors_cross_as_themselves():
 
 def test_app_builder_arguments_become_typed_options():
     from hub.errors import HubError
-    from server.ray_serve import options_from_args
+    from server.ray.options import options_from_args
 
     options = options_from_args({"store": "s3://b/p", "replicas": "3", "replica_gpus": "0.5", "max_batch": "8"})
     assert (options.store, options.replicas, options.replica_gpus) == ("s3://b/p", 3, 0.5)

@@ -265,6 +265,26 @@ def test_tasks_lists_every_published_adapter_with_its_metadata(client, trained_r
         assert 0 < task["trainable_pct"] < 100
 
 
+def test_tasks_answers_the_same_fields_under_ray(client, store):
+    """`/v1/tasks` of `hub serve --ray` (`RemoteService`, before any replica reported) lists what `hub serve` does,
+    plus the replicas that served each task."""
+    pytest.importorskip("ray")
+    from fastapi.testclient import TestClient
+
+    from hub.store.local import AdapterStore
+    from server.app import build_app
+    from server.ray.ingress import RemoteService
+    from server.ray.options import RayServeOptions
+
+    here = client.get("/v1/tasks").json()["tasks"]
+    remote = RemoteService(None, AdapterStore(store), RayServeOptions(store=str(store)))
+    with TestClient(build_app(remote)) as ray_client:
+        under_ray = ray_client.get("/v1/tasks").json()["tasks"]
+    assert [set(t) for t in under_ray] == [set(t) | {"replicas"} for t in here]
+    assert [{**t, "resident": True, "replicas": []} for t in here] == [{**t, "resident": True} for t in under_ray]
+    assert not any(t["resident"] for t in under_ray)
+
+
 def test_models_lists_the_tasks(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"

@@ -280,7 +280,8 @@ def test_queueing_is_all_or_nothing(tiny_base, weights):
 def test_unknown_names_are_cached_so_they_cannot_force_listings(monkeypatch):
     """The Ray ingress lists the store off the event loop; a flood of unknown names lists it at most once per
     MIN_RELIST, and a name found unknown is answered from the negative cache."""
-    from server.ray_serve import RayServeOptions, RemoteService
+    from server.ray.ingress import RemoteService
+    from server.ray.options import RayServeOptions
 
     class CountingStore:
         listings = 0
@@ -307,7 +308,8 @@ def test_build_app_without_the_vae_capability_says_so_in_openapi(tiny_base):
     from fastapi.testclient import TestClient
 
     from server.app import NO_VAE_NOTE, build_app
-    from server.ray_serve import RayServeOptions, RemoteService
+    from server.ray.ingress import RemoteService
+    from server.ray.options import RayServeOptions
 
     class EmptyStore:
         def list(self):

@@ -101,7 +101,7 @@ def test_every_task_names_an_existing_metric_and_vlm_defaults():
     assert {name: cls.metric for name, cls in TASK_TYPES.items()} == {
         "e2e": "e2e", "text2text": "sacrebleu", "persona": "persona_f1", "summarize": "rouge",
         "translate": "sacrebleu", "coqa": "coqa",
-        "lm": "sacrebleu", "sentence_vae": "sacrebleu"}  # never decoded: `hub eval` scores these by perplexity
+        "lm": "sacrebleu"}  # never decoded: `hub eval` scores it by perplexity
     for cls in TASK_TYPES.values():
         assert (METRICS / cls.metric / f"{cls.metric}.py").is_file()
     recipe = {name: (d.bottleneck, d.lr, d.epochs, d.batch_size, d.grad_accum)

@@ -17,7 +17,7 @@ from hub.adapters.vae import load_vae
 from hub.errors import BackboneMismatchError, HubError, IntegrityError
 from hub.model.backbone import load_backbone
 from hub.interop import export_adapterhub
-from hub.store.layout import VAE_WEIGHTS
+from hub.adapters.vae_kind import VAE_WEIGHTS
 from hub.store.local import AdapterStore
 from hub.store.format import AdapterMeta
 

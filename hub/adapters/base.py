@@ -1,7 +1,10 @@
 """The adapter-kind interface: what the engine needs of any kind of adapter, and nothing kind-specific.
 
-A kind (VLM residual adapters today; a sentence VAE with per-row z prefixes next) says
+This is a kind's implementation; what the rest of the hub knows of it (files, metadata, CLI and HTTP hooks) is its
+`hub.adapters.spec.KindSpec`, which names the implementation. A kind (VLM residual adapters, a sentence VAE with
+per-row z prefixes) says
   * how its bundle loads from a `LoadedAdapter` (the store-to-engine hand-off) and how many parameters it has;
+  * whether it takes text prompts (`text_input_error`) and the task its versions serve under (`task`);
   * how it lives on a backbone (`KindRuntime`): resident bundles in slots, the hooks it installs (removed on
     `close`), and how a batch's rows map to what those hooks apply.
 The engine holds one runtime per kind in use. Each forward, every runtime gets a plan built from the batch's
@@ -13,12 +16,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from hub.model.hooks import HookSet
+
+if TYPE_CHECKING:
+    from hub.store.format import AdapterMeta
+    from hub.task import Task
 
 NO_SLOT = 0  # a row this kind leaves alone: the plain base model, or another kind's adapter
 # `RowState.extra` keys the decode batch itself reads: one extra key/value per layer ([L, H, 1, d_head] each),
@@ -55,12 +62,17 @@ class AdapterKind(ABC):
         """Install this kind on `model` (hooks with handles) and return the live runtime. `bank_dtype`: what
         resident weights are stored in where the kind offers a choice (arithmetic stays float32)."""
 
+    def task(self, meta: "AdapterMeta") -> "Task | None":
+        """The task a version of this kind serves under, for a kind whose rows carry their own state instead of
+        a task's text layout; None (the default): its `task_type`'s (`hub.adapters.registry.task_for`)."""
+        return None
+
 
 class KindRuntime(ABC):
     """A kind installed on one backbone: resident bundles by slot, and hooks that apply the active plan."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: Any = model  # a GPT2LMHeadModel, read through attributes torch does not type
         self.hooks = HookSet()
         self.plan: Any = None  # what the hooks apply during the current forward; None: do nothing
         self.slots: dict[int, Any] = {}  # slot -> the kind's device copy of a bundle

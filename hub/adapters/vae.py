@@ -8,7 +8,8 @@
 
 Nothing of GPT-2 is trained or changed, its LayerNorms included. The encoder calls the blocks' parts itself with
 its adapters in line; the decoder's adapters and injection are forward hooks whose handles are removed when the
-pass ends (`SentenceVAE.decoder_pass`); serving applies them per row (`VaeRuntime`). Adapter formulas:
+pass ends (`SentenceVAE.decoder_pass`); serving applies them per row (`hub.adapters.vae_runtime`). What the rest of the
+hub knows of the kind (files, metadata, hooks) is `hub.adapters.vae_kind`. Adapter formulas:
 
     block_output  (default; the hub's VLM adapter, `hub.adapters.vlm.vlm_adapter`)  h ← A(h) after each block
     ffn_parallel  (AdaVAE)  x ← x + mlp(ln_2 x) + f(x),  f(x) = W_up·ReLU(W_down·x + b_d) + b_u, no LN
@@ -19,20 +20,19 @@ position id 1 (Optimus' `past_length = 1`); training, scoring and serving all de
 
 from __future__ import annotations
 
-import copy
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
-from hub.adapters.vlm import AdapterWeights, VlmPlan, add_deltas, device_layers, group_rows, vlm_adapter
-from hub.errors import HubError
-from hub.store.format import SENTENCE_VAE, AdapterMeta
+from hub.adapters.vlm import AdapterWeights, vlm_adapter
+from hub.errors import HubError, IntegrityError
+from hub.store.format import AdapterMeta
 
 POOLINGS = ("latent_attn", "mean", "max")
 INJECTIONS = ("kv_prefix", "embedding", "both")
@@ -111,7 +111,7 @@ class AdapterSet(nn.Module):
                               self.up_bias)
 
     @contextmanager
-    def attached(self, blocks: nn.ModuleList, site: str, eps: float) -> Iterator[None]:
+    def attached(self, blocks: Sequence[GPT2Block], site: str, eps: float) -> Iterator[None]:
         """Hooks that apply layer i's adapter in `blocks[i]` at `site`; removed on exit."""
         with ExitStack() as stack:
             for i, block in enumerate(blocks[: self.ln_weight.shape[0]]):
@@ -121,7 +121,7 @@ class AdapterSet(nn.Module):
             yield
 
 
-def _site_hooks(block: nn.Module, site: str, w: AdapterWeights, eps: float) -> list:
+def _site_hooks(block: GPT2Block, site: str, w: AdapterWeights, eps: float) -> list:
     if site == "block_output":
         return [block.register_forward_hook(
             lambda module, args, output: (vlm_adapter(output[0], w, eps),) + tuple(output[1:]))]
@@ -150,6 +150,7 @@ class LatentPooling(nn.Module):
             return (h * real).sum(1) / real.sum(1).clamp(min=1)
         if self.kind == "max":
             return h.masked_fill(~real, float("-inf")).amax(1)
+        assert self.score is not None  # latent_attn
         scores = torch.relu(self.score(h)) / self.temperature
         alpha = scores.masked_fill(~real, float("-inf")).softmax(dim=1)
         return (alpha * h).sum(1)
@@ -252,7 +253,7 @@ class SentenceVAE(nn.Module):
             h = self._encoder_block(block, h, key_padding, weights.map(lambda t: t[layer]))
         return transformer.ln_f.forward(h)
 
-    def _encoder_block(self, block: nn.Module, h: torch.Tensor, key_padding: torch.Tensor,
+    def _encoder_block(self, block: GPT2Block, h: torch.Tensor, key_padding: torch.Tensor,
                        w: AdapterWeights) -> torch.Tensor:
         """GPT2Block's pre-LN residual computation (attention, then MLP) with this layer's encoder adapter."""
         x = h + block.attn.forward(block.ln_1.forward(h), attention_mask=key_padding)[0]
@@ -359,8 +360,6 @@ def require_sdpa(model: GPT2LMHeadModel) -> None:
 def load_vae(tensors: dict[str, torch.Tensor], meta: AdapterMeta, model_config) -> SentenceVAE:
     """A stored bundle (`vae.safetensors` tensors, its metadata) as a `SentenceVAE` for `model_config`'s backbone;
     an IntegrityError says what does not fit."""
-    from hub.errors import IntegrityError
-
     try:
         vae = SentenceVAE(VAEConfig(**(meta.vae or {})), model_config)
     except TypeError as err:
@@ -384,143 +383,3 @@ def interpolation_path(start: torch.Tensor, end: torch.Tensor, steps: int) -> to
 def analogy_point(mu_a: torch.Tensor, mu_b: torch.Tensor, mu_c: torch.Tensor) -> torch.Tensor:
     """a : b = c : ?  ->  μ(c) + μ(b) − μ(a)."""
     return mu_c + mu_b - mu_a
-
-
-# -- serving: the `sentence_vae` adapter kind (`hub.adapters.base`) ---------------------------------------------
-
-EMBEDDING_OFFSET = "embedding_offset"
-
-
-@dataclass
-class ResidentVae:
-    """A bundle on the device: the module (encoder, heads, injector), its decoder adapters per layer and their
-    site (block output: `LayerWeights` with the LN folded in; FFN-parallel: no LN, applied to ln_2's input)."""
-
-    vae: SentenceVAE
-    decoder: list  # `hub.adapters.vlm.LayerWeights` per block
-    site: str
-
-
-@dataclass(frozen=True)
-class VaePlan:
-    """Decoder adapters grouped by slot (`VlmPlan`s: rows at the block-output site, rows at the FFN-parallel
-    site) and the rows' embedding offsets [B, d] (None: none)."""
-
-    adapters: VlmPlan
-    parallel: VlmPlan
-    embedding: torch.Tensor | None
-
-
-class VaeRuntime(KindRuntime):
-    """Resident sentence VAEs on the engine's backbone. Per decode step, rows of a VAE get its decoder adapters
-    at the VAE's site (`LayerWeights.delta`: after the block, or beside its MLP on the post-attention stream)
-    and their own z's embedding offset; their z's KV prefix is in the batch's cache from the prefill on
-    (`latent_row_state`, `hub.serving.batch`). Other rows pass unchanged."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.eps = model.config.layer_norm_epsilon
-        self.device = next(model.parameters()).device
-        self.streams: dict[int, torch.Tensor] = {}  # layer -> ln_2's input in the current forward
-        for layer, block in enumerate(model.transformer.h):
-            self.hooks.add(block, self._block_hook(layer))
-            self.hooks.add_pre(block.ln_2, self._stream_hook(layer))
-            self.hooks.add(block.mlp, self._mlp_hook(layer))
-        self.hooks.add_pre(model.transformer.drop, self._embedding_hook)
-
-    def add(self, bundle: SentenceVAE) -> int:
-        dtype = next(self.model.parameters()).dtype  # the encoder runs on the backbone's own dtype
-        vae = copy.deepcopy(bundle).to(device=self.device, dtype=dtype)  # the bundle stays on the CPU
-        weights = vae.decoder_adapters.weights().map(lambda t: t.detach())
-        site = vae.config.adapter_site
-        if site == "ffn_parallel":  # f(x) has no LN: fold the identity affine
-            weights = replace(weights, ln_weight=torch.ones_like(weights.ln_weight),
-                              ln_bias=torch.zeros_like(weights.ln_bias))
-        return self.claim(ResidentVae(vae, device_layers(weights, self.device), site))
-
-    def resident_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for r in self.slots.values() for p in r.vae.parameters())
-
-    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VaePlan:
-
-        def at_site(s: int, site: str) -> int:
-            return s if s != NO_SLOT and self.slots[s].site == site else NO_SLOT
-
-        plans = [group_rows(None if rows is None else [RowState(at_site(r.slot, site)) for r in rows],
-                            at_site(slot, site), self.device) for site in ADAPTER_SITES]
-        if rows is None:
-            return VaePlan(*plans, None)
-        offsets = [row.extra.get(EMBEDDING_OFFSET) for row in rows]
-        embedding = None
-        if any(o is not None for o in offsets):
-            d = self.model.config.n_embd
-            embedding = torch.stack([o.to(self.device) if o is not None else torch.zeros(d, device=self.device)
-                                     for o in offsets])
-        return VaePlan(*plans, embedding)
-
-    def _block_hook(self, layer: int):
-        def apply(module, args, output):
-            plan: VaePlan | None = self.plan
-            if not plan or not plan.adapters.groups:
-                return output
-            h = add_deltas(output[0], plan.adapters, lambda slot: self.slots[slot].decoder[layer], self.eps)
-            return (h,) + tuple(output[1:])
-
-        return apply
-
-    def _stream_hook(self, layer: int):
-        def keep(module, args):
-            plan: VaePlan | None = self.plan
-            if plan and plan.parallel.groups:
-                self.streams[layer] = args[0]
-
-        return keep
-
-    def _mlp_hook(self, layer: int):
-        def apply(module, args, output):
-            plan: VaePlan | None = self.plan
-            if not plan or not plan.parallel.groups:
-                return output
-            return add_deltas(output, plan.parallel, lambda slot: self.slots[slot].decoder[layer], self.eps,
-                              inputs=self.streams.pop(layer))
-
-        return apply
-
-    def _embedding_hook(self, module, args):
-        plan: VaePlan | None = self.plan
-        if not plan or plan.embedding is None:
-            return None
-        return (args[0] + plan.embedding[:, None].to(args[0].dtype),)
-
-
-class VaeKind(AdapterKind):
-    """Sentence VAE bundles (`vae.safetensors`, metadata `adapter_kind: sentence_vae`)."""
-
-    name = SENTENCE_VAE
-    text_input_error = ("it is a sentence VAE: use POST /v1/vae/{task}/encode, /decode, /reconstruct, /sample, "
-                        "/interpolate or /analogy (CLI: hub vae ...)")
-
-    def load(self, loaded, config) -> SentenceVAE:
-        return load_vae(loaded.adapter_tensors, loaded.meta, config)
-
-    def parameter_count(self, bundle: SentenceVAE) -> int:
-        return sum(p.numel() for p in bundle.parameters())
-
-    def runtime(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32) -> VaeRuntime:
-        """VAE bundles stay in the backbone's dtype whatever `bank_dtype` says."""
-        return VaeRuntime(model)
-
-
-@torch.no_grad()
-def latent_row_state(vae: SentenceVAE, z: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What one decode row carries for its z [nz]: per-layer prefix keys/values [L, H, 1, d_head] and the
-    embedding offset [d] (each only when the VAE injects that way)."""
-    extra = {}
-    prefix = vae.injector.prefix(z[None])
-    if prefix is not None:
-        extra[PREFIX_KEYS] = torch.stack([k[0] for k, _ in prefix])
-        extra[PREFIX_VALUES] = torch.stack([v[0] for _, v in prefix])
-    offset = vae.injector.embedding_offset(z[None])
-    if offset is not None:
-        extra[EMBEDDING_OFFSET] = offset[0]
-    return extra

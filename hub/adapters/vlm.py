@@ -24,9 +24,8 @@ from torch import nn
 
 from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
 from hub.adapters.rank_buckets import Bag, Location, RankBucket
+from hub.adapters.vlm_format import VLM, adapter_layers
 from hub.errors import HubError
-from hub.adapters.vlm_format import adapter_layers
-from hub.store.format import VLM
 
 
 def vlm_adapter_config(hidden_size: int, bottleneck: int) -> SeqBnConfig:
@@ -150,11 +149,11 @@ class VlmRuntime(KindRuntime):
 
     def __init__(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32):
         super().__init__(model)
-        self.eps = model.config.layer_norm_epsilon
+        self.eps = self.model.config.layer_norm_epsilon
         self.device = next(model.parameters()).device
         self.bank_dtype = bank_dtype
         self.buckets: dict[int, RankBucket] = {}
-        for layer, block in enumerate(model.transformer.h):
+        for layer, block in enumerate(self.model.transformer.h):
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
@@ -166,9 +165,10 @@ class VlmRuntime(KindRuntime):
         return self.claim(Location(rank, self.buckets[rank].put(layers)))
 
     def remove(self, slot: int) -> None:
-        location: Location | None = self.slots.get(slot)
+        if slot in self.slots:
+            location: Location = self.slots[slot]
+            self.buckets[location.rank].release(location.index)
         super().remove(slot)
-        self.buckets[location.rank].release(location.index)
 
     def layer_weights(self, slot: int, layer: int) -> LayerWeights:
         location: Location = self.slots[slot]
@@ -204,8 +204,8 @@ def group_rows(rows: list[RowState] | None, slot: int, device: torch.device,
     than DENSE_ROWS rows are ordered by rank after the others, so each bucket's rows are one `Bag` slice in
     decode steps."""
     if rows is None:
-        groups = ((slot, slice(None)),) if slot != NO_SLOT else ()
-        return VlmPlan(groups, None, groups)
+        whole: tuple[tuple[int, slice], ...] = ((slot, slice(None)),) if slot != NO_SLOT else ()
+        return VlmPlan(whole, None, whole)
     count = Counter(row.slot for row in rows if row.slot != NO_SLOT)
 
     def bucket(s: int) -> int:
@@ -216,11 +216,12 @@ def group_rows(rows: list[RowState] | None, slot: int, device: torch.device,
     slots = [rows[i].slot for i in order]
     groups = tuple((s, slice(start, start + count[s])) for start, s in _run_starts(slots))
     decode: list = []
-    for rank, members in itertools.groupby(groups, key=lambda group: bucket(group[0])):
-        members = list(members)
+    for rank, grouped in itertools.groupby(groups, key=lambda group: bucket(group[0])):
+        members = list(grouped)
         if not rank:
             decode += members
             continue
+        assert locations is not None and buckets is not None  # a rank other than 0 comes from them
         span = slice(members[0][1].start, members[-1][1].stop)
         decode.append(buckets[rank].bag(span, [locations[s].index for s in slots[span]]))
     identity = order == list(range(len(order)))

@@ -1,7 +1,9 @@
-"""The VLM adapter's weights file: AdapterHub's tensor keys, grouped per layer, checked and renamed.
+"""The VLM adapter kind as the hub sees it (`SPEC`), and its weights file: AdapterHub's tensor keys, grouped per
+layer, checked and renamed.
 
 ``transformer.h.<layer>.output_adapters.adapters.<name>.<part>`` for the parts of `LAYER_PARTS`; plain
-`adapters.load_adapter` reads the same file. Registered with the store (`hub.store.weights_formats`) on import.
+`adapters.load_adapter` reads the same file. Free of torch: registered (`hub.adapters.registry`) when `hub` is
+imported; the implementation is `hub.adapters.vlm.VlmKind`.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from hub.adapters.spec import KindSpec
 from hub.errors import IntegrityError
-from hub.store.format import VLM
-from hub.store.layout import ADAPTER_WEIGHTS
-from hub.store.weights_formats import Tensors, WeightsFormat, register_weights_format
+from hub.store.format import DEFAULT_KIND
+from hub.store.kinds import StoredKind, Tensors, WeightsFormat
+from hub.store.layout import ADAPTER_WEIGHTS, PAYLOAD_FILES
 
 if TYPE_CHECKING:
     import torch
 
+VLM = DEFAULT_KIND  # the store's default kind (metadata written before `adapter_kind` existed) is this one
 LAYER_PARTS = {
     "adapter_down.0.weight": "ln_weight",
     "adapter_down.0.bias": "ln_bias",
@@ -84,4 +88,8 @@ def renamed(tensors: Tensors, old: str, new: str) -> Tensors:
     return {key.replace(before, after): value for key, value in tensors.items()}
 
 
-register_weights_format(VLM, WeightsFormat(shape=layers_and_width, rename=renamed))
+SPEC = KindSpec(
+    stored=StoredKind(VLM, PAYLOAD_FILES, ADAPTER_WEIGHTS, weights_format=WeightsFormat(layers_and_width, renamed)),
+    implementation="hub.adapters.vlm:VlmKind",
+    description="VLM residual adapters with their task's special tokens (hub train TASK_TYPE)",
+)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hub.adapters.vae_kind import MAX_LENGTH
+
 LOG_2PI = math.log(2 * math.pi)
 AU_THRESHOLD = 0.01
 
@@ -102,7 +104,7 @@ def words_of(sentence: str) -> int:
 
 
 @torch.no_grad()
-def evaluate_vae(vae, model, tokenizer, sentences: list[str], iw_samples: int = 100, max_length: int = 32,
+def evaluate_vae(vae, model, tokenizer, sentences: list[str], iw_samples: int = 100, max_length: int = MAX_LENGTH,
                  batch_size: int = 8, sample_chunk: int = 20, max_new_tokens: int = 40, seed: int = 0,
                  progress: bool = True) -> dict:
     """Every §5 metric of a `SentenceVAE` over `sentences` (k = `iw_samples` posterior samples per sentence)."""
@@ -146,7 +148,7 @@ def _log_px_given_z(vae, model, ids: torch.Tensor, mask: torch.Tensor, z: torch.
 
 
 @torch.no_grad()
-def decoder_use_of_z(vae, model, tokenizer, sentences: list[str], max_length: int = 32,
+def decoder_use_of_z(vae, model, tokenizer, sentences: list[str], max_length: int = MAX_LENGTH,
                      batch_size: int = 16) -> dict[str, float]:
     """How much the decoder reads z: Rec (nats per sentence, −log p(x|z)) with z = μ(x), with z = μ of the next
     sentence of the set (another sentence's code), and with z = 0 (the prior's mean). A decoder that ignores z
@@ -176,7 +178,7 @@ def own_vocabulary(logits: torch.Tensor, base_vocab: int, own_ids) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate_lm(task_model, sentences: list[str], max_length: int = 32, batch_size: int = 32) -> dict:
+def evaluate_lm(task_model, sentences: list[str], max_length: int = MAX_LENGTH, batch_size: int = 32) -> dict:
     """Exact log-likelihood of an `lm` adapter (`hub.evaluation.decode.TaskModel`): PPL with the VAE's token
     count (`<bos> x <eos>`, x cut to `max_length` − 2 tokens as for the VAE)."""
     from hub.task import IGNORE_INDEX, Example

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from hub.adapters.base import KindRuntime
-from hub.adapters.registry import get_kind
+from hub.adapters.registry import get_kind, task_for
 from hub.errors import AdapterLoadError, CapacityError, HubError, IntegrityError, NotFoundError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
@@ -116,7 +116,7 @@ class AdapterManager:
         return adapter
 
     def _known(self, name: str, version: str, meta: AdapterMeta, fetch) -> ResidentAdapter:
-        task = self.make_task(meta.task_type, dict(meta.task_config))
+        task = task_for(meta, self.make_task)
         encoder = TaskCodec(task, self.backbone.tokenizer, self.backbone.vocab_size, self.backbone.n_positions)
         return ResidentAdapter(name, version, task, meta, meta.adapter_kind, None, None, encoder,
                                meta.trainable_params, fetch=fetch)

@@ -1,6 +1,6 @@
 """The one serving interface the HTTP layer talks to, and the values it exchanges.
 
-`HubService` implements it in this process; `server.ray_serve.RemoteService` over Ray Serve replicas. A request
+`HubService` implements it in this process; `server.ray.ingress.RemoteService` over Ray Serve replicas. A request
 resolves its adapter version once at the edge (`resolve` → `TaskRef`) and carries it; the routes read a
 `RequestResult`, never engine internals. Sentence-VAE operations are an optional capability (`vae`).
 """

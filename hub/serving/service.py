@@ -30,6 +30,7 @@ from hub.serving.protocol import Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
 from hub.serving.sequence import ResidentAdapter, Sequence
+from hub.store.format import AdapterMeta
 from hub.serving.sync import StoreSync, SyncResult
 from hub.serving.vae import VaeService
 from hub.store.protocol import Store
@@ -171,7 +172,7 @@ class HubService:
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def start(self, preload: bool = True) -> None:
         """Remove stale staging leftovers, load the store's adapters, start the engine thread. Without `preload`
-        the caller loads adapters when it needs them (a Ray replica, `server.ray_serve`)."""
+        the caller loads adapters when it needs them (a Ray replica, `server.ray.replica`)."""
         if preload:
             for path in await self.store_calls(self.store.gc):
                 log.info("removed stale store leftover %s", path)
@@ -294,7 +295,8 @@ class HubService:
         skipped = [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]
         skipped += [{"ref": ref, "reason": reason} for ref, reason in self.sync.refused.items() if ref in usable]
         adapters = sorted(self.manager.known(), key=lambda a: a.name)
-        return {"tasks": [describe(a, versions.get(a.name, [])) for a in adapters], "skipped": skipped}
+        return {"tasks": [describe(a.name, a.version, a.meta, versions.get(a.name, []), a.slot is not None)
+                          for a in adapters], "skipped": skipped}
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
@@ -332,11 +334,11 @@ async def store_events(store: Store, interval: float) -> AsyncIterator[None]:
         yield
 
 
-def describe(adapter: ResidentAdapter, versions: list[str]) -> dict:
-    meta = adapter.meta
-    return {"name": adapter.name, "version": adapter.version, "versions": versions, "task_type": meta.task_type,
+def describe(name: str, version: str, meta: AdapterMeta, versions: list[str], resident: bool) -> dict:
+    """A served task as `/v1/tasks` lists it, in this process and under Ray (`server.ray.ingress`)."""
+    return {"name": name, "version": version, "versions": versions, "task_type": meta.task_type,
             "bottleneck": meta.bottleneck, "trainable_pct": meta.trainable_pct, "metrics": dict(meta.metrics),
-            "resident": adapter.slot is not None, "parent": backbone_name(meta.backbone)}
+            "resident": resident, "parent": backbone_name(meta.backbone)}
 
 
 def backbone_name(fingerprint) -> str | None:

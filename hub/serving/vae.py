@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hub.adapters.vae import SentenceVAE, analogy_point, interpolation_path, latent_row_state, pad_rows
+from hub.adapters.vae import SentenceVAE, analogy_point, interpolation_path, pad_rows
+from hub.adapters.vae_kind import SENTENCE_VAE, max_length
+from hub.adapters.vae_runtime import latent_row_state
 from hub.errors import HubError
 from hub.serving.engine import Engine, ResidentAdapter, Sequence
 from hub.serving.protocol import Disconnected, TaskRef
 from hub.serving.sampling import SamplingParams
-from hub.store.format import SENTENCE_VAE
 
 if TYPE_CHECKING:
     from hub.serving.service import HubService
@@ -49,7 +50,7 @@ class VaeOps:
         self.task = adapter.name
         self.vae: SentenceVAE = engine.manager.weights(adapter)  # the CPU copy: latent states of decode rows
         self.nz = self.vae.config.nz
-        self.max_length = self.adapter.meta.max_length or 32
+        self.max_length = max_length(adapter.meta)
         self.eos = engine.backbone.tokenizer.eos_token_id or 0
 
     @property

@@ -25,7 +25,7 @@ from hub.store.layout import (
     ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, EXPORT_FILES, PAYLOAD_FILES, TASK_TOKENS, TRAIN_LOG, payload_files,
     weights_file,
 )
-from hub.store.weights_formats import weights_format
+from hub.store.kinds import weights_format
 
 
 def export_dir(run_dir: Path) -> Path:

@@ -5,9 +5,9 @@ field; keys it does not know are kept in `extra` and written back unchanged, so 
 of the hub) may add optional fields without breaking readers. The store-only fields (`version`, `created_at`,
 `files`) are None/empty in a run export.
 
-Which fields are required depends on `adapter_kind`: a VLM version (the default kind) needs its task's
-`task_config`, `special_tokens` and `eos_token`; a sentence VAE (`SENTENCE_VAE`) adds no task tokens, so those
-default to empty, and it needs its `vae` settings (`hub.adapters.vae.VAEConfig` as an object) instead.
+Which fields are required depends on `adapter_kind` (`hub.store.kinds.StoredKind`, registered by each kind): a
+kind with task tokens (the VLM, the default kind) needs its task's `task_config`, `special_tokens` and `eos_token`;
+a kind without (a sentence VAE) has those default to empty, and may require fields of its own (a VAE's `vae`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from hub.errors import IntegrityError
+from hub.store.kinds import StoredKind, stored_kind
 
 FINGERPRINT_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "weights_sha256")
 _FINGERPRINT_INTS = ("n_layer", "n_embd", "n_head", "vocab_size")
 _STORE_FIELDS = ("version", "created_at", "files")
 _OPTIONAL_FIELDS = ("adapter_kind", "layout", "vae", "max_length")  # absent before the field existed
-VLM = "vlm"  # the adapter kind of `hub.adapters.vlm`, and the default of `adapter_kind`
-SENTENCE_VAE = "sentence_vae"  # the adapter kind of `hub.adapters.vae`
+DEFAULT_KIND = "vlm"  # the kind of metadata written before `adapter_kind` existed (`hub.adapters.vlm`)
 _TASK_TOKEN_FIELDS = ("task_config", "special_tokens", "eos_token")  # what a kind without task tokens may omit
 
 
@@ -64,7 +64,7 @@ class AdapterMeta:
     trainable_pct: float
     metrics: Mapping[str, Any]
     backbone: Mapping[str, Any]
-    adapter_kind: str = "vlm"  # `hub.adapters.registry` name of the kind whose bundle this version holds
+    adapter_kind: str = DEFAULT_KIND  # `hub.adapters.registry` name of the kind whose bundle this version holds
     layout: Mapping[str, Any] | None = None  # how prompts and token types are built (`hub.interop.prompt_layout`)
     vae: Mapping[str, Any] | None = None  # a sentence VAE's `VAEConfig` (required for that kind, else None)
     max_length: int | None = None  # the longest sentence in tokens a sentence VAE was trained on
@@ -79,14 +79,15 @@ class AdapterMeta:
         if not isinstance(data, dict):
             raise IntegrityError(f"{where} must hold a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
-        is_vae = data.get("adapter_kind") == SENTENCE_VAE
-        optional = (*_OPTIONAL_FIELDS, *(_TASK_TOKEN_FIELDS if is_vae else ()))
+        kind = _kind_of(data, where)
+        optional = (*_OPTIONAL_FIELDS, *(() if kind.has_task_tokens else _TASK_TOKEN_FIELDS))
         required = [k for k in known if (k not in _STORE_FIELDS or stored) and k not in optional]
-        missing = sorted(k for k in [*required, *(["vae"] if is_vae else [])] if k not in data)
+        missing = sorted(k for k in [*required, *kind.required_fields] if k not in data)
         if missing:
             raise IntegrityError(f"{where} lacks {', '.join(missing)}")
-        data = {"task_config": {}, "special_tokens": [], "eos_token": "", **data} if is_vae else data
-        problems = _field_problems(data, stored) + (_vae_problems(data) if is_vae else _task_token_problems(data))
+        if not kind.has_task_tokens:
+            data = {"task_config": {}, "special_tokens": [], "eos_token": "", **data}
+        problems = _field_problems(data, stored) + _token_problems(data, kind) + kind.meta_problems(data)
         if problems:
             raise IntegrityError(f"{where}: {'; '.join(problems)}")
         return cls(
@@ -94,7 +95,7 @@ class AdapterMeta:
             special_tokens=tuple(data["special_tokens"]), eos_token=data["eos_token"],
             bottleneck=data["bottleneck"], trainable_params=data["trainable_params"],
             trainable_pct=float(data["trainable_pct"]), metrics=_frozen(data["metrics"]),
-            backbone=_frozen(data["backbone"]), adapter_kind=data.get("adapter_kind", VLM),
+            backbone=_frozen(data["backbone"]), adapter_kind=kind.name,
             layout=_frozen(data["layout"]) if data.get("layout") is not None else None,
             vae=_frozen(data["vae"]) if data.get("vae") is not None else None, max_length=data.get("max_length"),
             version=data.get("version"), created_at=data.get("created_at"),
@@ -111,8 +112,8 @@ class AdapterMeta:
 
     @property
     def has_task_tokens(self) -> bool:
-        """Whether this version's bundle holds task-token rows (a sentence VAE's does not)."""
-        return self.adapter_kind != SENTENCE_VAE
+        """Whether this version's bundle holds task-token rows (its kind's `StoredKind.has_task_tokens`)."""
+        return stored_kind(self.adapter_kind).has_task_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object to write: unknown keys first, then every field (store-only ones when set)."""
@@ -158,6 +159,19 @@ def _field_problems(data: dict, stored: bool) -> list[str]:
     return problems
 
 
+def _kind_of(data: dict, where: str) -> StoredKind:
+    """The registered kind `data` names (the default kind when it names none, or no string: reported later)."""
+    name = data.get("adapter_kind", DEFAULT_KIND)
+    try:
+        return stored_kind(name if isinstance(name, str) and name else DEFAULT_KIND)
+    except IntegrityError as err:
+        raise IntegrityError(f"{where}: {err}") from None
+
+
+def _token_problems(data: dict, kind: StoredKind) -> list[str]:
+    return _task_token_problems(data) if kind.has_task_tokens else _no_task_token_problems(data, kind.name)
+
+
 def _task_token_problems(data: dict) -> list[str]:
     """A kind with task tokens: at least two special tokens, the eos token one of them."""
     tokens, eos = data["special_tokens"], data["eos_token"]
@@ -169,11 +183,11 @@ def _task_token_problems(data: dict) -> list[str]:
     return problems
 
 
-def _vae_problems(data: dict) -> list[str]:
-    """A sentence VAE: its settings are an object, and it has no task tokens."""
-    problems = [] if data["vae"] is not None else ["vae must be an object"]
+def _no_task_token_problems(data: dict, kind: str) -> list[str]:
+    """A kind without task tokens: none listed, and the eos token (the backbone's) a string."""
+    problems = []
     if data["special_tokens"]:
-        problems.append("a sentence_vae version has no special_tokens")
+        problems.append(f"a {kind} version has no special_tokens")
     if not isinstance(data["eos_token"], str):
         problems.append("eos_token must be a string")
     return problems

@@ -23,8 +23,7 @@ from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
 from hub.store.export import write_export
-from hub.store.layout import VAE_WEIGHTS
-from hub.store.format import SENTENCE_VAE
+from hub.adapters.vae_kind import MAX_LENGTH, SENTENCE_VAE, VAE_WEIGHTS
 from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, write_train_log
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         drop_words, elbo_loss)
@@ -50,7 +49,7 @@ class VAETrainConfig:
     recipe: str = "adavae"
     lr: float = 1e-3
     batch_size: int = 32
-    max_length: int = 32  # tokens of `<bos> x <eos>`; longer sentences are cut (their EOS kept)
+    max_length: int = MAX_LENGTH  # tokens of `<bos> x <eos>`; longer sentences are cut (their EOS kept)
     max_steps: int = 2000
     eval_every: int | None = None  # default: 10 evaluations per run
     max_eval_sentences: int = 500
