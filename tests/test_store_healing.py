@@ -152,3 +152,20 @@ def test_serving_without_base_checks_the_backbone_named_in_hub_json(trained_run,
     result = CliRunner().invoke(cli_app, ["generate", "--store", str(store.root), "--task", "e2e", "--device", "cpu",
                                           "--max-new-tokens", "2", "name[The Eagle]"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_training_log_is_checksummed_like_the_payload(store, tmp_path, config_template):  # noqa: F811
+    """A published train_log.json gets a sha256 in hub.json; a log changed since is refused like a payload file
+    (the version is skipped with the reason), and the fsspec path's reader checks the same sha256."""
+    from hub.store.versions import read_training_log
+
+    export = make_export(tmp_path / "run", config_template)
+    (export / "train_log.json").write_text(json.dumps({"steps": [{"step": 1, "loss": 2.0}]}))
+    stored = store.publish(export)
+    assert "train_log.json" in stored.meta.files
+    assert store.training_log("t")[1]["steps"][0]["loss"] == 2.0
+    log = store.root / "t" / "1" / "train_log.json"
+    log.write_text(json.dumps({"steps": [{"step": 1, "loss": 0.1}]}))
+    assert "train_log.json of 't@1' is corrupted" in store.list()[0].skipped[0].reason
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        read_training_log(stored, log.read_bytes)

@@ -157,8 +157,9 @@ def stage_payload(export: RunExport, name: str, folder: Path) -> dict[str, str]:
     else:
         for filename in payload:
             shutil.copyfile(export.path / filename, folder / filename)
-    if (export.path / TRAIN_LOG).is_file():
+    if (export.path / TRAIN_LOG).is_file():  # checksummed like the payload (`layout.checked_files`)
         shutil.copyfile(export.path / TRAIN_LOG, folder / TRAIN_LOG)
+        payload = (*payload, TRAIN_LOG)
     files = {}
     for filename in payload:
         fsync_file(folder / filename)

@@ -31,6 +31,11 @@ def payload_files(meta: AdapterMeta) -> tuple[str, ...]:
     return stored_kind(meta.adapter_kind).payload_files
 
 
+def checked_files(meta) -> tuple[str, ...]:
+    """The files a version's checksums cover: its payload, and its training log when one was recorded."""
+    return (*payload_files(meta), *((TRAIN_LOG,) if TRAIN_LOG in meta.files else ()))
+
+
 def weights_file(meta: AdapterMeta) -> str:
     """The payload file a version's adapter tensors are read from."""
     return stored_kind(meta.adapter_kind).weights_file

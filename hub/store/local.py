@@ -30,7 +30,7 @@ from hub.store.export import read_export, stage_payload
 from hub.store.fileio import fsync_dir, fsync_file, utc_now, write_json
 from hub.store.format import AdapterMeta
 from hub.store.layout import (
-    HUB_JSON, INTERNAL_PREFIXES, MAX_PUBLISH_ATTEMPTS, PICKLE_SUFFIXES, STALE_AFTER_S, TRAIN_LOG, payload_files,
+    HUB_JSON, INTERNAL_PREFIXES, MAX_PUBLISH_ATTEMPTS, PICKLE_SUFFIXES, STALE_AFTER_S, TRAIN_LOG, checked_files,
 )
 from hub.store.refs import Ref, validate_name, version_key
 from hub.store.versions import (
@@ -281,13 +281,14 @@ def _read_version(version_dir: Path) -> StoredVersion:
 
 
 def _verify(path: Path, ref: str, meta: AdapterMeta) -> None:
-    """Refuse links, pickle files and any payload file missing or whose sha256 differs from hub.json."""
+    """Refuse links, pickle files and any payload file (or recorded training log) missing or whose sha256 differs
+    from hub.json."""
     for entry in path.iterdir():
         if entry.is_symlink():
             raise IntegrityError(f"'{ref}' contains the symbolic link {entry.name}; the store refuses links")
         if entry.suffix in PICKLE_SUFFIXES:
             raise IntegrityError(f"'{ref}' contains {entry.name}; refusing pickle files, only safetensors are read")
-    for filename in payload_files(meta):
+    for filename in checked_files(meta):
         file = path / filename
         if filename not in meta.files or not stat.S_ISREG(_lstat_mode(file)):
             raise IntegrityError(f"{filename} of '{ref}' is missing")

@@ -6,6 +6,7 @@ Every backend builds these (`hub.store.local`, `hub.store.backends.fsspec_store`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,9 +101,14 @@ def loaded_adapter(stored: StoredVersion, backbone: dict | None,
 
 
 def read_training_log(stored: StoredVersion, read: Callable[[], bytes]) -> dict:
-    """A version's `train_log.json` from `read()` (a file, an object); NotFoundError when it has none."""
+    """A version's `train_log.json` from `read()` (a file, an object), checked against the sha256 hub.json
+    recorded for it (versions published before logs were checksummed have none); NotFoundError when it has none."""
     try:
-        return json.loads(read())
+        data = read()
+        recorded = stored.meta.files.get(TRAIN_LOG)
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+            raise IntegrityError(f"{TRAIN_LOG} of '{stored.ref}' is corrupted or modified (sha256 mismatch)")
+        return json.loads(data)
     except FileNotFoundError:
         raise NotFoundError(f"'{stored.ref}' has no training log (published from an export without "
                             f"{TRAIN_LOG}); its run folder's loss_curve.png has the curve") from None
