@@ -70,3 +70,10 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def s3_with_bucket(bucket: str):
+    """A pytest fixture body: a moto server with `bucket` created, for the fixture's scope."""
+    with S3Server() as server:
+        server.create_bucket(bucket)
+        yield server

@@ -22,14 +22,12 @@ from hub.store.backends import open_store
 from hub.store.backends.fsspec_store import CLAIM, FsspecStore
 from hub.store.layout import TASK_TOKENS
 from hub.store.local import AdapterStore
-from tests.s3_server import S3Server
+from tests.s3_server import s3_with_bucket
 
 
 @pytest.fixture(scope="module")
 def s3():
-    with S3Server() as server:
-        server.create_bucket("adapters")
-        yield server
+    yield from s3_with_bucket("adapters")
 
 
 @pytest.fixture(params=["memory", "s3"])

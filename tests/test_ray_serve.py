@@ -21,7 +21,7 @@ import pytest
 
 from hub.errors import CapacityError, NotFoundError
 from hub.store.backends import open_store
-from tests.s3_server import S3Server, free_port
+from tests.s3_server import s3_with_bucket, free_port
 
 TASKS = [f"task{i}" for i in range(6)]
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
@@ -34,9 +34,7 @@ STORE_URL = "s3://adapters/ray"
 
 @pytest.fixture(scope="module")
 def s3():
-    with S3Server() as server:
-        server.create_bucket("adapters")
-        yield server
+    yield from s3_with_bucket("adapters")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from hub.store.backends import open_store
 from tests.faults.conftest import p99
-from tests.s3_server import S3Server
+from tests.s3_server import s3_with_bucket
 from tests.test_server import MR, start_server
 
 COLD = 16
@@ -21,9 +21,7 @@ COLD = 16
 
 @pytest.fixture(scope="module")
 def s3():
-    with S3Server() as server:
-        server.create_bucket("faults")
-        yield server
+    yield from s3_with_bucket("faults")
 
 
 @pytest.fixture(scope="module")
