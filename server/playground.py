@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from hub.plots import training_curve_png
 from hub.store.protocol import Store
+from server.responses import error_responses
 
 STATIC = Path(__file__).with_name("static")
 
@@ -33,8 +34,7 @@ def add_playground(app: FastAPI, store: Store) -> None:
 
     @app.get(training_curve_url("{name}"), response_class=Response,
              responses={200: {"content": {"image/png": {}}, "description": "the training curve"},
-                        404: {"description": "unknown task or no training log"},
-                        503: {"description": "the store did not answer"}})
+                        **error_responses(404, 422, 503)})
     async def training_curve(name: str):
         stored, log = await app.state.hub.store_call(store.training_log, name)  # off the event loop, bounded
         png = await run_in_threadpool(training_curve_png, log, f"{stored.ref}: training curve")

@@ -114,13 +114,12 @@ def test_field_bounds_are_422_stating_the_limit(client, fields, words):
     assert_json_error(post(client, **fields), 422, *words)
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 2), ("echo", True), ("best_of", 3), ("suffix", "x"),
-                                          ("presence_penalty", 0.5), ("frequency_penalty", 1.0)])
+@pytest.mark.parametrize("field, value", [("best_of", 3), ("suffix", "x"), ("logit_bias", {"50": 5})])
 def test_unsupported_openai_fields_are_422_naming_the_field(client, field, value):
+    """logprobs, echo and the penalties are implemented now (tests/test_openai_api.py); these still are not."""
     body = {"model": "e2e", "prompt": MR, "max_tokens": 2, field: value}
     assert_json_error(client.post("/v1/completions", json=body), 422, field, "not supported")
-    neutral = {"logprobs": None, "echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
-               "frequency_penalty": 0}[field]
+    neutral = {"best_of": 1, "suffix": None, "logit_bias": {}}[field]
     assert client.post("/v1/completions", json={**body, field: neutral}).status_code == 200
 
 

@@ -28,7 +28,7 @@ def s3():
 def s3_server(s3, trained_run, tiny_base, tmp_path_factory):
     url = f"s3://faults/{uuid.uuid4().hex[:8]}"
     store = open_store(url, cache_dir=tmp_path_factory.mktemp("publish-cache"), **s3.storage_options)
-    for i in range(COLD + 1):
+    for i in range(COLD + 2):  # c0 streams, c1..c16 arrive cold together, c17 is never asked before the outage
         store.publish(trained_run / "best", name=f"c{i}")
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**s3.environment, "HUB_CACHE": str(tmp_path_factory.mktemp("serve-cache"))}.items():
@@ -103,7 +103,7 @@ def test_a_store_that_stops_answering_fails_cold_requests_with_503_and_recovers(
     s3.stop()
     try:
         started = time.perf_counter()
-        cold = httpx.post(f"{s3_server.url}/v1/generate", json={"task": f"c{COLD}", "input": MR,
+        cold = httpx.post(f"{s3_server.url}/v1/generate", json={"task": f"c{COLD + 1}", "input": MR,
                                                                   "max_new_tokens": 2}, timeout=60)
         waited = time.perf_counter() - started
         again = httpx.post(f"{s3_server.url}/v1/generate", json={"task": "c0", "input": MR, "max_new_tokens": 2},
