@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from hub.serving.logprobs import TokenText
-from hub.serving.sampling import SamplingParams
+from hub.serving.sampling import SamplingParams, sampling_params
 from hub.task import Task
 
 Disconnected = Callable[[], Awaitable[bool]]
@@ -50,6 +50,16 @@ class RequestResult:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def request_params(task: TaskRef | None, **fields) -> SamplingParams:
+    """A request's sampling fields (None: not given), defaulting to its task's length (every backend's `params`)."""
+    return sampling_params(task.task.defaults.max_new_tokens if task else None, **fields)
+
+
+def parse_chat(task: TaskRef, messages: list[dict]) -> Any:
+    """Chat messages as the task's input (every backend's `parse_chat`)."""
+    return task.task.parse_chat(messages)
 
 
 class RequestHandle(Protocol):

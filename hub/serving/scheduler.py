@@ -67,6 +67,7 @@ class Scheduler:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.failure: str | None = None  # why the engine thread died, if it did
+        self.new_slots_left = NEW_SLOTS_PER_PASS  # slot copies this admission pass may still make
         self.thread = threading.Thread(target=self._supervised, name="hub-engine", daemon=True)
         self.steps = 0
         self.mixed_steps = 0
@@ -177,9 +178,8 @@ class Scheduler:
             else:
                 live.append(sequence)
         running = self.batch.all_sequences()
-        new_slots = [NEW_SLOTS_PER_PASS]
-        taken = self.fairness.admit(live, running, self.max_batch - len(running),
-                                    lambda sequence: self._admit(sequence, new_slots))
+        self.new_slots_left = NEW_SLOTS_PER_PASS
+        taken = self.fairness.admit(live, running, self.max_batch - len(running), self._admit)
         joined = {id(s) for s in taken}
         kept = deque(s for s in live if id(s) not in joined and not s.finished)
         with self.wakeup:
@@ -187,10 +187,11 @@ class Scheduler:
             self.waiting = kept
         return taken
 
-    def _admit(self, sequence: Sequence, new_slots: list[int]) -> bool:
+    def _admit(self, sequence: Sequence) -> bool:
         """Bind a sequence whose adapter's weights are on the CPU; start their load otherwise. At most
-        `new_slots[0]` adapters are copied into slots per pass, so a burst of cold adapters spreads its copies
-        over steps. Whatever goes wrong (a failed load, a bad bundle, an allocation) fails this sequence alone."""
+        `NEW_SLOTS_PER_PASS` adapters are copied into slots per pass (`new_slots_left`), so a burst of cold
+        adapters spreads its copies over steps. Whatever goes wrong (a failed load, a bad bundle, an allocation)
+        fails this sequence alone."""
         try:
             adapter = sequence.adapter
             fresh = adapter is not None and adapter.slot is None  # would be copied into a slot now
@@ -199,10 +200,10 @@ class Scheduler:
                 if state is LoadState.FAILED:
                     self._fail(sequence, adapter.load_error)
                     return False
-                if state is LoadState.LOADING or (fresh and new_slots[0] <= 0):
+                if state is LoadState.LOADING or (fresh and self.new_slots_left <= 0):
                     return False
             bound = self.engine.bind(sequence)
-            new_slots[0] -= bound and fresh
+            self.new_slots_left -= bound and fresh
             return bound
         except Exception as err:
             log.warning("request %s could not join a batch: %r", sequence.id, err)

@@ -26,8 +26,8 @@ from hub.serving.engine import Engine
 from hub.serving.logprobs import rendered_logprobs
 from hub.serving.manager import ManagerSettings
 from hub.serving.occupancy import Occupancy
-from hub.serving.protocol import Disconnected, RequestResult, TaskRef
-from hub.serving.sampling import SamplingParams, sampling_params
+from hub.serving.protocol import parse_chat, request_params, Disconnected, RequestResult, TaskRef
+from hub.serving.sampling import SamplingParams
 from hub.serving.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerStats
 from hub.serving.sequence import ResidentAdapter, Sequence
 from hub.store.format import AdapterMeta
@@ -218,13 +218,8 @@ class HubService:
         adapter = self.manager.resolve(task)
         return TaskRef(adapter.name, adapter.version, adapter.task, adapter)
 
-    def params(self, task: TaskRef | None, **fields) -> SamplingParams:
-        """A request's sampling fields (None: not given), defaulting to the task's length."""
-        return sampling_params(task.task.defaults.max_new_tokens if task else None, **fields)
-
-    @staticmethod
-    def parse_chat(task: TaskRef, messages: list[dict]) -> Any:
-        return task.task.parse_chat(messages)
+    params = staticmethod(request_params)
+    parse_chat = staticmethod(parse_chat)
 
     async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
                      prompt_text: str | None = None) -> Handle:

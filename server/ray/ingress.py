@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from hub.adapters.registry import task_for
 from hub.errors import CapacityError, HubError, NotFoundError
-from hub.serving.protocol import Disconnected, RequestResult, TaskRef
-from hub.serving.sampling import SamplingParams, sampling_params
+from hub.serving.protocol import parse_chat, request_params, Disconnected, RequestResult, TaskRef
+from hub.serving.sampling import SamplingParams
 from hub.serving.scheduler import SchedulerStats
 from hub.serving.service import HubService, StoreCalls, describe
 from hub.store.backends import Store, open_store
@@ -140,13 +140,8 @@ class RemoteService:
                  for s in listing if s.versions]
         return {"tasks": tasks, "skipped": [{"ref": k.ref, "reason": k.reason} for s in listing for k in s.skipped]}
 
-    @staticmethod
-    def params(task: TaskRef | None, **fields) -> SamplingParams:
-        return sampling_params(task.task.defaults.max_new_tokens if task else None, **fields)
-
-    @staticmethod
-    def parse_chat(task: TaskRef, messages: list[dict]) -> Any:
-        return task.task.parse_chat(messages)
+    params = staticmethod(request_params)
+    parse_chat = staticmethod(parse_chat)
 
     # -- requests ---------------------------------------------------------------------------------------------
     async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
