@@ -163,7 +163,8 @@ def hook_times(folder: Path, repeats: int = 5) -> dict:
     from transformers import GPT2Config
 
     from hub.adapters.base import RowState
-    from hub.adapters.vlm import VlmRuntime, group_rows, stack_layers
+    from hub.adapters.vlm import VlmRuntime, stack_layers
+    from hub.adapters.vlm_plan import group_rows
     from hub.adapters.vlm_format import adapter_layers
 
     config = GPT2Config.from_pretrained(folder)

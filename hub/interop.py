@@ -9,13 +9,14 @@ into each version's metadata (`layout`, by `prompt_layout`) for readers without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -166,6 +167,31 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
     task = make_task(meta.task_type, dict(meta.task_config))
     codec = TaskCodec(task, tokenizer, first_id, model.config.n_positions)
     return AdapterHubTask(model, codec, name, meta.backbone["vocab_size"])
+
+
+def load_composition(model: GPT2LMHeadModel, block: str, paths: Sequence[str | Path], weights: Sequence[float],
+                     layout: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
+                     make_task: TaskFactory | None = None) -> AdapterHubTask:
+    """A hub composition in a plain GPT-2 with `adapters`: every version loaded under its own name, the `layout`
+    version's task rows and prompt layout (`load_into_adapters`), and AdapterHub's `Average(*names,
+    weights=weights)` or `Stack(*names)` made active; greedy decoding gives the hub's tokens for the same
+    composition (`hub.serving.composition`)."""
+    from adapters.composition import Average, Stack
+
+    task = load_into_adapters(model, paths[layout], tokenizer, make_task)
+    names = []
+    for i, path in enumerate(paths):
+        if i == layout:
+            names.append(task.adapter_name)
+            continue
+        meta = _adapterhub_meta(Path(path))
+        _check_backbone(model, meta.backbone)
+        with quiet_adapter_activation():
+            names.append(model.load_adapter(str(path), load_as=f"{meta.name}#{i}", use_safetensors=True))
+    setup = Average(*names, weights=list(weights)) if block == "average" else Stack(*names)
+    with quiet_adapter_activation():
+        model.set_active_adapters(setup)
+    return dataclasses.replace(task, adapter_name=str(setup))
 
 
 def export_adapterhub(version_dir: Path, out: Path) -> Path:

@@ -80,6 +80,9 @@ class Task(ABC):
     # Whether serving may cut a too-long input as training does (the task defines how, e.g. summarize's 400-token
     # article); else a request whose input does not fit is refused with the limit.
     truncates_input: ClassVar[bool] = False
+    # Tasks of one layout family lay out their prompts alike (segments in the same roles), so a request may compose
+    # their adapters (`hub.serving.composition`); None: the task type alone.
+    family: ClassVar[str | None] = None
 
     def __init__(self, **config: Any):
         if config:
@@ -88,6 +91,10 @@ class Task(ABC):
     def config(self) -> dict:
         """Options that shape the layout; stored with the adapter so serving lays out inputs the same way."""
         return {}
+
+    @property
+    def layout_family(self) -> str:
+        return self.family or self.type_name
 
     @property
     def bos(self) -> str:

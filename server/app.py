@@ -27,6 +27,7 @@ from hub.serving.protocol import RequestResult, ServingBackend
 from hub.serving.service import HubService, ServiceSettings
 from hub.store.protocol import Store
 from server.auth import Access, KeyRing, ScopedBackend
+from server.compose import COMPOSE_DESCRIPTION, Compose, resolve
 from server.edge import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from server.openai import PenaltyFields, Seed, StopList, Temperature, TopN, TopP, generate_logprobs, openai_router
 from server.responses import ADMIN_ERRORS, GENERATION_ERRORS, STREAM_RESPONSE, error_responses, status_of
@@ -41,7 +42,9 @@ log = logging.getLogger("hub.server")
 
 # -- schemas ----------------------------------------------------------------------------------------------------
 class GenerateRequest(PenaltyFields):
-    task: str = Field(..., description="adapter name")
+    task: str | None = Field(None, description="adapter name (with `compose`: the member whose prompt layout "
+                                                "applies, by default the first)")
+    compose: Compose | None = Field(None, description=COMPOSE_DESCRIPTION)
     input: str | dict = Field(..., description="the task input (text, or an object for structured tasks)")
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 0.0
@@ -57,6 +60,8 @@ class GenerateRequest(PenaltyFields):
     def no_logprobs_in_streams(self) -> "GenerateRequest":
         if self.stream and (self.logprobs is not None or self.prompt_logprobs is not None):
             raise ValueError("'logprobs' and 'prompt_logprobs' are not available with stream: true")
+        if self.task is None and self.compose is None:
+            raise ValueError("name a 'task' (or several adapters in 'compose')")
         return self
 
 
@@ -76,6 +81,7 @@ class GenerateResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     logprobs: list[dict] | None = None
     prompt_logprobs: list[dict] | None = None
+    composed: list[str] | None = Field(None, description="a composed request's adapters (name@version), in order")
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)})
     async def generate(body: GenerateRequest, request: Request):
-        ref = await hub.resolve(body.task)
+        ref = await resolve(hub, body.task, body.compose)
         params = hub.params(ref, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
                             logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, **body.penalty_fields())
@@ -179,7 +185,7 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         result = handle.result()
         return GenerateResponse(task=result.task, version=result.version, text=text,
                                 finish_reason=result.finish_reason or "cancelled", usage=_usage(result),
-                                warnings=_warnings(result), **generate_logprobs(result))
+                                warnings=_warnings(result), composed=result.composed, **generate_logprobs(result))
 
     def admin(authorization: str | None = Header(None)) -> None:
         if access is not None:
@@ -251,4 +257,5 @@ async def _generate_events(hub: ServingBackend, request: Request, handle) -> Asy
     result = handle.result()
     if result.finished:
         yield {"finish_reason": result.finish_reason, "usage": _usage(result).model_dump(),
-               "task": result.task, "version": result.version, "warnings": _warnings(result)}
+               "task": result.task, "version": result.version, "warnings": _warnings(result),
+               **({"composed": result.composed} if result.composed else {})}

@@ -31,6 +31,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
+from hub.serving.composition import Composition
 from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
 from hub.serving.sampling import SamplingParams
 from server.keys import KeysFileError, KeySpec, digest, read_keys
@@ -197,14 +198,16 @@ class Access:
                                if secret is None else "the API key is not valid")
         return spec
 
-    def use(self, task: str) -> None:
-        """The caller may use `task` now (403 outside its scope, 429 past its quota); counts the request."""
+    def use(self, *tasks: str) -> None:
+        """The caller may use every one of `tasks` (a composition's adapters) now: 403 outside its scope, 429
+        past its quota; counts one request."""
         spec = self.caller
         if spec is None:
             return
-        if not spec.may_use(task):
-            self.metrics.refused(spec.name, "forbidden")
-            raise HTTPException(403, f"this key may not use task {task!r}")
+        for task in tasks:
+            if not spec.may_use(task):
+                self.metrics.refused(spec.name, "forbidden")
+                raise HTTPException(403, f"this key may not use task {task!r}")
         wait = self.quotas.admit(spec)
         if wait > 0:
             self.metrics.refused(spec.name, "rate_limited")
@@ -241,9 +244,9 @@ class ScopedBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    async def resolve(self, task: str) -> TaskRef:
-        self._access.use(task)
-        return await self._backend.resolve(task)
+    async def resolve(self, task: str, composition: Composition | None = None) -> TaskRef:
+        self._access.use(*(composition.tasks if composition else (task,)))
+        return await self._backend.resolve(task, composition)
 
     async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
                      prompt_text: str | None = None) -> Any:

@@ -24,6 +24,7 @@ from hub.serving.protocol import RequestResult, ServingBackend, TaskRef
 from hub.serving.sampling import (MAX_LOGPROBS, MAX_NGRAM, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_STOP_CHARS,
                                   MAX_STOP_STRINGS, MAX_TEMPERATURE, SEED_LIMIT, SamplingParams)
 from hub.serving.sequence import TokenPrompt
+from server.compose import COMPOSE_DESCRIPTION, Compose, resolve
 from server.prometheus import ServerMetrics
 from server.responses import GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.streams import merged, sse
@@ -75,6 +76,7 @@ class OpenAIRequest(PenaltyFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
+    compose: Compose | None = Field(None, description="the hub's extension: " + COMPOSE_DESCRIPTION + " (`model`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -339,7 +341,7 @@ def openai_router(hub: ServingBackend, metrics: ServerMetrics) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         if body.max_tokens == 0 and not body.echo:
             raise HubError("max_tokens 0 is allowed only with echo: true (score the prompt)")
-        ref = await hub.resolve(body.model)
+        ref = await resolve(hub, body.model, body.compose)
         prompt_logprobs = (body.logprobs or 0) if body.echo else None
         params = choice_params(hub, ref, body, body.max_tokens, logprobs=body.logprobs,
                                prompt_logprobs=prompt_logprobs)
@@ -348,7 +350,7 @@ def openai_router(hub: ServingBackend, metrics: ServerMetrics) -> APIRouter:
 
     @router.post("/v1/chat/completions", responses=responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        ref = await hub.resolve(body.model)
+        ref = await resolve(hub, body.model, body.compose)
         source = hub.parse_chat(ref, [m.text_message() for m in body.messages])
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = choice_params(hub, ref, body, body.max_completion_tokens or body.max_tokens, logprobs=logprobs)

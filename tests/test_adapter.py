@@ -17,8 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from hub.serving.batch import decode_to_completion
 from hub.adapters import registry
 from hub.adapters.base import AdapterKind, KindRuntime, RowState
-from hub.adapters.vlm import (DENSE_ROWS, AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
+from hub.adapters.vlm import (AdapterWeights, VlmRuntime, adapter_parameter_count, stack_layers, vlm_adapter,
                               vlm_adapter_config)
+from hub.adapters.vlm_plan import DENSE_ROWS
 from hub.model.backbone import Backbone, load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.adapters.vlm_format import adapter_layers

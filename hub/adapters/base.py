@@ -33,13 +33,29 @@ NO_SLOT = 0  # a row this kind leaves alone: the plain base model, or another ki
 PREFIX_KEYS, PREFIX_VALUES = "prefix_keys", "prefix_values"
 
 
+AVERAGE, STACK = "average", "stack"  # AdapterHub's composition blocks a row may use (`SlotComposition`)
+
+
+@dataclass(frozen=True)
+class SlotComposition:
+    """Several resident adapters of one kind on one row, as AdapterHub's composition blocks apply them:
+    `average` (`Average(*adapters, weights=weights)`, weights normalised to sum 1) or `stack` (`Stack(*adapters)`,
+    each adapter on the previous one's output). Only kinds whose `KindSpec.composable` is set read it."""
+
+    block: str
+    slots: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
 @dataclass
 class RowState:
-    """What one running row needs from its adapter kind: its slot, and kind-specific tensors (a z vector,
-    extra KV entries) that the kind's runtime fills in and reads; empty for kinds that need none."""
+    """What one running row needs from its adapter kind: its slot (or a composition of slots), and kind-specific
+    tensors (a z vector, extra KV entries) that the kind's runtime fills in and reads; empty for kinds that need
+    none."""
 
     slot: int = NO_SLOT
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    composition: SlotComposition | None = None  # with it, `slot` is the composition's first slot
 
 
 class AdapterKind(ABC):

@@ -7,6 +7,8 @@ is imported, so this module and each kind's spec module stay free of torch). It 
   * where its implementation is (`implementation`: an `AdapterKind`, which loads bundles, installs the kind's
     runtime on a backbone, refuses text input where the kind takes none, and gives the task its versions serve
     under), imported only when a version of the kind is first served;
+  * whether a request may compose several of its adapters on one row (`composable`: its runtime applies a
+    row's `hub.adapters.base.SlotComposition`);
   * its optional hooks in the layers above: `hub train <kind>` (`cli_train(args, options)`), `hub eval`
     (`cli_eval(meta, **target)`), its HTTP routes (`http_router(backend) -> APIRouter | None`), and the line
     `hub show` prints (`summary(meta)`).
@@ -43,6 +45,7 @@ class KindSpec:
     stored: StoredKind
     implementation: Hook  # () -> AdapterKind
     description: str = ""
+    composable: bool = False
     summary: Callable[[AdapterMeta], str] | None = None
     cli_train: Hook | None = None
     cli_eval: Hook | None = None

@@ -18,7 +18,8 @@ from torch import nn
 from hub.adapters.base import NO_SLOT, PREFIX_KEYS, PREFIX_VALUES, AdapterKind, KindRuntime, RowState
 from hub.adapters.vae import ADAPTER_SITES, SentenceVAE, load_vae
 from hub.adapters.vae_kind import MAX_LENGTH, SENTENCE_VAE, SPEC, TEXT_INPUT_ERROR
-from hub.adapters.vlm import VlmPlan, add_deltas, device_layers, group_rows
+from hub.adapters.vlm import device_layers
+from hub.adapters.vlm_plan import VlmPlan, add_deltas, group_rows
 from hub.errors import HubError
 from hub.store.format import AdapterMeta
 from hub.task import Example, Segment, Task, TaskDefaults

@@ -12,9 +12,7 @@ adapters. Tests prove the library, the formula and the grouped path give the sam
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,8 +21,10 @@ from adapters import SeqBnConfig
 from torch import nn
 
 from hub.adapters.base import NO_SLOT, AdapterKind, KindRuntime, RowState
-from hub.adapters.rank_buckets import Bag, Location, RankBucket
+from hub.adapters.rank_buckets import Location, RankBucket
+from hub.adapters.vlm_compose import ComposedPlan, apply_composed, compose_plan
 from hub.adapters.vlm_format import VLM, adapter_layers
+from hub.adapters.vlm_plan import VlmPlan, add_deltas, group_rows
 from hub.errors import HubError
 
 
@@ -120,22 +120,6 @@ class LayerWeights:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
 
 
-DENSE_ROWS = 4  # an adapter with this many rows in a decode step runs as dense matmuls, not through its bucket
-
-
-@dataclass(frozen=True)
-class VlmPlan:
-    """Rows grouped for one batch, after reordering by `order` (None: rows already in order; `order` also says
-    where the deltas are added back). `groups` pairs each slot with its rows (dense matmuls: prefill);
-    `decode` covers the same rows for steps of one token per row: rank buckets' `Bag`s for adapters with
-    few rows, dense groups for the others. A plan with `order` None and one group covering every row applies
-    to a batch of any size."""
-
-    groups: tuple[tuple[int, slice], ...]
-    order: torch.Tensor | None
-    decode: tuple[tuple[int, slice] | Bag, ...]
-
-
 class VlmRuntime(KindRuntime):
     """Resident VLM adapters in rank buckets (`hub.adapters.rank_buckets`) and one hook per GPT-2 block.
 
@@ -144,7 +128,8 @@ class VlmRuntime(KindRuntime):
     Per step and layer the batch is normalised once; in a decode step each rank bucket applies all its rows'
     adapters in one `F.embedding_bag` pair (each adapter's weights read once per row), and an adapter with many
     rows (or any adapter during prefill) runs as two `F.linear` calls over its own rows; rows without a VLM
-    adapter pass unchanged.
+    adapter pass unchanged. Rows may compose several adapters (`hub.adapters.vlm_compose`); for averaged rows
+    a hook on each block's FFN keeps its output for the block's hook.
     """
 
     def __init__(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32):
@@ -153,7 +138,10 @@ class VlmRuntime(KindRuntime):
         self.device = next(model.parameters()).device
         self.bank_dtype = bank_dtype
         self.buckets: dict[int, RankBucket] = {}
+        self.ffn_output: dict[int, torch.Tensor] = {}  # layer -> its FFN output in this forward (averaged rows)
         for layer, block in enumerate(self.model.transformer.h):
+            if hasattr(block, "mlp"):  # GPT-2's FFN (a test's stand-in block may have none)
+                self.hooks.add(block.mlp, self._keep_ffn(layer))
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
@@ -177,16 +165,31 @@ class VlmRuntime(KindRuntime):
     def resident_bytes(self) -> int:
         return sum(bucket.nbytes() for bucket in self.buckets.values())
 
-    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan:
+    def make_plan(self, rows: list[RowState] | None, slot: int = NO_SLOT) -> VlmPlan | ComposedPlan:
+        if rows is not None and any(row.composition is not None for row in rows):
+            return compose_plan(rows, self.device, self.slots, self.buckets)
         return group_rows(rows, slot, self.device, self.slots, self.buckets)
 
+    def _keep_ffn(self, layer: int):
+        def keep(module, args, output):
+            if isinstance(self.plan, ComposedPlan) and self.plan.averaged is not None:
+                self.ffn_output[layer] = output
+
+        return keep
+
     def _hook(self, layer: int):
+        def apply_stage(h: torch.Tensor, plan: VlmPlan) -> torch.Tensor:
+            return add_deltas(h, plan, lambda slot: self.layer_weights(slot, layer), self.eps,
+                              lambda bag, x: self.buckets[bag.rank].bag_delta(x, layer, bag))
+
         def apply(module, args, output):
-            plan: VlmPlan | None = self.plan
-            if not plan or not plan.groups:
+            plan: VlmPlan | ComposedPlan | None = self.plan
+            if isinstance(plan, ComposedPlan):
+                h = apply_composed(output[0], plan, self.ffn_output.pop(layer, None), apply_stage)
+            elif plan and plan.groups:
+                h = apply_stage(output[0], plan)
+            else:
                 return output
-            h = add_deltas(output[0], plan, lambda slot: self.layer_weights(slot, layer), self.eps,
-                           lambda bag, x: self.buckets[bag.rank].bag_delta(x, layer, bag))
             return (h,) + tuple(output[1:])
 
         return apply
@@ -195,63 +198,6 @@ class VlmRuntime(KindRuntime):
 def device_layers(bundle: AdapterWeights, device: torch.device) -> list[LayerWeights]:
     """An adapter's weights per layer on `device`, ready for `LayerWeights.delta`."""
     return [LayerWeights.from_adapter(bundle, layer, device) for layer in range(bundle.ln_weight.shape[0])]
-
-
-def group_rows(rows: list[RowState] | None, slot: int, device: torch.device,
-               locations: dict[int, Location] | None = None, buckets: dict[int, RankBucket] | None = None) -> VlmPlan:
-    """Rows grouped by slot, sorted so each slot's rows are one slice (rows None: `slot` on every row of a batch
-    of any size); NO_SLOT rows are left out. With `locations` (slot -> place in `buckets`), slots with fewer
-    than DENSE_ROWS rows are ordered by rank after the others, so each bucket's rows are one `Bag` slice in
-    decode steps."""
-    if rows is None:
-        whole: tuple[tuple[int, slice], ...] = ((slot, slice(None)),) if slot != NO_SLOT else ()
-        return VlmPlan(whole, None, whole)
-    count = Counter(row.slot for row in rows if row.slot != NO_SLOT)
-
-    def bucket(s: int) -> int:
-        return locations[s].rank if locations and count[s] < DENSE_ROWS else 0  # 0: dense
-
-    order = sorted((i for i, row in enumerate(rows) if row.slot != NO_SLOT),
-                   key=lambda i: (bucket(rows[i].slot), rows[i].slot))
-    slots = [rows[i].slot for i in order]
-    groups = tuple((s, slice(start, start + count[s])) for start, s in _run_starts(slots))
-    decode: list = []
-    for rank, grouped in itertools.groupby(groups, key=lambda group: bucket(group[0])):
-        members = list(grouped)
-        if not rank:
-            decode += members
-            continue
-        assert locations is not None and buckets is not None  # a rank other than 0 comes from them
-        span = slice(members[0][1].start, members[-1][1].stop)
-        decode.append(buckets[rank].bag(span, [locations[s].index for s in slots[span]]))
-    identity = order == list(range(len(order)))
-    return VlmPlan(groups, None if identity else torch.tensor(order, device=device), tuple(decode))
-
-
-def _run_starts(values: list[int]) -> list[tuple[int, int]]:
-    """(start, value) of each run of equal values."""
-    return [(i, v) for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
-
-
-def add_deltas(h: torch.Tensor, plan: VlmPlan, layer_of, eps: float, bag_delta=None,
-               inputs: torch.Tensor | None = None) -> torch.Tensor:
-    """h plus each group's adapter delta on its rows; `layer_of(slot)` gives that slot's `LayerWeights`,
-    `bag_delta(bag, x [n, d])` a rank bucket's deltas (decode steps, one token per row). The adapters read
-    LN(h), layer-normalised once for the batch (fp32), or `inputs` as they are (an adapter without LN on
-    another stream, e.g. AdaVAE's FFN-parallel one); each distinct adapter reads its weights once per step."""
-    source = h if inputs is None else inputs
-    ordered = (source if plan.order is None else source.index_select(0, plan.order)).float()
-    normed = F.layer_norm(ordered, h.shape[-1:], eps=eps) if inputs is None else ordered
-    decoding = h.shape[1] == 1 and bag_delta is not None
-    deltas = [bag_delta(piece, normed[piece.rows, 0]).unsqueeze(1) if isinstance(piece, Bag)
-              else layer_of(piece[0]).delta(normed[piece[1]])
-              for piece in (plan.decode if decoding else plan.groups)]
-    delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)).to(h.dtype)
-    if plan.order is not None:
-        return h.index_add(0, plan.order, delta)
-    if delta.shape[0] == h.shape[0]:
-        return h + delta
-    return torch.cat([h[: delta.shape[0]] + delta, h[delta.shape[0]:]])  # rows in order, the last without one
 
 
 class VlmKind(AdapterKind):

@@ -92,4 +92,5 @@ SPEC = KindSpec(
     stored=StoredKind(VLM, PAYLOAD_FILES, ADAPTER_WEIGHTS, weights_format=WeightsFormat(layers_and_width, renamed)),
     implementation="hub.adapters.vlm:VlmKind",
     description="VLM residual adapters with their task's special tokens (hub train TASK_TYPE)",
+    composable=True,  # AdapterHub's Average and Stack per request (hub.adapters.vlm_compose)
 )

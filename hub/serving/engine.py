@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hub.adapters.base import KindRuntime, RowState
+from hub.adapters.base import KindRuntime, RowState, SlotComposition
 from hub.adapters.registry import get_kind
 from hub.errors import CapacityError, HubError
 from hub.model.backbone import Backbone
+from hub.serving.composition import ComposedAdapters
 from hub.serving.detokenize import IncrementalText
 from hub.serving.manager import AdapterManager, ManagerSettings
 from hub.serving.sampling import SamplingParams, new_generator
@@ -52,14 +53,17 @@ class Engine:
 
     # -- sequences ------------------------------------------------------------------------------------------
     def new_sequence(self, adapter: ResidentAdapter | str | None, source, params: SamplingParams,
-                     prompt_text: str | None = None) -> Sequence:
+                     prompt_text: str | None = None, composed: ComposedAdapters | None = None) -> Sequence:
         """Encode a request's prompt for its adapter's task (or raw text for the base model, adapter None). The
         server passes the adapter its request was resolved to; a name is resolved here, once. A `TokenPrompt`
-        source is decoded as it is, with no task layout.
+        source is decoded as it is, with no task layout. With `composed`, the row runs every adapter of the
+        composition and its `layout` adapter lays out the prompt (`adapter` is then ignored).
 
-        The sequence counts as a user of its adapter from here on; `release` gives it back on every path.
+        The sequence counts as a user of its adapters from here on; `release` gives them back on every path.
         """
         params.validate()
+        if composed is not None:
+            adapter = composed.layout
         if isinstance(adapter, str):
             adapter = self.manager.resolve(adapter)
         limit = self.backbone.n_positions
@@ -71,8 +75,8 @@ class Engine:
         if refusal:
             raise HubError(f"task {adapter.name!r} takes no text input: {refusal}")
         if isinstance(source, TokenPrompt):
-            return self._token_sequence(adapter, list(source.ids), params)
-        sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id)
+            return self._token_sequence(adapter, list(source.ids), params, composed)
+        sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id, composed)
         try:
             source = adapter.task.parse_input(source)
             sequence.prompt_ids, sequence.prompt_types, sequence.input_tokens_dropped = \
@@ -83,7 +87,8 @@ class Engine:
             raise
         return sequence
 
-    def _token_sequence(self, adapter: ResidentAdapter | None, ids: list[int], params: SamplingParams) -> Sequence:
+    def _token_sequence(self, adapter: ResidentAdapter | None, ids: list[int], params: SamplingParams,
+                        composed: ComposedAdapters | None = None) -> Sequence:
         limit, vocab = self.backbone.n_positions, self.backbone.vocab_size
         if not ids or len(ids) + params.max_new_tokens > limit:
             raise HubError(f"the prompt needs 1 to {limit - params.max_new_tokens} tokens "
@@ -91,7 +96,7 @@ class Engine:
         if not all(is_int(i) and 0 <= i < vocab for i in ids):
             raise HubError(f"prompt token ids must be whole numbers from 0 to {vocab - 1}")
         eos = adapter.encoder.eos_id if adapter is not None else self.backbone.tokenizer.eos_token_id or 0
-        return self._sequence(adapter, ids, None, params, eos)
+        return self._sequence(adapter, ids, None, params, eos, composed)
 
     def new_state_sequence(self, adapter: ResidentAdapter, prompt_ids: list[int], eos_id: int,
                            params: SamplingParams, extra: dict[str, torch.Tensor]) -> Sequence:
@@ -103,32 +108,37 @@ class Engine:
         return sequence
 
     def _sequence(self, adapter: ResidentAdapter | None, ids, types, params: SamplingParams,
-                  eos_id: int) -> Sequence:
-        if adapter is not None:
-            self.manager.acquire(adapter)
-        return Sequence(adapter, ids, types, params, eos_id, generator=new_generator(params),
-                        detokenizer=IncrementalText(self.backbone.tokenizer))
+                  eos_id: int, composed: ComposedAdapters | None = None) -> Sequence:
+        sequence = Sequence(adapter, ids, types, params, eos_id, generator=new_generator(params),
+                            detokenizer=IncrementalText(self.backbone.tokenizer), composed=composed)
+        for used in sequence.adapters:
+            self.manager.acquire(used)
+        return sequence
 
     def release(self, sequence: Sequence) -> None:
-        """The one place a sequence gives its adapter back (finished, cancelled, failed or refused); safe to
+        """The one place a sequence gives its adapters back (finished, cancelled, failed or refused); safe to
         call more than once."""
-        if sequence.adapter is None or sequence.released:
+        if not sequence.adapters or sequence.released:
             return
         with self.manager.lock:
             if sequence.released:
                 return
             sequence.released = True
-        self.manager.release(sequence.adapter)
+            if sequence.bound:
+                self.manager.activate(sequence.adapters, -1)
+        for used in sequence.adapters:
+            self.manager.release(used)
 
     def bind(self, sequence: Sequence) -> bool:
-        """Make the sequence's adapter resident and shift its task-token ids to the adapter's rows; False
-        (nothing changed) while its weights are not on the CPU or every resident slot is busy."""
+        """Make the sequence's adapters resident and shift its task-token ids to its (layout) adapter's rows;
+        False (nothing changed) while their weights are not on the CPU or the slots are busy."""
         if sequence.bound:
             return True
         adapter = sequence.adapter
         if adapter is not None:
             with self.manager.lock:
-                if not self.manager.make_resident(adapter):
+                if not (self.manager.make_resident_all(sequence.adapters) if sequence.composed
+                        else self.manager.make_resident(adapter)):
                     return False
                 vocab, offset = self.backbone.vocab_size, adapter.row_offset
 
@@ -139,6 +149,8 @@ class Engine:
                 sequence.prompt_types = shift(sequence.prompt_types) if sequence.prompt_types else None
                 sequence.eos_id = shift([sequence.eos_id])[0]
                 sequence.row.slot = adapter.slot  # keeps the row's kind-specific state (`RowState.extra`)
+                sequence.row.composition = row_composition(sequence.composed)
+                self.manager.activate(sequence.adapters)
         sequence.bound = True
         return True
 
@@ -168,13 +180,22 @@ class Engine:
                 yield
 
 
+def row_composition(composed: ComposedAdapters | None) -> SlotComposition | None:
+    """A bound composition as its row carries it: the members' slots, in the block's order."""
+    if composed is None:
+        return None
+    slots = tuple(member.slot for member in composed.members)
+    assert all(slot is not None for slot in slots), "a composition's adapters are all resident when it binds"
+    return SlotComposition(composed.composition.block, slots, composed.composition.weights)  # type: ignore[arg-type]
+
+
 def bind_all_or_release(engine: Engine, sequences: list[Sequence]) -> None:
     """Bind every sequence, waiting for weights from the store (callers outside the server); on any failure
     every sequence is released and the error raised."""
     try:
         for sequence in sequences:
-            if sequence.adapter is not None:
-                engine.manager.weights(sequence.adapter)
+            for adapter in sequence.adapters:
+                engine.manager.weights(adapter)
             if not engine.bind(sequence):
                 raise CapacityError(f"all {engine.manager.settings.max_resident} resident adapters are busy; "
                                     "try again shortly")

@@ -184,6 +184,12 @@ class AdapterManager:
             if adapter.retired and adapter.in_use == 0:
                 self._drop(adapter)
 
+    def activate(self, adapters: tuple[ResidentAdapter, ...], step: int = 1) -> None:
+        """Count (step 1) or uncount (-1) a user bound to the adapters' slots (a sequence in the batch)."""
+        with self.lock:
+            for adapter in adapters:
+                adapter.active += step
+
     @contextmanager
     def pinned(self, adapter: ResidentAdapter) -> Iterator[Any]:
         """`adapter` resident and kept so within the block (e.g. a sentence VAE's encoder pass); yields its
@@ -191,9 +197,14 @@ class AdapterManager:
         self.acquire(adapter)
         try:
             self.weights(adapter)
-            if not self.make_resident(adapter):
-                raise CapacityError(f"all {self.settings.max_resident} resident adapters are busy; retry shortly")
-            yield self.runtimes[adapter.kind].slots[adapter.slot]
+            with self.lock:
+                if not self.make_resident(adapter):
+                    raise CapacityError(f"all {self.settings.max_resident} resident adapters are busy; retry shortly")
+                adapter.active += 1
+            try:
+                yield self.runtimes[adapter.kind].slots[adapter.slot]
+            finally:
+                self.activate((adapter,), -1)
         finally:
             self.release(adapter)
 
@@ -347,6 +358,38 @@ class AdapterManager:
             self.embedding.extra.data = self.token_rows.table
             self._trim_cpu_tier()  # adapters evicted to make room may now be beyond the CPU tier
             return True
+
+    def make_resident_all(self, adapters: tuple[ResidentAdapter, ...]) -> bool:
+        """Every adapter resident (a composition's), or none made so: False while one has no weights yet or the
+        slots cannot all be found. Beyond idle adapters this may evict adapters that only waiting requests hold
+        (none bound into the batch): they come back when their request joins, and two compositions waiting for
+        each other's slots can never hold every slot between them."""
+        with self.lock:
+            missing = [a for a in adapters if a.slot is None]
+            if any(a.bundle is None or a.retired for a in missing):
+                return False
+            if missing and not self._room_for(len(missing), keep=adapters):
+                return False
+            for adapter in adapters:
+                if not self.make_resident(adapter):  # room was made: only a failed copy raises here
+                    return False
+            return True
+
+    def _room_for(self, count: int, keep: tuple[ResidentAdapter, ...]) -> bool:
+        """Whether `count` slots are free after evicting idle adapters, then adapters no bound user holds."""
+        capacity = self.device.capacity
+        if capacity is None:
+            return True
+        kept = {id(a) for a in keep}
+        idle = [a for a in self.device.lru_first() if a.in_use == 0]
+        waiting_only = [a for a in self.device.lru_first() if a.in_use > 0 and a.active == 0 and id(a) not in kept]
+        if capacity - len(self.device) + len(idle) + len(waiting_only) < count:
+            return False
+        for adapter in idle + waiting_only:
+            if capacity - len(self.device) >= count:
+                break
+            self._free_slot(adapter)
+        return True
 
     def _runtime(self, kind: str) -> KindRuntime:
         if kind not in self.runtimes:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
+from hub.serving.composition import Composition
 from hub.serving.logprobs import TokenText
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.task import Task
@@ -21,12 +22,17 @@ Disconnected = Callable[[], Awaitable[bool]]
 @dataclass(frozen=True)
 class TaskRef:
     """A served task as one request sees it: the version it was resolved to, and the task (layout, chat
-    parsing, default length). `adapter` is the in-process adapter of exactly that version (None remotely)."""
+    parsing, default length). `adapter` is the in-process adapter of exactly that version (None remotely).
+    A composed request (`composition`) refers to its layout adapter here, to every member's version in
+    `versions`, and in-process to the resolved `composed` adapters (`hub.serving.composition.ComposedAdapters`)."""
 
     name: str
     version: str
     task: Task
     adapter: Any = None
+    composition: Composition | None = None
+    versions: tuple[str, ...] = ()
+    composed: Any = None
 
 
 @dataclass
@@ -46,6 +52,7 @@ class RequestResult:
     client: str = ""  # the API key's name that sent it (`SamplingParams.client`), for its quotas and counters
     logprobs: list[TokenText] | None = None  # per generated token, when asked
     prompt_logprobs: list[TokenText] | None = None  # per prompt token as the model saw it (echo), when asked
+    composed: list[str] | None = None  # a composed request's adapters ("name@version"), in the block's order
 
     @property
     def finished(self) -> bool:
@@ -77,7 +84,7 @@ class ServingBackend(Protocol):
     def stop(self) -> None: ...
     async def watch_store(self) -> None: ...
     def not_ready_reason(self) -> str | None: ...
-    async def resolve(self, task: str) -> TaskRef: ...
+    async def resolve(self, task: str, composition: Composition | None = None) -> TaskRef: ...
     def params(self, task: TaskRef | None, **fields) -> SamplingParams: ...
     def parse_chat(self, task: TaskRef, messages: list[dict]) -> Any: ...
     async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,

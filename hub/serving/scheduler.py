@@ -193,17 +193,16 @@ class Scheduler:
         adapters spreads its copies over steps. Whatever goes wrong (a failed load, a bad bundle, an allocation)
         fails this sequence alone."""
         try:
-            adapter = sequence.adapter
-            fresh = adapter is not None and adapter.slot is None  # would be copied into a slot now
-            if adapter is not None:
-                state = self.engine.manager.request_weights(adapter)
+            fresh = sum(adapter.slot is None for adapter in sequence.adapters)  # would be copied into slots now
+            states = [(adapter, self.engine.manager.request_weights(adapter)) for adapter in sequence.adapters]
+            for adapter, state in states:
                 if state is LoadState.FAILED:
                     self._fail(sequence, adapter.load_error)
                     return False
-                if state is LoadState.LOADING or (fresh and self.new_slots_left <= 0):
-                    return False
+            if any(state is LoadState.LOADING for _, state in states) or (fresh and self.new_slots_left <= 0):
+                return False
             bound = self.engine.bind(sequence)
-            self.new_slots_left -= bound and fresh
+            self.new_slots_left -= fresh if bound else 0
             return bound
         except Exception as err:
             log.warning("request %s could not join a batch: %r", sequence.id, err)

@@ -17,6 +17,7 @@ from hub.store.format import AdapterMeta
 from hub.task import Task, TaskCodec
 
 if TYPE_CHECKING:
+    from hub.serving.composition import ComposedAdapters
     from hub.serving.logprobs import TokenLogprob
 
 
@@ -40,7 +41,8 @@ class ResidentAdapter:
     parameter_count: int
     slot: int | None = None
     row_offset: int = 0
-    in_use: int = 0
+    in_use: int = 0  # sequences that hold it (waiting or running) and pinned users; its weights stay while > 0
+    active: int = 0  # of those, the ones bound into a batch or pinned: its slot stays while > 0
     retired: bool = False  # replaced or unloaded: freed once no sequence uses it
     fetch: Callable[[], Any] | None = None  # reads the weights from the store again (`AdapterManager.add_stored`)
     # loading state (`hub.serving.manager`), guarded by the manager's lock
@@ -81,7 +83,7 @@ class Sequence:
     relative (see `ResidentAdapter.encoder`); `bound` says they were shifted to the token table's rows.
     """
 
-    adapter: ResidentAdapter | None  # None: the plain base model
+    adapter: ResidentAdapter | None  # None: the plain base model; a composition's `layout` adapter
     prompt_ids: list[int]
     prompt_types: list[int] | None
     params: SamplingParams
@@ -104,6 +106,14 @@ class Sequence:
     input_tokens_dropped: int = 0  # cut from a too-long input by a task that truncates (`Task.truncates_input`)
     logprobs: list["TokenLogprob"] = field(default_factory=list)  # per output token, with `params.logprobs`
     prompt_logprobs: list["TokenLogprob | None"] = field(default_factory=list)  # with `params.prompt_logprobs`
+    composed: "ComposedAdapters | None" = None  # several adapters on this row (`hub.serving.composition`)
+
+    @property
+    def adapters(self) -> tuple[ResidentAdapter, ...]:
+        """Every adapter the sequence uses (and holds while it lives)."""
+        if self.composed is not None:
+            return self.composed.members
+        return () if self.adapter is None else (self.adapter,)
 
     @property
     def finished(self) -> bool:

@@ -22,6 +22,7 @@ import torch
 from hub.errors import HubError, UnavailableError
 from hub.model.backbone import Backbone
 from hub.model.dtypes import DTYPE_NAMES
+from hub.serving.composition import Composition, resolve_composition
 from hub.serving.engine import Engine
 from hub.serving.logprobs import rendered_logprobs
 from hub.serving.manager import ManagerSettings
@@ -150,7 +151,8 @@ def sequence_result(sequence: Sequence) -> RequestResult:
                          adapter.task.type_name if adapter else "base", sequence.text, sequence.finish_reason,
                          len(sequence.prompt_ids), len(sequence.output_ids), sequence.input_tokens_dropped,
                          sequence.created, sequence.first_token_at, sequence.params.client,
-                         **rendered_logprobs(sequence))
+                         **rendered_logprobs(sequence),
+                         composed=sequence.composed.refs if sequence.composed else None)
 
 
 class HubService:
@@ -213,10 +215,16 @@ class HubService:
         return await self.store_calls(fn, *args)
 
     # -- requests -------------------------------------------------------------------------------------------
-    async def resolve(self, task: str) -> TaskRef:
-        """The version serving `task` now; the request decodes with exactly it, whatever is published later."""
-        adapter = self.manager.resolve(task)
-        return TaskRef(adapter.name, adapter.version, adapter.task, adapter)
+    async def resolve(self, task: str, composition: Composition | None = None) -> TaskRef:
+        """The version serving `task` now; the request decodes with exactly it, whatever is published later. With
+        a composition, every member's version, checked (`hub.serving.composition`); `task` is its layout."""
+        if composition is None:
+            adapter = self.manager.resolve(task)
+            return TaskRef(adapter.name, adapter.version, adapter.task, adapter)
+        composed = resolve_composition(composition, self.manager.resolve, self.manager.settings.max_resident)
+        layout = composed.layout
+        return TaskRef(layout.name, layout.version, layout.task, layout, composition,
+                       tuple(m.version for m in composed.members), composed)
 
     params = staticmethod(request_params)
     parse_chat = staticmethod(parse_chat)
@@ -225,7 +233,8 @@ class HubService:
                      prompt_text: str | None = None) -> Handle:
         """Parse and tokenize (in a worker thread), then queue; raises HubError for bad input or a full queue."""
         adapter: ResidentAdapter | None = task.adapter if task else None
-        sequence = await asyncio.to_thread(self.engine.new_sequence, adapter, source, params, prompt_text)
+        composed = task.composed if task else None
+        sequence = await asyncio.to_thread(self.engine.new_sequence, adapter, source, params, prompt_text, composed)
         return self.submit_all([sequence])[0]
 
     def submit_all(self, sequences: list[Sequence]) -> list[Handle]:
