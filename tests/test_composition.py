@@ -297,3 +297,29 @@ def test_a_key_may_compose_only_adapters_in_its_scope(client):
     assert client.post("/v1/generate", json={**body, "task": "style_a"}, headers=one).status_code == 200
     refused = client.post("/v1/generate", json={**body, "compose": {"stack": ["style_a", "style_b"]}}, headers=one)
     assert refused.status_code == 403 and "style_b" in refused.text
+
+
+def test_compositions_sharing_two_slots_never_wait_for_each_other(composed_store, tiny_base):
+    """Three compositions over three adapters and two device slots, beside single requests: every one finishes
+    (a composition's adapters are made resident all at once, evicting adapters only waiting requests hold), and
+    every adapter is given back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    service_settings = ServiceSettings(max_resident=2, max_batch=4, request_timeout=60)  # a deadlock: 504s
+    app = create_app(load_backbone(tiny_base, "cpu"), composed_store, service_settings)
+    pairs = [("style_a", "style_b"), ("style_b", "style_c"), ("style_c", "style_a")]
+    bodies = [{"input": MR, "max_new_tokens": 3, "ignore_eos": True, "compose": {"stack": list(p)}} for p in pairs]
+    bodies += [{"input": MR, "max_new_tokens": 3, "ignore_eos": True, "task": name} for pair in pairs for name in pair]
+    with TestClient(app) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: client.post("/v1/generate", json=body), bodies * 3))
+        assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers if a.status_code != 200]
+        manager = app.state.hub.manager
+        assert all(a.in_use == 0 and a.active == 0 for a in manager.known())
+        assert manager.resident_count() <= 2
+    too_wide = Composition.build("stack", ["style_a", "style_b", "style_c"])
+    with pytest.raises(HubError, match="needs as many device slots; this server has 2"):
+        resolve_composition(too_wide, manager.resolve, 2)

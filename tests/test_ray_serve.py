@@ -162,6 +162,24 @@ def test_openai_route_and_errors_keep_their_meaning(server):
     assert too_few.status_code == 422 and "min_tokens" in too_few.json()["detail"]
 
 
+def test_a_composition_decodes_on_one_replica_as_in_process(server):
+    """Routed by its layout task; the replica loads every member at the version the ingress resolved."""
+    url, _ = server
+    body = {"input": MR, "max_new_tokens": 4, "ignore_eos": True, "task": "task3",
+            "compose": {"average": [{"task": "task2", "weight": 2}, {"task": "task3", "weight": 1}]}}
+    answer = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["task"] == "task3" and answer.json()["composed"] == ["task2@1", "task3@1"]
+    chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "task4", "max_tokens": 3, "compose": {"stack": ["task4", "task5"]},
+        "messages": [{"role": "user", "content": MR}]})
+    assert chat.status_code == 200, chat.text
+    unknown = httpx.post(f"{url}/v1/generate", json={**body, "compose": {"stack": ["task3", "nope"]}}, timeout=30)
+    assert unknown.status_code == 404 and "nope" in unknown.text
+    too_many = {"stack": ["task0", "task1", "task2", "task3", "task4"]}
+    assert httpx.post(f"{url}/v1/generate", json={**body, "compose": too_many}, timeout=30).status_code == 422
+
+
 class _Events:
     """A stand-in for a Ray stream whose next event raises `error`."""
 

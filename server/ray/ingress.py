@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from hub.adapters.registry import task_for
 from hub.errors import CapacityError, HubError, NotFoundError
+from hub.serving.composition import Composition, check_members
 from hub.serving.protocol import parse_chat, request_params, Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams
 from hub.serving.scheduler import SchedulerStats
@@ -109,8 +110,21 @@ class RemoteService:
                 self.listing = None
         self.summaries = {s.name: s for s in listing if s.versions}
 
-    async def resolve(self, task: str) -> TaskRef:
-        """The task's newest published version, resolved once for the request; 404 naming the available ones."""
+    async def resolve(self, task: str, composition: Composition | None = None) -> TaskRef:
+        """The task's newest published version, resolved once for the request; 404 naming the available ones.
+        A composition resolves each member's and is checked as a replica would (at most one replica's tasks)."""
+        if composition is None:
+            summary = await self._summary(task)
+            return TaskRef(task, summary.latest.version, task_for(summary.latest.meta, make_task))
+        summaries = [await self._summary(name) for name in composition.tasks]
+        tasks = [task_for(s.latest.meta, make_task) for s in summaries]
+        check_members(composition, [s.latest.meta.adapter_kind for s in summaries], tasks,
+                      self.options.max_tasks_per_replica)
+        layout = composition.tasks.index(task)
+        return TaskRef(task, summaries[layout].latest.version, tasks[layout], None, composition,
+                       tuple(s.latest.version for s in summaries))
+
+    async def _summary(self, task: str) -> AdapterSummary:
         summary = self.summaries.get(task)
         now = time.monotonic()
         if summary is None and now - self.unknown.get(task, -math.inf) > NEGATIVE_TTL \
@@ -123,8 +137,7 @@ class RemoteService:
                 self.unknown.clear()
             self.unknown[task] = now
             raise NotFoundError(f"unknown task {task!r}; available: {', '.join(self.task_names()) or 'none'}")
-        meta = summary.latest.meta
-        return TaskRef(task, summary.latest.version, task_for(meta, make_task))
+        return summary
 
     def task_names(self) -> list[str]:
         return sorted(self.summaries)
@@ -150,7 +163,7 @@ class RemoteService:
         if task is None:
             raise HubError("name a task: the plain base model is not served with --ray")
         call = self.engine.options(multiplexed_model_id=task.name, stream=True)
-        events = call.generate.remote(task.version, source, params, prompt_text)
+        events = call.generate.remote(task.version, source, params, prompt_text, task.composition, task.versions)
         first = await _next_event(events)
         holder = _replica_of_request.get()
         if holder is not None:

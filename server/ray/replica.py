@@ -17,6 +17,7 @@ from ray import serve
 
 from hub.errors import NotFoundError
 from hub.model.dtypes import torch_dtype
+from hub.serving.composition import Composition
 from hub.serving.engine import Engine
 from hub.serving.sampling import SamplingParams
 from hub.serving.service import HubService
@@ -95,13 +96,16 @@ class EngineReplica:
         if not check.cancelled() and check.exception() is not None:
             log.warning("checking for a newer version failed: %s", check.exception())
 
-    async def generate(self, version: str, source: Any, params: SamplingParams,
-                       prompt_text: str | None) -> AsyncIterator[dict]:
+    async def generate(self, version: str, source: Any, params: SamplingParams, prompt_text: str | None,
+                       composition: Composition | None = None, versions: tuple[str, ...] = ()) -> AsyncIterator[dict]:
         """Events: {replica, result}, then {text} pieces, then {result, stats, resident} (`RequestResult`s;
-        `resident`: the tasks holding a device slot here)."""
+        `resident`: the tasks holding a device slot here). A composed request (routed by its layout task) has
+        every member loaded here, at the versions the ingress resolved."""
         task = serve.get_multiplexed_model_id()
-        await self._resident(task, version)
-        handle = await self.service.submit(await self.service.resolve(task), source, params, prompt_text)
+        for name, wanted in zip(composition.tasks, versions) if composition else ((task, version),):
+            await self._resident(name, wanted)
+        handle = await self.service.submit(await self.service.resolve(task, composition), source, params,
+                                           prompt_text)
         yield {"replica": self.replica, "result": handle.result()}
         async for piece in self.service.stream(handle, _never):
             yield {"text": piece}
