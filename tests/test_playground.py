@@ -136,6 +136,26 @@ def test_compare_mode_shows_two_answers_and_a_screenshot_is_saved(page, tmp_path
     print(f"screenshot: {tmp_path / 'playground.png'}")
 
 
+def test_composing_two_adapters_sends_the_block_and_names_them(page):
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/generate") else None)
+    page.click("#composition summary")
+    assert [o for o in page.locator(".compose-task >> nth=0 >> option").all_inner_texts() if "vae" in o] == []
+    page.select_option("#compose-block", "average")
+    page.fill("#compose-first-weight", "3")
+    page.select_option(".compose-task >> nth=0", "e2e-b")
+    set_max_tokens(page, 6)
+    page.click("#send")
+    text, stats = answer(page, "answer-a")
+    assert stats.startswith("finish:"), (text, stats)
+    assert page.inner_text("#answer-a h3") == "average of e2e@1 + e2e-b@1"
+    assert sent[-1]["compose"] == {"average": [{"task": "e2e", "weight": 3}, {"task": "e2e-b", "weight": 1}]}
+    page.select_option("#compose-block", "stack")
+    page.select_option(".compose-task >> nth=0", "")
+    page.click("#send")
+    assert "at least one more adapter" in page.inner_text("#error")
+
+
 def test_training_curve_and_live_metrics(page):
     page.click("#task-table tbody tr >> nth=0 >> a")
     page.wait_for_function("() => document.querySelector('#curve img').naturalWidth > 0")

@@ -2,11 +2,12 @@
 // the live /metrics panel and the admin actions.
 
 import { ServerError, apiKey, imageUrl, request, setApiKey, streamGenerate } from "./api.js";
+import { composition, createComposeControls, fillComposeTasks } from "./compose.js";
 import { createForm } from "./forms.js";
 import { startMetricsPanel } from "./metrics.js";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { tasks: [], form: null, adminToken: "" };
+const state = { tasks: [], form: null, adminToken: "", composeRows: [] };
 
 function showError(err) {
   const box = $("#error");
@@ -69,6 +70,7 @@ async function loadTasks() {
     $("#key-panel").hidden = true;
     renderTaskTable(tasks);
     for (const select of [$("#task-a"), $("#task-b"), $("#admin-unload-task")]) fillSelect(select, tasks);
+    fillComposeTasks(state.composeRows, tasks);
     if (tasks.length > 1 && $("#task-b").value === $("#task-a").value) $("#task-b").selectedIndex = 1;
     rebuildForm();
     $("#server-state").textContent = `${tasks.length} task${tasks.length === 1 ? "" : "s"} served`;
@@ -119,7 +121,7 @@ function showFailure(pane, message, stats) {
 }
 
 /** Streams one answer into its pane; resolves to the full text, or null when the request failed. */
-async function answerInto(pane, task, input, parameters) {
+async function answerInto(pane, task, input, parameters, compose) {
   const text = pane.querySelector(".text");
   const stats = pane.querySelector(".stats");
   pane.querySelector("h3").textContent = task;
@@ -130,7 +132,7 @@ async function answerInto(pane, task, input, parameters) {
   let firstAt = null;
   let finished = false;
   try {
-    await streamGenerate({ task, input, ...parameters }, (event) => {
+    await streamGenerate({ task, input, ...parameters, ...(compose ? { compose } : {}) }, (event) => {
       if (event.text !== undefined) {
         firstAt ??= performance.now();
         text.textContent += event.text;
@@ -140,7 +142,8 @@ async function answerInto(pane, task, input, parameters) {
         finished = true;
         const seconds = (performance.now() - started) / 1000;
         const tokens = event.usage.completion_tokens;
-        pane.querySelector("h3").textContent = `${event.task}@${event.version}`;
+        pane.querySelector("h3").textContent = event.composed
+          ? `${compose.average ? "average" : "stack"} of ${event.composed.join(" + ")}` : `${event.task}@${event.version}`;
         stats.textContent = `finish: ${event.finish_reason} · ${tokens} tokens · ` +
           `${(tokens / seconds).toFixed(1)} tokens/s · first token ${Math.round((firstAt ?? performance.now()) - started)} ms`;
       }
@@ -195,10 +198,18 @@ async function generate(event) {
   }
   const comparing = $("#compare").checked;
   const parameters = samplingParameters(event.target);
+  let compose;
+  try {
+    compose = composition($("#compose-block").value, $("#task-a").value, $("#compose-first-weight").value,
+      state.composeRows);
+  } catch (err) {
+    showError(err);
+    return;
+  }
   $("#send").disabled = true;
   $("#answer-b").hidden = !comparing;
   const answer = state.form.vae ? vaeInto : answerInto;
-  const panes = [answer($("#answer-a"), $("#task-a").value, input, parameters)];
+  const panes = [answer($("#answer-a"), $("#task-a").value, input, parameters, compose)];
   if (comparing) panes.push(answer($("#answer-b"), $("#task-b").value, input, parameters));
   const [first] = await Promise.all(panes);
   $("#send").disabled = false;
@@ -229,6 +240,7 @@ function wireAdmin() {
 }
 
 function main() {
+  state.composeRows = createComposeControls($("#compose-members"));
   $("#task-a").addEventListener("change", rebuildForm);
   $("#compare").addEventListener("change", () => { $("#task-b").disabled = !$("#compare").checked; });
   $("#refresh-tasks").addEventListener("click", loadTasks);
