@@ -22,7 +22,8 @@ from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.local import AdapterStore
-from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.trainer import TrainConfig, Trainer
 from tasks import make_task
 from tasks.e2e import parse_mr
 
@@ -76,7 +77,7 @@ def main() -> None:
                          grad_accum=d.grad_accum, max_length=d.max_length, epochs=args.epochs,
                          max_steps=args.max_steps, eval_every=args.eval_every, base=args.base)
     run_dir = work / "run"
-    prepare_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     Trainer(backbone, task, config, run_dir, on_eval=on_eval).train(
         task.load_examples(args.data, "train"), task.load_examples(args.data, "validation"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     from hub.evaluation.metrics.e2e.mteval import NIST_RULE
     from hub.model.backbone import load_backbone
     from hub.training.baselines import default_lr, load_baseline, make_trainer
-    from hub.training.trainer import TrainConfig, prepare_run_dir
+    from hub.training.run_dir import RunDir
+    from hub.training.trainer import TrainConfig
     from tasks import make_task
 
     torch.set_num_threads(1)
@@ -112,7 +113,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
         train_examples=cell.n, data_seed=cell.seed, regularizers={"mvcr": {}} if cell.mvcr else {})
     run_dir = args.work / cell.name
     shutil.rmtree(run_dir, ignore_errors=True)
-    prepare_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     trainer = make_trainer(backbone, task, config, run_dir)
     eval_seconds = timed(trainer, "evaluate")
     warm_up_seconds = [timed(r, "warm_up") for r in trainer.regularizers]
@@ -145,7 +146,7 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 8) -> dict:
     import torch
 
     from hub.model.backbone import load_backbone
-    from hub.training.trainer import Trainer, TrainConfig, encode_all
+    from hub.training.trainer import Trainer, TrainConfig
     from tasks import make_task
 
     torch.set_num_threads(1)
@@ -156,9 +157,8 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 8) -> dict:
                          lr=task.defaults.lr, batch_size=args.batch_size, grad_accum=1, max_length=512, epochs=1,
                          train_examples=500, regularizers={"mvcr": {}})
     trainer = Trainer(backbone, task, config, args.work / "timing")
-    examples = trainer._training_subset(task.load_examples(str(args.shared / setting.data), "train"))
-    train_set = encode_all(trainer.codec, examples, task.defaults.max_target_length, "training")
-    optimizer, schedule = trainer._optimizer_and_schedule(2 * rounds)
+    train_set = trainer.training_set(task.load_examples(str(args.shared / setting.data), "train"))
+    optimization = trainer.optimization(2 * rounds)
     mvcr = trainer.regularizers[0]
     rng = random.Random(0)
     trainer.model.train()
@@ -168,22 +168,11 @@ def interleaved_step_times(args: argparse.Namespace, rounds: int = 8) -> dict:
         for with_mvcr in (False, True):
             started = time.time()
             with mvcr.attached(trainer.model) if with_mvcr else contextlib.nullcontext():
-                trainer._train_step(iter([batch]), optimizer, schedule, bar=NO_BAR)
+                trainer.train_step([batch], optimization)
             seconds[with_mvcr].append(time.time() - started)
     plain, with_mvcr = statistics.median(seconds[False]), statistics.median(seconds[True])
     return {"rounds": rounds, "batch_size": args.batch_size, "plain_median_s": plain, "mvcr_median_s": with_mvcr, "ratio": with_mvcr / plain,
             "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-class NoBar:
-    def set_postfix(self, **_):
-        pass
-
-    def update(self):
-        pass
-
-
-NO_BAR = NoBar()
 
 
 def timed(obj, method: str) -> list[float]:

@@ -35,7 +35,8 @@ from hub.model.backbone import load_backbone
 from hub.training.baselines import default_lr, load_baseline, make_trainer
 from hub.evaluation.decode import Decoding, TaskModel, evaluate, from_run, write_result
 from hub.evaluation.metrics.e2e.mteval import NIST_RULE
-from hub.training.trainer import TrainConfig, prepare_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.trainer import TrainConfig
 from tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def train_row(name: str, row: Row, args: argparse.Namespace) -> dict:
     )
     run_dir = args.work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # timings are for a fresh run
-    prepare_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     trainer = make_trainer(backbone, task, config, run_dir)
     started = time.time()
     log = trainer.train(train, held_out)

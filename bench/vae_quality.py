@@ -40,8 +40,9 @@ from hub.evaluation.decode import TaskModel, from_run
 from hub.evaluation.vae_metrics import decoder_use_of_z, evaluate_lm, evaluate_vae
 from hub.model.backbone import load_backbone
 from hub.store.export import read_export
-from hub.training.trainer import TrainConfig, Trainer, prepare_run_dir
-from hub.training.vae import RECIPES, VAETrainConfig, VAETrainer, prepare_vae_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.trainer import TrainConfig, Trainer
+from hub.training.vae import RECIPES, VAETrainConfig, VAETrainer
 from tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def vae_row(dataset: str, recipe: str, args, work: Path, meta: dict) -> dict:
                                        batch_size=args.batch_size, max_steps=args.steps,
                                        eval_every=eval_every(args), max_eval_sentences=200, seed=args.seed,
                                        word_dropout=args.word_dropout or None)
-    prepare_vae_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     test, train = load_sentences(data, "test")[: args.test_sentences], load_sentences(data, "train")
     iw_samples = args.curve_iw_samples or args.iw_samples
     recorder = CurveRecorder(f"{dataset}/{recipe}{variant(args)}", lambda t: vae_curve_point(t, test, iw_samples),
@@ -155,7 +156,7 @@ def lm_row(dataset: str, vae_params: int, args, work: Path, meta: dict) -> dict:
     config = TrainConfig(name=f"{dataset}-lm", task_type="lm", task_config={}, data=data, bottleneck=bottleneck,
                          lr=1e-3, batch_size=args.batch_size, grad_accum=1, max_length=32, epochs=1,
                          max_steps=args.steps, eval_every=eval_every(args), seed=args.seed, base=str(BASE))
-    prepare_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     test = load_sentences(data, "test")[: args.test_sentences]
     recorder = CurveRecorder(f"{dataset}/lm", lambda t: lm_curve_point(t, test), args, meta, {"steps": args.steps})
     trainer = Trainer(backbone, task, config, run_dir, on_eval=recorder if args.curve_points else None)

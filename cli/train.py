@@ -94,7 +94,7 @@ def _join_data_parallel(nproc: int, device: str) -> None:
         raise typer.Exit(subprocess.call(distributed.relaunch_command(nproc, sys.argv[1:])))
     if note := distributed.single_process_accelerate_note():
         typer.echo(note, err=True)
-    distributed.init_process_group(device)
+    distributed.join(device)
 
 
 def _train_config(task_type: str, task_options: dict[str, str | None], recipe: dict[str, Any], *, name: str | None,
@@ -122,18 +122,18 @@ def _run_training(task, config, device: str, threads: int | None, out: Path) -> 
     from hub.model.backbone import load_backbone
     from hub.training import distributed
     from hub.training.baselines import describe_trainable, make_trainer
+    from hub.training.run_dir import RunDir
     from hub.training.subset import check_subset_size
-    from hub.training.trainer import prepare_run_dir
 
     training, held_out = task.load_examples(config.data, "train"), task.load_examples(config.data, "validation")
     backbone = load_backbone(config.base, device, dtype=torch.float32)
     config.max_length = min(config.max_length, backbone.n_positions)
     if config.train_examples is not None:
         check_subset_size(config.train_examples, len(training))
-    process = distributed.DataParallel.current(backbone.device)
+    process = distributed.join(backbone.device)
     threads_used = set_threads(threads, process.world_size)
     trainer = make_trainer(backbone, task, config, out)  # first: it checks and completes the MVCR settings
-    process.on_main(lambda: prepare_run_dir(out, config))
+    process.on_main(lambda: RunDir(out).prepare(config))
     if process.is_main:
         typer.echo(f"{len(training)} training / {len(held_out)} held-out examples; backbone {backbone.source} "
                    f"on {backbone.device} ({process.world_size} process(es), {threads_used} each); "

@@ -97,7 +97,8 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
     from hub.data import load_sentences
     from hub.model.backbone import DEFAULT_BASE, load_backbone
     from hub.store.refs import validate_name
-    from hub.training.vae import VAETrainConfig, VAETrainer, prepare_vae_run_dir
+    from hub.training.run_dir import RunDir
+    from hub.training.vae import VAETrainConfig, VAETrainer
 
     options = parse_train_options(args)
     recipe = options.pop("recipe").value
@@ -113,7 +114,7 @@ def train_sentence_vae(args: list[str], *, data: str, name: str | None, base: st
         recipe, name=validate_name(name or SENTENCE_VAE), data=data, base=backbone.source, vae=vae, lr=lr,
         batch_size=batch_size, max_length=max_length, max_steps=max_steps, eval_every=eval_every, seed=seed,
         **options)
-    prepare_vae_run_dir(out, config)
+    RunDir(out).prepare(config)
     trainer = VAETrainer(backbone, config, out)
     report = trainer.parameter_report()
     typer.echo(f"{len(train_sentences)} training / {len(eval_sentences)} held-out sentences; backbone "

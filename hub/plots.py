@@ -1,6 +1,6 @@
-"""Pictures of what was measured: a training curve from `train_log.json`, a bar chart of evaluation metrics.
+"""Pictures of what was measured: training curves from `train_log.json`, a bar chart of evaluation metrics.
 
-Both draw with matplotlib's Agg backend (no display) and return PNG bytes or write a file.
+All draw with matplotlib's Agg backend (no display) and return PNG bytes or write a file.
 """
 
 from __future__ import annotations
@@ -51,6 +51,28 @@ def training_curve_png(log: dict, title: str = "") -> bytes:
     if title:
         ax.set_title(title)
     ax.legend()
+    return _png(fig)
+
+
+def vae_curves_png(log: dict) -> bytes:
+    """A sentence VAE's `train_log.json` (`VAETrainLog` as a dict): reconstruction, KL and β per step; held-out
+    KL and active units per evaluation."""
+    plt = _pyplot()
+    steps, evals = log["steps"], log["evals"]
+    at = [s["step"] for s in steps]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(at, [s["rec"] for s in steps], label="reconstruction (nats/sentence)", alpha=0.6)
+    top.plot(at, [s["kl"] for s in steps], label="KL (nats/sentence)", alpha=0.6)
+    top.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", label="held-out KL")
+    top.set_yscale("symlog")
+    top.legend()
+    bottom.plot(at, [s["beta"] for s in steps], label="β")
+    au = bottom.twinx()
+    au.plot([e["step"] for e in evals], [e["au"] for e in evals], "s-", color="C3", label="held-out AU")
+    au.set_ylabel("active units")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("β")
+    fig.legend(loc="lower right")
     return _png(fig)
 
 

@@ -15,7 +15,8 @@ from hub.model.backbone import load_backbone
 from hub.training.baselines import lora_rank, make_trainer
 from cli.main import app
 from hub.errors import HubError
-from hub.training.trainer import TrainConfig, prepare_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.trainer import TrainConfig
 from tasks import make_task
 
 C_ATTN = "transformer.h.0.attn.c_attn.weight"
@@ -118,7 +119,7 @@ def test_patience_stops_training_without_improvement(tiny_base, e2e_dir, tmp_pat
     config = TrainConfig(name="e2e", task_type="e2e", task_config={}, data=str(e2e_dir), bottleneck=10, lr=0.0,
                          batch_size=4, grad_accum=1, max_length=64, epochs=1, max_steps=10, eval_every=2,
                          base=str(tiny_base), method="full", patience=1)
-    prepare_run_dir(tmp_path, config)
+    RunDir(tmp_path).prepare(config)
     trainer = make_trainer(load_backbone(tiny_base, "cpu"), task, config, tmp_path)
     log = trainer.train(task.load_examples(str(e2e_dir), "train"), task.load_examples(str(e2e_dir), "validation"))
     assert [e["step"] for e in log.evals] == [2, 4] and log.best_step == 2

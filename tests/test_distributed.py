@@ -17,7 +17,7 @@ from hub.serving.batch import decode_to_completion
 from hub.model.backbone import load_backbone
 from hub.serving.engine import Engine, SamplingParams
 from hub.store.local import AdapterStore
-from hub.training.distributed import DataParallel, relaunch_command, single_process_accelerate_note
+from hub.training.distributed import relaunch_command, shard, single_process_accelerate_note
 from tasks import make_task
 
 # Same data, same global batch (8), no dropout: the only difference is float summation order over 2 processes.
@@ -102,7 +102,7 @@ def test_the_data_parallel_adapter_publishes_and_serves_like_the_single_process_
 
 def test_shards_cover_a_global_batch_once():
     items = list(range(7))
-    shards = [DataParallel(rank, 3).shard(items) for rank in range(3)]
+    shards = [shard(items, rank, 3) for rank in range(3)]
     assert shards == [[0, 1, 2], [3, 4], [5, 6]]
 
 

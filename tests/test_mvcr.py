@@ -19,7 +19,8 @@ from hub.task import Example
 from hub.training.baselines import make_trainer
 from hub.training.regularizers.mvcr import (MVCR, HierarchicalAutoencoder, sample_views, view_probabilities)
 from hub.training.subset import low_resource_subset
-from hub.training.trainer import TrainConfig, prepare_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.trainer import TrainConfig
 from tasks import make_task
 
 STEPS = 4
@@ -60,7 +61,7 @@ def mvcr_trainer(tiny_base, e2e_dir, tmp_path_factory):
                          base=str(tiny_base), regularizers={"mvcr": {"dims": [8, 16], "pretrain_epochs": 1}})
     run = tmp_path_factory.mktemp("mvcr") / "run"
     trainer = make_trainer(backbone, task, config, run)
-    prepare_run_dir(run, config)
+    RunDir(run).prepare(config)
     trainer.train(task.load_examples(str(e2e_dir), "train"), task.load_examples(str(e2e_dir), "validation"))
     return trainer
 
@@ -141,17 +142,22 @@ def test_reconstruction_step_touches_only_the_autoencoders(tiny_base):
     assert optimised == {id(p) for p in mvcr.parameters()}
 
 
-def _reconstruct_on_own_data(rank: int, world_size: int, base: str, init_file: str, out: str) -> None:
-    """One data-parallel process: MVCR's reconstruction steps on this rank's own batches."""
+def _reconstruct_on_own_data(rank: int, world_size: int, base: str, port: int, out: str) -> None:
+    """One data-parallel process, joined as under a launcher: MVCR's reconstruction steps on its own batches."""
+    import os
+
     import torch.distributed as dist
 
-    from hub.training.distributed import DataParallel
+    from hub.training import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    process = distributed.join("cpu")
+    assert process.world_size == world_size
     torch.manual_seed(100 + rank)  # each rank's own data and noise, as in training
     model = load_backbone(base, "cpu", dtype=torch.float32).model
     mvcr = MVCR(MVCR.resolve({"layers": [1], "dims": [8, 6]}, model), model, seed=0,
-                average_gradients=DataParallel.current(torch.device("cpu")).average_gradients)
+                average_gradients=process.average_gradients)
     with mvcr.attached(model):
         for _ in range(3):
             model.train()(torch.randint(0, 8000, (2, 7)))
@@ -164,8 +170,10 @@ def test_data_parallel_processes_keep_equal_autoencoders(tiny_base, tmp_path):
     """Each process steps the autoencoders on its own batches; gradients averaged first, they stay equal."""
     import torch.multiprocessing as mp
 
+    from tests.test_distributed import free_port
+
     out = str(tmp_path / "params")
-    mp.spawn(_reconstruct_on_own_data, args=(2, str(tiny_base), str(tmp_path / "init"), out), nprocs=2)
+    mp.spawn(_reconstruct_on_own_data, args=(2, str(tiny_base), free_port(), out), nprocs=2)
     first, second = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     single = MVCR(MVCR.resolve({"layers": [1], "dims": [8, 6]}, load_backbone(str(tiny_base), "cpu").model),

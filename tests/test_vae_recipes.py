@@ -13,7 +13,8 @@ import pytest
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hub.model.backbone import load_backbone
-from hub.training.vae import VAETrainConfig, VAETrainer, prepare_vae_run_dir
+from hub.training.run_dir import RunDir
+from hub.training.vae import VAETrainConfig, VAETrainer
 
 SENTENCES = ["a man walks a dog .", "two people sit on a bench .", "a woman reads a book .", "the kids play outside .",
              "a dog runs in the park .", "a man rides a bike .", "the girl eats an apple .", "a cat sleeps ."]
@@ -31,7 +32,7 @@ def make_trainer(backbone, run_dir: Path, recipe: str, trainer_class=VAETrainer,
                **options}
     config = VAETrainConfig.for_recipe(recipe, name="v", data="-", base="-",
                                        vae={"nz": 4, "encoder_layers": 1, "bottleneck": 3}, **options)
-    prepare_vae_run_dir(run_dir, config)
+    RunDir(run_dir).prepare(config)
     return trainer_class(backbone, config, run_dir)
 
 

@@ -18,13 +18,14 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from hub.errors import HubError
 from hub.model.backbone import Backbone, load_backbone, resolve_base
 from hub.serving.batch import left_pad
 from hub.serving.engine import Engine
@@ -95,7 +96,8 @@ class TaskTokenMask(LogitsProcessor):
         rows = scores.shape[0]
         eos = torch.full((rows, 1), self.eos_id, device=scores.device)
         allowed = torch.full((rows, 1), input_ids.shape[1] > self.prompt_width, device=scores.device)
-        return mask_task_logits(scores, self.base_vocab, eos, allowed)
+        # transformers' `LogitsProcessor` hints name `FloatTensor` for scores of any float dtype
+        return cast(torch.FloatTensor, mask_task_logits(scores, self.base_vocab, eos, allowed))
 
 
 @contextmanager
@@ -120,6 +122,8 @@ def generate_ids(task_model: TaskModel, sources: list[Any], decoding: Decoding,
                  progress: bool = True) -> list[list[int]]:
     """Generated token ids per source (without the EOS), in batches of `decoding.batch_size`."""
     codec, model = task_model.codec, task_model.model
+    if not isinstance(model, GenerationMixin):
+        raise HubError(f"{task_model.label}: a {type(model).__name__} cannot generate (not an HF causal LM)")
     device = next(model.parameters()).device
     outputs: list[list[int]] = []
     model.eval()
@@ -154,7 +158,7 @@ def source_key(source: Any) -> str:
 
 def unique_sources(examples: list[Example]) -> tuple[list[Any], list[list[str]]]:
     """One entry per unique source in first-occurrence order, with all its references."""
-    by_key = {}
+    by_key: dict[str, Any] = {}
     for example in examples:
         by_key.setdefault(source_key(example.source), example.source)
     keys, references = group_by_mr([source_key(e.source) for e in examples], [e.target or "" for e in examples])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from hub.adapters.vae_kind import MAX_LENGTH
+from hub.task import IGNORE_INDEX, Example, collate
 
 LOG_2PI = math.log(2 * math.pi)
 AU_THRESHOLD = 0.01
@@ -181,9 +182,6 @@ def own_vocabulary(logits: torch.Tensor, base_vocab: int, own_ids) -> torch.Tens
 def evaluate_lm(task_model, sentences: list[str], max_length: int = MAX_LENGTH, batch_size: int = 32) -> dict:
     """Exact log-likelihood of an `lm` adapter (`hub.evaluation.decode.TaskModel`): PPL with the VAE's token
     count (`<bos> x <eos>`, x cut to `max_length` − 2 tokens as for the VAE)."""
-    from hub.task import IGNORE_INDEX, Example
-    from hub.task import collate
-
     model, codec = task_model.model, task_model.codec
     device = next(model.parameters()).device
     encoded = [codec.encode_example(Example("", s), max_target=max_length - 2) for s in sentences if s.strip()]

@@ -88,7 +88,7 @@ class LoraTrainer(Trainer):
 
     def export(self, out_dir: Path, metrics: dict) -> None:
         with staging(out_dir) as tmp:
-            self.peft.save_pretrained(tmp)
+            self.peft.save_pretrained(str(tmp))
             save_file({"rows": self.rows.detach().to("cpu", torch.float32).contiguous()}, str(tmp / TASK_TOKENS))
             write_meta(tmp, self, metrics, lora={"rank": self.rank, "alpha": LORA_ALPHA, "targets": LORA_TARGETS})
 

@@ -1,24 +1,44 @@
-"""Data-parallel training over processes started by `accelerate launch` / `torchrun` (or `hub train --nproc N`).
+"""Data-parallel training through `accelerate.Accelerator`, over processes started by `accelerate launch`,
+`torchrun` or `hub train --nproc N` (which relaunches under torchrun). A plain run is one process and never builds
+an Accelerator: every method below is then the identity, and training is what it is without this module.
 
-Every process holds the whole frozen backbone and the same trainable weights. Each optimizer step, all processes
-draw the same global micro-batch of `batch_size × world_size` examples (same seed) and each takes its own slice;
-gradients are summed over processes after the local loss is scaled by the process's share of the global batch's
-labelled tokens, so a step equals one process's step on the global batch (up to float summation order). Only
-rank 0 writes the run folder and prints. Backend: gloo on the CPU, nccl on GPUs (one GPU per process).
+The Accelerator joins the launcher's process group (gloo on the CPU, nccl with one GPU per process) and
+`prepare` wraps the model in DistributedDataParallel, which starts every process from rank 0's weights and
+averages the trainable gradients over the processes at a step's last micro-batch (`no_sync` before it). Each
+optimizer step, all processes draw the same global micro-batch of `batch_size × world_size` examples (same seed)
+and each takes its own contiguous slice, so a step equals one process's step on the global batch (up to float
+summation order; `tests/test_distributed.py`). Only rank 0 writes the run folder and prints.
+
+What stays written here, and why Accelerator's own pieces do not fit:
+- The loss scale (`token_share`). One process's loss on the global batch is the mean over all its labelled
+  tokens; processes hold different numbers of them, so DDP's average of per-process means is not that mean.
+  Each process scales its own mean by its share of the global batch's labelled tokens (one `reduce` of the
+  count) and by `world_size`, and DDP's average of the scaled gradients is then the global mean's gradient.
+  (`Accelerator.backward` and `accumulate` only divide by a fixed number of accumulation steps.)
+- The batches. `Accelerator.prepare(DataLoader)` shards batches by interleaving and, with `even_batches`, fills
+  an uneven epoch end by wrapping around to its start; one process drawing the global batch would see other
+  examples, so the shared seeded draw (`hub.training.batches.epoch_batches`) and `shard` stay.
+- Parameters outside the model: a regulariser's modules are never registered in the model (nothing of them is
+  exported), so DDP does not see them; their gradients are averaged with `reduce` (`average_gradients`) and they
+  start from rank 0's values (`broadcast`).
+- `on_main`: an error rank 0 raises while preparing the run folder is sent to every process
+  (`broadcast_object_list`), so none is left waiting in a collective.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
+import functools
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence, TypeVar
 
 import torch
-import torch.distributed as dist
 
 from hub.errors import HubError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 T = TypeVar("T")
 
@@ -38,85 +58,104 @@ def single_process_accelerate_note() -> str | None:
     return None
 
 
-def init_process_group(device: str) -> None:
-    """Join the launcher's process group (env://) when WORLD_SIZE > 1: nccl with one GPU per local rank, else gloo."""
-    if launched_world_size() <= 1 or dist.is_initialized():
-        return
-    on_gpu = device != "cpu" and torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-    atexit.register(dist.destroy_process_group)
+@functools.cache
+def _accelerator(on_gpu: bool) -> "Accelerator":
+    """The process's one Accelerator: it joins the launcher's process group (env://) on first use. Mixed precision
+    and compilation stay off whatever the launcher says: the trainers choose their own autocast."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(cpu=not on_gpu, device_placement=False, mixed_precision="no", dynamo_backend="no",
+                       kwargs_handlers=handlers)
 
 
-@dataclass(frozen=True)
+def join(device: str | torch.device) -> "DataParallel":
+    """This process's place in the launcher's group, joining it (nccl with one GPU per local rank where the device
+    is a GPU, else gloo) when the launcher started several processes; a plain run joins none."""
+    if launched_world_size() <= 1:
+        return DataParallel()
+    on_gpu = str(device) != "cpu" and torch.cuda.is_available()  # "auto", "cuda", "cuda:1", a torch.device
+    return DataParallel(_accelerator(on_gpu))
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank's contiguous slice of a global batch (the first ranks get one more when it is uneven), the rule of
+    `Accelerator.split_between_processes`."""
+    size, extra = divmod(len(items), world_size)
+    start = rank * size + min(rank, extra)
+    return list(items[start : start + size + (rank < extra)])
+
+
 class DataParallel:
-    """This process's place in the group; every method is a no-op (or identity) for a single process."""
+    """What a trainer does differently over several processes; the identity for a single one."""
 
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def current(cls, device: torch.device) -> "DataParallel":
-        if not dist.is_initialized():
-            return cls(device=device)
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+    def __init__(self, accelerator: "Accelerator | None" = None):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world_size = accelerator.num_processes if accelerator else 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def prepare(self, model: torch.nn.Module, extra_params: Sequence[torch.nn.Parameter], seed: int
+                ) -> torch.nn.Module:
+        """The model to train through (DDP-wrapped; it shares the model's parameters), every process started
+        from rank 0's weights, `extra_params` (outside the model) included; then each process's dropout seeded
+        differently."""
+        if self.accelerator is None:
+            return model
+        from accelerate.utils import broadcast
+
+        wrapped = self.accelerator.prepare_model(model)
+        for param in extra_params:
+            param.data.copy_(broadcast(param.data.contiguous(), from_process=0))
+        torch.manual_seed(seed + self.rank)
+        return wrapped
+
+    def no_sync(self, model: torch.nn.Module, sync: bool) -> ContextManager[None]:
+        """Around a micro-batch's backward: DDP averages the gradients only when `sync` (a step's last one)."""
+        if self.accelerator is None or sync:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
     def shard(self, items: Sequence[T]) -> list[T]:
-        """This process's contiguous slice of a global batch (the first processes get one more when it is uneven)."""
-        size, extra = divmod(len(items), self.world_size)
-        start = self.rank * size + min(self.rank, extra)
-        return list(items[start : start + size + (self.rank < extra)])
+        return shard(items, self.rank, self.world_size)
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over processes."""
-        if self.world_size == 1:
+        if self.accelerator is None:
             return list(values)
-        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
+        return [float(v) for v in self.accelerator.reduce(tensor, "sum").tolist()]
 
     def token_share(self, local_tokens: int) -> float:
-        """This process's share of the global micro-batch's labelled tokens, times world_size: scaling the local
-        mean loss by it and summing gradients gives the gradient of the global mean loss."""
-        if self.world_size == 1:
+        """This process's share of the global micro-batch's labelled tokens: the local mean loss times it, summed
+        over processes, is the global mean loss."""
+        if self.accelerator is None:
             return 1.0
         (total,) = self.sum([local_tokens])
         return local_tokens / max(total, 1.0)
 
-    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum gradients over processes, flattened into one buffer (one collective per step)."""
-        if self.world_size == 1:
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of `loss` summed over processes: DDP averages them, so the loss is scaled by world_size."""
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss * self.world_size)
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Replace gradients by their mean over processes, flattened into one buffer (one collective): for
+        parameters DDP does not hold (a regulariser's, on the task loss or its own optimiser step)."""
+        if self.accelerator is None or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
         offset = 0
         for param, grad in zip(params, grads):
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
             offset += grad.numel()
-
-    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Replace gradients by their mean over processes (steps every process takes on its own data, such as a
-        regulariser's, stay identical everywhere)."""
-        if self.world_size == 1:
-            return
-        self.sum_gradients(params)
-        for param in params:
-            param.grad /= self.world_size
-
-    def broadcast_parameters(self, params: Sequence[torch.nn.Parameter], seed: int) -> None:
-        """Start every process from rank 0's trainable weights; then seed each process's dropout differently."""
-        if self.world_size == 1:
-            return
-        for param in params:
-            dist.broadcast(param.data, src=0)
-        torch.manual_seed(seed + self.rank)
 
     def on_main(self, action: Callable[[], T]) -> T | None:
         """Run `action` on rank 0 only; a HubError it raises is raised on every process (none is left waiting)."""
@@ -126,10 +165,10 @@ class DataParallel:
                 result = action()
             except HubError as err:
                 message = str(err)
-        if self.world_size > 1:
-            shared = [message]
-            dist.broadcast_object_list(shared, src=0)
-            message = shared[0]
+        if self.accelerator is not None:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message], from_process=0)[0]
         if message is not None:
             raise HubError(message)
         return result

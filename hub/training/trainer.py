@@ -1,19 +1,20 @@
 """Training one task adapter on the frozen backbone, VLM recipe: only the adapter and the task's k rows train.
 
-A run directory holds `run_config.json`, `checkpoint.pt` (to resume), `train_log.json`, `loss_curve.png` and
-`best/`, the export of the lowest held-out loss that `hub publish` reads.
+The skeleton is shared with the sentence VAE's trainer (`hub.training.vae`): the run folder (`run_dir.RunDir`:
+`run_config.json`, `checkpoint.pt` to resume, `train_log.json`, here `loss_curve.png`, and `best/`, the export of
+the lowest held-out loss that `hub publish` reads), the optimiser and schedule (`optimization.Optimization`), the
+batches (`batches`) and data parallelism (`distributed`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import adapters
 import torch
@@ -21,17 +22,22 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hub.adapters.vlm import adapter_parameter_count, vlm_adapter_config
-from hub.model.backbone import Backbone
-from hub.errors import HubError
 from hub.interop import prompt_layout, quiet_adapter_activation
-from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec, collate
+from hub.model.backbone import Backbone
+from hub.model.task_tokens import install_task_rows, new_task_rows
 from hub.plots import training_curve_png
 from hub.store.export import write_export
-from hub.store.layout import ADAPTER_WEIGHTS, TASK_TOKENS, TRAIN_LOG
-from hub.model.task_tokens import install_task_rows, new_task_rows
-from hub.training.distributed import DataParallel
+from hub.store.layout import ADAPTER_WEIGHTS, TASK_TOKENS
+from hub.task import IGNORE_INDEX, Encoded, Example, Task, TaskCodec, collate
+from hub.training import distributed
+from hub.training.batches import encode_all, epoch_batches, labelled_tokens
+from hub.training.optimization import Optimization
 from hub.training.regularizers import build_regularizers, resolve_regularizers
+from hub.training.run_dir import RunDir
 from hub.training.subset import low_resource_subset
+
+LOSS_CURVE = "loss_curve.png"
+
 
 @dataclass
 class TrainConfig:
@@ -55,11 +61,9 @@ class TrainConfig:
     data_seed: int = 0  # which subset
     regularizers: dict[str, dict] = field(default_factory=dict)  # `hub.training.regularizers`: {"mvcr": {...}}
 
-    def resumes(self, other: "TrainConfig") -> bool:
-        """A run may resume only with what shapes the model and data unchanged."""
-        keys = ("name", "task_type", "task_config", "bottleneck", "base", "method", "train_examples", "data_seed",
-                "regularizers")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
+    # A run may resume only with what shapes the model and data unchanged (`RunDir.prepare`).
+    RESUMES_WITH: ClassVar[tuple[str, ...]] = ("name", "task_type", "task_config", "bottleneck", "base", "method",
+                                               "train_examples", "data_seed", "regularizers")
 
 
 @dataclass
@@ -81,7 +85,7 @@ def parameter_report(backbone: Backbone, bottleneck: int, num_tokens: int) -> di
 def attach_trainable_adapter(backbone: Backbone, task: Task, name: str, bottleneck: int,
                              seed: int) -> torch.nn.Parameter:
     """Add the VLM adapter (via `adapters`) and the task's trainable rows; everything else stays frozen."""
-    model = backbone.model
+    model: Any = backbone.model  # `adapters.init` adds the adapter methods to the class at run time
     torch.manual_seed(seed)
     adapters.init(model)
     model.add_adapter(name, config=vlm_adapter_config(model.config.n_embd, bottleneck))
@@ -103,58 +107,27 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def encode_all(codec: TaskCodec, examples: list[Example], max_target: int, what: str) -> list[Encoded]:
-    """Encode examples; ones that cannot fit are skipped and counted, not silently."""
-    encoded, skipped = [], []
-    for example in examples:
-        try:
-            encoded.append(codec.encode_example(example, max_target))
-        except HubError as err:
-            skipped.append(str(err))
-    if skipped:
-        print(f"note: skipped {len(skipped)} of {len(examples)} {what} examples ({skipped[0]})")
-    if not encoded:
-        raise HubError(f"no usable {what} examples")
-    return encoded
-
-
-def epoch_batches(count: int, size: int, rng: random.Random, skip: int) -> Iterator[list[int]]:
-    """Endless shuffled epochs of `size` indices into `count` items (an epoch's last partial batch is dropped),
-    without the first `skip` batches (those a resumed run has already seen)."""
-    while True:
-        order = list(range(count))
-        rng.shuffle(order)
-        for start in range(0, count - size + 1, size):
-            if skip > 0:
-                skip -= 1
-                continue
-            yield order[start : start + size]
-
-
-def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Target tokens the loss counts (labels shifted by one, as in `Trainer._loss`)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 class Trainer:
     def __init__(self, backbone: Backbone, task: Task, config: TrainConfig, run_dir: Path,
                  on_eval: Callable[["Trainer", dict], None] | None = None):
         """`on_eval(trainer, result)` runs after every held-out evaluation (learning-curve benchmarks use it)."""
         self.backbone, self.task, self.config, self.run_dir = backbone, task, config, run_dir
+        self.run = RunDir(run_dir)
         self.on_eval = on_eval
         self.model = backbone.model
         self.rows = self._attach()
         config.regularizers = resolve_regularizers(config.regularizers, self.model)  # recorded as resolved
-        self.dist = DataParallel.current(backbone.device)
+        self.dist = distributed.join(backbone.device)
         self.regularizers = build_regularizers(config.regularizers, self.model, config.seed,
                                                self.dist.average_gradients)
-        self.params = trainable_parameters(self.model) + [p for r in self.regularizers for p in r.parameters()]
-        self.dist.broadcast_parameters(self.params, config.seed)
+        self.extra_params = [p for r in self.regularizers for p in r.parameters()]  # outside the model
+        self.params = trainable_parameters(self.model) + self.extra_params
+        self.train_model = self.dist.prepare(self.model, self.extra_params, config.seed)  # the model, or DDP's
         self.codec = TaskCodec(task, backbone.tokenizer, backbone.vocab_size, config.max_length)
         self.pad_id = backbone.tokenizer.eos_token_id or 0
         self.log = TrainLog()
         self.step = 0
-        self.example_source = None  # a training input, shown in the export's prompt layout
+        self.example_source: Any = None  # a training input, shown in the export's prompt layout
 
     @property
     def trainable_count(self) -> int:
@@ -166,29 +139,23 @@ class Trainer:
         cfg = self.config
         return attach_trainable_adapter(self.backbone, self.task, cfg.name, cfg.bottleneck, cfg.seed)
 
-    def _optimizer_and_schedule(self, total_steps: int):
-        """AdamW with VGLM's eps 1e-6 and no weight decay (decay would shrink rows), linear decay to 0."""
-        optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, eps=1e-6, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total_steps)))
-        return optimizer, schedule
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(batch)
+    def _loss(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        logits = self._logits(batch, model or self.model)
         # Computed here: transformers' loss reshapes logits by `config.vocab_size`, which excludes the task rows.
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.backbone.device.type == "cuda")
         with autocast:
-            return self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
+            return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
 
     @torch.no_grad()
     def evaluate(self, encoded: list[Encoded]) -> dict:
         """Token-level loss and perplexity over the held-out examples."""
         self.model.eval()
-        total_loss, total_tokens = 0.0, 0
+        total_loss, total_tokens = 0.0, 0.0
         encoded = self.dist.shard(encoded)
         for start in range(0, len(encoded), self.config.batch_size * 2):
             batch = collate(encoded[start : start + self.config.batch_size * 2], self.pad_id, self.backbone.device)
@@ -200,20 +167,52 @@ class Trainer:
         loss = total_loss / max(1, total_tokens)
         return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
+    # -- the public step API (`train` uses it; so do benchmarks that time steps) ----------------------------
+    def training_set(self, examples: list[Example]) -> list[Encoded]:
+        """The examples this run trains on (`train_examples` of them when set), encoded; the task fits its
+        generation length to their targets."""
+        examples = self._training_subset(examples)
+        train_set = encode_all(self.codec, examples, self.task.defaults.max_target_length, "training")
+        self.example_source = examples[0].source
+        self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
+        return train_set
+
+    def optimization(self, total_steps: int) -> Optimization:
+        """The optimiser of a run of `total_steps` steps over the trainable and the regularisers' parameters."""
+        return Optimization.create(self.params, self.config.lr, total_steps)
+
+    def train_step(self, micro_batches: Iterable[list[Encoded]], optimization: Optimization) -> dict:
+        """One optimiser step over `micro_batches` (`grad_accum` of them in `train`; each this process's slice of
+        the global micro-batch), then each regulariser's own step. The step's record, also appended to the log."""
+        micro_batches = list(micro_batches)
+        loss = 0.0
+        for i, examples in enumerate(micro_batches):
+            batch = collate(examples, self.pad_id, self.backbone.device)
+            share = self.dist.token_share(labelled_tokens(batch))
+            micro = self._loss(batch, self.train_model) * share / len(micro_batches)
+            with self.dist.no_sync(self.train_model, sync=i == len(micro_batches) - 1):
+                self.dist.backward(micro)
+            loss += micro.item()
+        self.dist.average_gradients(self.extra_params)
+        (loss,) = self.dist.sum([loss])
+        lr = optimization.step()
+        extra = {k: v for regularizer in self.regularizers for k, v in regularizer.after_step().items()}
+        self.step += 1
+        record = {"step": self.step, "loss": loss, "lr": lr, **extra}
+        self.log.steps.append(record)
+        return record
+
+    # -- a run ----------------------------------------------------------------------------------------------
     def train(self, train_examples: list[Example], eval_examples: list[Example]) -> TrainLog:
         """Train to `max_steps` (or `epochs`) with the run's regularisers hooked in; they are unhooked on return."""
         cfg = self.config
-        max_target = self.task.defaults.max_target_length
-        examples = self._training_subset(train_examples)
-        train_set = encode_all(self.codec, examples, max_target, "training")
-        self.example_source = examples[0].source
-        self.task.fit_to_targets([sum(label != IGNORE_INDEX for label in e.labels) for e in train_set])
-        eval_set = encode_all(self.codec, eval_examples, max_target, "held-out")
+        train_set = self.training_set(train_examples)
+        eval_set = encode_all(self.codec, eval_examples, self.task.defaults.max_target_length, "held-out")
         steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum * self.dist.world_size))
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or min(steps_per_epoch, total_steps)
-        optimizer, schedule = self._optimizer_and_schedule(total_steps)
-        self._resume(optimizer, schedule)
+        optimization = self.optimization(total_steps)
+        self._resume(optimization)
         bar = tqdm(total=total_steps, initial=self.step, desc=f"train {cfg.name}", unit="step",
                    disable=not self.dist.is_main)
         batches = self._batches(train_set, random.Random(cfg.seed))
@@ -225,9 +224,11 @@ class Trainer:
                     regularizer.warm_up(lambda: self._forward_passes(train_set), total_steps)
             self.model.train()
             while self.step < total_steps and not self._out_of_patience():
-                self._train_step(batches, optimizer, schedule, bar)
+                record = self.train_step([next(batches) for _ in range(cfg.grad_accum)], optimization)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                bar.update()
                 if self.step % eval_every == 0 or self.step == total_steps:
-                    self._eval_and_checkpoint(eval_set, optimizer, schedule, bar)
+                    self._eval_and_checkpoint(eval_set, optimization, bar)
         bar.close()
         if self.dist.is_main:
             print(f"trained {self.step} steps in {time.time() - started:.0f}s; best held-out loss "
@@ -242,26 +243,6 @@ class Trainer:
             print(f"training on {size:,} of {len(examples):,} examples (data seed {seed})")
         return low_resource_subset(examples, size, seed)
 
-    def _train_step(self, batches: Iterator[list[Encoded]], optimizer, schedule, bar) -> None:
-        """One optimiser step over `grad_accum` micro-batches, then each regulariser's own step."""
-        loss = 0.0
-        for _ in range(self.config.grad_accum):
-            batch = collate(next(batches), self.pad_id, self.backbone.device)
-            micro = self._loss(batch) * self.dist.token_share(labelled_tokens(batch)) / self.config.grad_accum
-            micro.backward()
-            loss += micro.item()
-        self.dist.sum_gradients(self.params)
-        (loss,) = self.dist.sum([loss])
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        extra = {k: v for regularizer in self.regularizers for k, v in regularizer.after_step().items()}
-        self.step += 1
-        self.log.steps.append({"step": self.step, "loss": loss, "lr": schedule.get_last_lr()[0], **extra})
-        bar.set_postfix(loss=f"{loss:.3f}")
-        bar.update()
-
     @torch.no_grad()
     def _forward_passes(self, train_set: list[Encoded]) -> Iterator[None]:
         """One eval-mode forward pass per training batch, in order (regularisers' warm-ups watch them)."""
@@ -269,7 +250,7 @@ class Trainer:
         try:
             for start in range(0, len(train_set), self.config.batch_size):
                 self._logits(collate(train_set[start : start + self.config.batch_size], self.pad_id,
-                                     self.backbone.device))
+                                     self.backbone.device), self.model)
                 yield
         finally:
             self.model.train()
@@ -277,16 +258,17 @@ class Trainer:
     def _out_of_patience(self) -> bool:
         """Early stopping: `patience` evaluations in a row without a lower held-out loss."""
         patience, best = self.config.patience, self.log.best_step
-        return patience is not None and sum(e["step"] > best for e in self.log.evals) >= patience
+        since_best = sum(e["step"] > best for e in self.log.evals) if best is not None else 0
+        return patience is not None and since_best >= patience
 
-    def _batches(self, train_set: list[Encoded], rng: random.Random):
+    def _batches(self, train_set: list[Encoded], rng: random.Random) -> Iterator[list[Encoded]]:
         """Endless shuffled epochs of micro-batches (this process's slice of the global one, `batch_size` per
         process); skips what a resumed run has already seen."""
         size = self.config.batch_size * self.dist.world_size
         for batch in epoch_batches(len(train_set), size, rng, skip=self.step * self.config.grad_accum):
             yield [train_set[i] for i in self.dist.shard(batch)]
 
-    def _eval_and_checkpoint(self, eval_set, optimizer, schedule, bar) -> None:
+    def _eval_and_checkpoint(self, eval_set: list[Encoded], optimization: Optimization, bar: Any) -> None:
         result = self.evaluate(eval_set)
         self.log.evals.append(result)
         new_best = self.log.best_eval_loss is None or result["eval_loss"] < self.log.best_eval_loss
@@ -296,20 +278,17 @@ class Trainer:
             return
         bar.write(f"step {self.step}: held-out loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
         if new_best:
-            self.export(self.run_dir / "best", {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
-                                                "step": self.step})
-        self._save_checkpoint(optimizer, schedule)
-        write_log(self.run_dir, self.log)
+            self.export(self.run.best, {"eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
+                                        "step": self.step})
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.run.save_checkpoint(self.step, trainable, optimization, asdict(self.log),
+                                 regularizers=[regularizer.state_dict() for regularizer in self.regularizers])
+        self.run.write_log(asdict(self.log), LOSS_CURVE, training_curve_png)
         if self.on_eval:
             self.on_eval(self, result)
 
-    def _save_checkpoint(self, optimizer, schedule) -> None:
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_checkpoint(self.run_dir, self.step, trainable, optimizer, schedule, asdict(self.log),
-                        regularizers=[regularizer.state_dict() for regularizer in self.regularizers])
-
-    def _resume(self, optimizer, schedule) -> None:
-        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+    def _resume(self, optimization: Optimization) -> None:
+        state = self.run.resume(self.backbone.device, optimization)
         if state is None:
             return
         params = dict(self.model.named_parameters())
@@ -320,6 +299,7 @@ class Trainer:
         self.step = state["step"]
         self.log = TrainLog(**state["log"])
 
+    # -- the export -----------------------------------------------------------------------------------------
     def export(self, out_dir: Path, metrics: dict) -> None:
         """Write the adapter as a run export (`hub.store.export`), atomically replacing `out_dir`."""
         write_export(out_dir, self.export_meta(metrics), self._write_payload)
@@ -342,7 +322,8 @@ class Trainer:
 
     def _write_payload(self, tmp: Path) -> None:
         name = self.config.name
-        self.model.save_adapter(str(tmp), name, with_head=False)
+        model: Any = self.model  # `save_adapter` comes from `adapters.init`
+        model.save_adapter(str(tmp), name, with_head=False)
         (tmp / "pytorch_adapter.bin").unlink()
         prefix = f".adapters.{name}."
         tensors = {
@@ -353,56 +334,3 @@ class Trainer:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
         save_file({"rows": self.rows.detach().to("cpu", torch.float32).contiguous()},
                   str(tmp / TASK_TOKENS))
-
-
-def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, schedule,
-                    log: dict, **extra) -> None:
-    """`checkpoint.pt`: what a run needs to resume (and any `extra` state, e.g. regularisers'), replaced
-    atomically."""
-    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "log": log, **extra}
-    tmp = run_dir / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(run_dir / "checkpoint.pt")
-
-
-def load_checkpoint(run_dir: Path, device: torch.device, optimizer, schedule) -> dict | None:
-    """Restore the optimizer and schedule from `checkpoint.pt` and return the state (None: a fresh run)."""
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    print(f"resuming {run_dir} from step {state['step']}")
-    return state
-
-
-def write_train_log(run_dir: Path, log: dict) -> None:
-    """`train_log.json` of any trainer (VLM adapter, sentence VAE), in the run folder and copied into its export
-    `best/` when there is one, so `hub publish` stores it with the version (`hub show NAME --plot`)."""
-    text = json.dumps(log, indent=1)
-    (run_dir / TRAIN_LOG).write_text(text)
-    if (run_dir / "best").is_dir():
-        (run_dir / "best" / TRAIN_LOG).write_text(text)
-
-
-def write_log(run_dir: Path, log: TrainLog) -> None:
-    """`train_log.json` (`write_train_log`) and `loss_curve.png` (training loss per step, held-out loss per
-    evaluation)."""
-    write_train_log(run_dir, asdict(log))
-    (run_dir / "loss_curve.png").write_bytes(training_curve_png(asdict(log)))
-
-
-def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    """Create the run dir, or check that an existing one belongs to the same run (so it can resume)."""
-    config_path = run_dir / "run_config.json"
-    if config_path.exists():
-        previous = TrainConfig(**json.loads(config_path.read_text()))
-        if not config.resumes(previous):
-            raise HubError(f"{run_dir} holds another run ({previous.name}, {previous.task_type}, "
-                           f"b={previous.bottleneck}, base {previous.base}); choose another --out")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise HubError(f"{run_dir} exists and is not a run directory; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(asdict(config), indent=2))

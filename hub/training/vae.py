@@ -1,18 +1,18 @@
 """Training a sentence VAE bundle on the frozen backbone: AdaVAE's recipe, Park & Lee's two phases, or no remedy.
 
-Every remedy is its own option (`VAETrainConfig`); a recipe only chooses their defaults (`RECIPES`). A run
-directory holds `run_config.json`, `checkpoint.pt` (to resume), `train_log.json`, `vae_curves.png` and
-`best/` (lowest held-out −ELBO), the export `hub publish` reads (`hub.store.export`, kind `sentence_vae`).
+Every remedy is its own option (`VAETrainConfig`); a recipe only chooses their defaults (`RECIPES`). The
+skeleton is the VLM trainer's (`hub.training.trainer`): a `RunDir` (`run_config.json`, `checkpoint.pt` to
+resume, `train_log.json`, here `vae_curves.png`, and `best/`, the lowest held-out −ELBO's export that `hub
+publish` reads, kind `sentence_vae`), an `Optimization` (here with a warm-up) and `epoch_batches`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -22,11 +22,16 @@ from hub.adapters.vae import SentenceVAE, VAEConfig, encode_sentences, pad_rows
 from hub.errors import HubError
 from hub.evaluation.vae_metrics import active_units, kl_per_dim, mutual_information
 from hub.model.backbone import Backbone
+from hub.plots import vae_curves_png
 from hub.store.export import write_export
 from hub.adapters.vae_kind import MAX_LENGTH, SENTENCE_VAE, VAE_WEIGHTS
-from hub.training.trainer import epoch_batches, load_checkpoint, save_checkpoint, write_train_log
+from hub.training.batches import epoch_batches
+from hub.training.optimization import Optimization
+from hub.training.run_dir import RunDir
 from hub.training.vae_objectives import (BETA_SCHEDULES, KL_FLOORS, NORMALISATIONS, beta_at, delete_tokens,
                                         drop_words, elbo_loss)
+
+VAE_CURVES = "vae_curves.png"
 
 RECIPES: dict[str, dict] = {
     # AdaVAE (spec §3): β cyclical 4 × (25 % zero, 25 % ramp), total hinge at 0.5·nz, decoder adapters from T/6.
@@ -70,6 +75,8 @@ class VAETrainConfig:
     phase1_freeze_decoder: bool = False  # phase 1 trains the encoder side only (P&L "yf")
     phase1_patience: int = 2
 
+    RESUMES_WITH: ClassVar[tuple[str, ...]] = ("name", "base", "vae", "recipe")  # `RunDir.prepare`
+
     @classmethod
     def for_recipe(cls, recipe: str, **options) -> "VAETrainConfig":
         """The recipe's defaults, then every option given (None = not given)."""
@@ -92,9 +99,6 @@ class VAETrainConfig:
                            f"max_length >= 3")
         return self
 
-    def resumes(self, other: "VAETrainConfig") -> bool:
-        return all(getattr(self, k) == getattr(other, k) for k in ("name", "base", "vae", "recipe"))
-
     def steps(self, fraction: float) -> int:
         return int(round(fraction * self.max_steps))
 
@@ -105,22 +109,8 @@ class VAETrainLog:
     evals: list[dict] = field(default_factory=list)
     best_neg_elbo: float | None = None
     best_step: int | None = None
-    phase2_start: int | None = None  # where β may first be > 0 (after an early-stopped phase 1)
+    phase2_start: int = 0  # where β may first be > 0 (after an early-stopped phase 1)
     train_seconds: float = 0.0
-
-
-def prepare_vae_run_dir(run_dir: Path, config: VAETrainConfig) -> None:
-    """Create the run dir, or check that an existing one holds the same run (so it resumes)."""
-    path = run_dir / "run_config.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        known = {f.name for f in fields(VAETrainConfig)}
-        if set(stored) - known or not config.resumes(VAETrainConfig(**stored)):
-            raise HubError(f"{run_dir} holds another run; choose another --out")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise HubError(f"{run_dir} exists and is not a run directory; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(config), indent=2))
 
 
 class VAETrainer:
@@ -128,6 +118,7 @@ class VAETrainer:
                  on_eval: Callable[["VAETrainer", dict], None] | None = None):
         """`on_eval(trainer, result)` runs after every held-out evaluation (learning-curve benchmarks use it)."""
         self.backbone, self.config, self.run_dir = backbone, config, run_dir
+        self.run = RunDir(run_dir)
         self.on_eval = on_eval
         self.model = backbone.model
         torch.manual_seed(config.seed)
@@ -153,7 +144,7 @@ class VAETrainer:
             raise HubError(f"no usable {what} sentences")
         return rows
 
-    def _batches(self, rows: list[list[int]], rng: random.Random):
+    def _batches(self, rows: list[list[int]], rng: random.Random) -> Iterator[list[list[int]]]:
         """Endless shuffled epochs; skips the batches a resumed run has already seen."""
         for batch in epoch_batches(len(rows), self.config.batch_size, rng, skip=self.step):
             yield [rows[i] for i in batch]
@@ -167,7 +158,7 @@ class VAETrainer:
     def frozen(self, step: int) -> list[torch.nn.Module]:
         """Parts that do not train at `step`: decoder adapters before `decoder_start`; in a "yf" phase 1 the
         decoder adapters and the injector."""
-        parts = []
+        parts: list[torch.nn.Module] = []
         in_phase1 = step < self.log.phase2_start
         if step < self.config.steps(self.config.decoder_start) or (in_phase1 and self.config.phase1_freeze_decoder):
             parts.append(self.vae.decoder_adapters)
@@ -175,12 +166,10 @@ class VAETrainer:
             parts.append(self.vae.injector)
         return parts
 
-    def _optimizer_and_schedule(self):
+    def optimization(self) -> Optimization:
+        """The run's optimiser: a warm-up over `warmup_ratio` of the steps, then linear decay."""
         c = self.config
-        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=c.lr, eps=1e-6, weight_decay=0.0)
-        warmup = max(1, c.steps(c.warmup_ratio))
-        lr_factor = lambda s: min((s + 1) / warmup, max(0.0, (c.max_steps - s) / max(1, c.max_steps - warmup)))  # noqa: E731
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return Optimization.create(self.vae.parameters(), c.lr, c.max_steps, warmup_steps=max(1, c.steps(c.warmup_ratio)))
 
     # -- training -------------------------------------------------------------------------------------------
     def loss(self, rows: list[list[int]], beta: float, rng: random.Random) -> dict[str, torch.Tensor]:
@@ -193,39 +182,41 @@ class VAETrainer:
         nll = self.vae.token_nll(self.model, ids, mask, self.vae.reparameterize(mu, logvar), inputs)
         return elbo_loss(nll, mask[:, 1:], mu, logvar, beta, c.kl_floor, c.kl_lambda, c.kl_normalisation)
 
+    def train_step(self, rows: list[list[int]], optimization: Optimization) -> dict:
+        """One optimiser step on a batch of sentences (the parts `frozen` at this step keep their weights); the
+        step's record, also appended to the log."""
+        beta = self.beta(self.step)
+        parts = self.loss(rows, beta, random.Random(self.config.seed * 1_000_003 + self.step))
+        parts["loss"].backward()
+        for module in self.frozen(self.step):
+            for p in module.parameters():
+                p.grad = None
+        lr = optimization.step()
+        self.step += 1
+        record = {"step": self.step, "beta": beta, "lr": lr, **{k: float(v.detach()) for k, v in parts.items()}}
+        self.log.steps.append(record)
+        return record
+
     def train(self, train_sentences: list[str], eval_sentences: list[str]) -> VAETrainLog:
         c = self.config
         train_rows = self.encode(train_sentences, "training")
         eval_rows = self.encode(eval_sentences, "held-out")[: c.max_eval_sentences]
         eval_every = c.eval_every or max(1, c.max_steps // 10)
-        optimizer, schedule = self._optimizer_and_schedule()
-        self._resume(optimizer, schedule)
+        optimization = self.optimization()
+        self._resume(optimization)
         batches = self._batches(train_rows, random.Random(c.seed))
         self.model.train()
         self.vae.train()
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"train {c.name}", unit="step")
         started = time.time() - self.log.train_seconds
         while self.step < c.max_steps:
-            beta = self.beta(self.step)
-            parts = self.loss(next(batches), beta, random.Random(c.seed * 1_000_003 + self.step))
-            parts["loss"].backward()
-            for module in self.frozen(self.step):
-                for p in module.parameters():
-                    p.grad = None
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            record = {"step": self.step, "beta": beta, "lr": schedule.get_last_lr()[0],
-                      **{k: float(v.detach()) for k, v in parts.items()}}
-            self.log.steps.append(record)
+            record = self.train_step(next(batches), optimization)
             bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}",
-                            beta=f"{beta:.2f}")
+                            beta=f"{record['beta']:.2f}")
             bar.update()
             if self.step % eval_every == 0 or self.step == c.max_steps:
                 self.log.train_seconds = time.time() - started
-                self._eval_and_checkpoint(eval_rows, optimizer, schedule, bar)
+                self._eval_and_checkpoint(eval_rows, optimization, bar)
         bar.close()
         print(f"trained {self.step} steps in {self.log.train_seconds:.0f}s; best held-out -ELBO "
               f"{self.log.best_neg_elbo:.3f} at step {self.log.best_step}")
@@ -253,7 +244,7 @@ class VAETrainer:
         return {"step": self.step, "neg_elbo": (rec + kl) / n, "rec": rec / n, "kl": kl / n,
                 "au": active_units(mu), "mi": mutual_information(mu, logvar, generator), "beta": self.beta(self.step)}
 
-    def _eval_and_checkpoint(self, eval_rows, optimizer, schedule, bar) -> None:
+    def _eval_and_checkpoint(self, eval_rows: list[list[int]], optimization: Optimization, bar: Any) -> None:
         result = self.evaluate(eval_rows)
         self.log.evals.append(result)
         bar.write(f"step {self.step}: held-out -ELBO {result['neg_elbo']:.3f} (Rec {result['rec']:.3f}, "
@@ -262,10 +253,10 @@ class VAETrainer:
         if self.step >= self.log.phase2_start and (self.log.best_neg_elbo is None
                                                    or result["neg_elbo"] < self.log.best_neg_elbo):
             self.log.best_neg_elbo, self.log.best_step = result["neg_elbo"], self.step
-            self.export(self.run_dir / "best", {"held_out": {k: result[k] for k in ("neg_elbo", "rec", "kl", "au", "mi")},
-                                                "step": self.step})
-        self._save_checkpoint(optimizer, schedule)
-        write_vae_log(self.run_dir, self.log)
+            self.export(self.run.best, {"held_out": {k: result[k] for k in ("neg_elbo", "rec", "kl", "au", "mi")},
+                                        "step": self.step})
+        self.run.save_checkpoint(self.step, self.vae.state_dict(), optimization, asdict(self.log))
+        self.run.write_log(asdict(self.log), VAE_CURVES, vae_curves_png)
         if self.on_eval:
             self.on_eval(self, result)
 
@@ -279,11 +270,8 @@ class VAETrainer:
             self.log.phase2_start = self.step
             print(f"phase 1 stopped at step {self.step}: held-out reconstruction no longer improves")
 
-    def _save_checkpoint(self, optimizer, schedule) -> None:
-        save_checkpoint(self.run_dir, self.step, self.vae.state_dict(), optimizer, schedule, asdict(self.log))
-
-    def _resume(self, optimizer, schedule) -> None:
-        state = load_checkpoint(self.run_dir, self.backbone.device, optimizer, schedule)
+    def _resume(self, optimization: Optimization) -> None:
+        state = self.run.resume(self.backbone.device, optimization)
         if state is not None:
             self.vae.load_state_dict(state["trainable"])
             self.step, self.log = state["step"], VAETrainLog(**state["log"])
@@ -299,32 +287,3 @@ class VAETrainer:
                 **self.parameter_report(), "metrics": metrics, "backbone": self.backbone.fingerprint,
                 "training": asdict(self.config)}
         write_export(out_dir, meta, lambda folder: save_file(tensors, str(folder / VAE_WEIGHTS)))
-
-
-def write_vae_log(run_dir: Path, log: VAETrainLog) -> None:
-    """`train_log.json` (`write_train_log`: also into `best/`, so the store keeps it) and `vae_curves.png`:
-    reconstruction, KL and β per step; held-out KL and AU."""
-    write_train_log(run_dir, asdict(log))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [s["step"] for s in log.steps]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    top.plot(steps, [s["rec"] for s in log.steps], label="reconstruction (nats/sentence)", alpha=0.6)
-    top.plot(steps, [s["kl"] for s in log.steps], label="KL (nats/sentence)", alpha=0.6)
-    top.plot([e["step"] for e in log.evals], [e["kl"] for e in log.evals], "o-", label="held-out KL")
-    top.set_yscale("symlog")
-    top.legend()
-    bottom.plot(steps, [s["beta"] for s in log.steps], label="β")
-    au = bottom.twinx()
-    au.plot([e["step"] for e in log.evals], [e["au"] for e in log.evals], "s-", color="C3", label="held-out AU")
-    au.set_ylabel("active units")
-    bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("β")
-    fig.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(run_dir / "vae_curves.png", dpi=100)
-    plt.close(fig)
-

@@ -32,6 +32,12 @@ class Regularizer(ABC):
 
     name: ClassVar[str]
 
+    def __init__(self, settings: dict[str, Any], model: torch.nn.Module, seed: int,
+                 average_gradients: GradientSync = lambda params: None):
+        """`settings` as `resolve` completed them, for `model` (whose device it uses); `seed` its own randomness."""
+        self.settings = settings
+        self.average_gradients = average_gradients
+
     @classmethod
     @abstractmethod
     def resolve(cls, options: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:

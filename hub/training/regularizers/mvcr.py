@@ -88,6 +88,14 @@ def gpt2_blocks(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def hidden_size(model: nn.Module) -> int:
+    """A transformers GPT-2's `config.n_embd`."""
+    n_embd = getattr(getattr(model, "config", None), "n_embd", None)
+    if not isinstance(n_embd, int):
+        raise HubError(f"MVCR needs a GPT-2 model (config.n_embd); {type(model).__name__} has none")
+    return n_embd
+
+
 class MVCR(Regularizer):
     name = "mvcr"
 
@@ -97,7 +105,7 @@ class MVCR(Regularizer):
         unknown = sorted(set(options) - {"layers", "dims", *DEFAULTS})
         if unknown:
             raise HubError(f"unknown MVCR option(s) {unknown}")
-        n_layer, hidden = len(gpt2_blocks(model)), model.config.n_embd
+        n_layer, hidden = len(gpt2_blocks(model)), hidden_size(model)
         given = {k: v for k, v in options.items() if v is not None}
         layers = given.get("layers") or sorted({i * n_layer // REFERENCE_DEPTH for i in REFERENCE_LAYERS})
         dims = given.get("dims") or [max(2, round(d * hidden / REFERENCE_WIDTH)) for d in REFERENCE_DIMS]
@@ -107,9 +115,8 @@ class MVCR(Regularizer):
 
     def __init__(self, settings: dict[str, Any], model: nn.Module, seed: int,
                  average_gradients: GradientSync = lambda params: None):
-        self.settings = settings
-        self.average_gradients = average_gradients
-        hidden, device = model.config.n_embd, next(model.parameters()).device
+        super().__init__(settings, model, seed, average_gradients)
+        hidden, device = hidden_size(model), next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # the run's own random stream stays that of a run without MVCR
             torch.manual_seed(seed)
             self.autoencoders = {layer: nn.ModuleList([HierarchicalAutoencoder(hidden, d) for d in settings["dims"]])

@@ -43,5 +43,7 @@ class Sacrebleu(evaluate.Metric):
         tokenize: str = "13a",
     ) -> dict[str, float | str]:
         bleu = sacrebleu.BLEU(lowercase=lowercase, tokenize=tokenize)
-        result = bleu.corpus_score(predictions, reference_streams(reference_lists(references)))
+        streams = reference_streams(reference_lists(references))
+        # sacreBLEU skips a None reference (fewer references for a segment); its hints say str only
+        result = bleu.corpus_score(predictions, streams)  # type: ignore[arg-type]
         return {"score": result.score, "signature": str(bleu.get_signature())}
