@@ -23,7 +23,7 @@ class SourceTargetTask(Task):
     source_max_tokens: ClassVar[int | None] = None
     hf_configs: ClassVar[dict[str, str]] = {}  # HF dataset id -> the config to load (e.g. cnn_dailymail 3.0.0)
     single_file_test_fraction: ClassVar[float | None] = None  # a single file's last part is the test split
-    family = "source_target"  # <bos> <source> … <target> …: composable with each other (translate, summarize, text2text)
+    family = "source_target"  # <bos> <source> … <target> …: translate, summarize, text2text compose together
 
     def __init__(self, input_field: str | None = None, target_field: str | None = None, **config: Any):
         super().__init__(**config)

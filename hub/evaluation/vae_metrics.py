@@ -39,7 +39,8 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
-def iw_terms(log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+def iw_terms(log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
+             logvar: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sentence IW log-likelihood and reconstruction from k samples.
 
     log_px_z [B, k], z [B, k, nz], mu/logvar [B, nz] -> {"log_px": [B], "rec": [B]}."""
@@ -94,7 +95,8 @@ class Totals:
     def report(self) -> dict[str, float]:
         n = max(1, self.sentences)
         nll = -self.log_px / n
-        return {"ppl": math.exp(-self.log_px / max(1, self.tokens)), "ppl_word": math.exp(-self.log_px / max(1, self.words)),
+        return {"ppl": math.exp(-self.log_px / max(1, self.tokens)),
+                "ppl_word": math.exp(-self.log_px / max(1, self.words)),
                 "nll": nll, "rec": self.rec / n, "kl": self.kl / n, "neg_elbo": (self.rec + self.kl) / n,
                 "sentences": self.sentences, "tokens": self.tokens}
 

@@ -82,7 +82,8 @@ class VAETrainConfig:
         """The recipe's defaults, then every option given (None = not given)."""
         if recipe not in RECIPES:
             raise HubError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-        return cls(recipe=recipe, **{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}}).validate()
+        given = {k: v for k, v in options.items() if v is not None}
+        return cls(recipe=recipe, **{**RECIPES[recipe], **given}).validate()
 
     def validate(self) -> "VAETrainConfig":
         """Every choice and range checked before a run directory is created."""
@@ -169,7 +170,8 @@ class VAETrainer:
     def optimization(self) -> Optimization:
         """The run's optimiser: a warm-up over `warmup_ratio` of the steps, then linear decay."""
         c = self.config
-        return Optimization.create(self.vae.parameters(), c.lr, c.max_steps, warmup_steps=max(1, c.steps(c.warmup_ratio)))
+        return Optimization.create(self.vae.parameters(), c.lr, c.max_steps,
+                                   warmup_steps=max(1, c.steps(c.warmup_ratio)))
 
     # -- training -------------------------------------------------------------------------------------------
     def loss(self, rows: list[list[int]], beta: float, rng: random.Random) -> dict[str, torch.Tensor]:
