@@ -130,6 +130,7 @@ def test_a_composition_is_checked_and_normalised():
                           (("average", ["a", "b"], [1.0]), "need 2 weights"),
                           (("average", ["a", "b"], [1.0, 0.0]), "above 0"),
                           (("average", ["a", "b"], [1.0, float("nan")]), "finite"),
+                          (("average", ["a", "b"], [1e308, 1e308]), "sum to a finite number"),
                           (("stack", ["a", "b"], [2.0, 1.0]), "no weights")]:
         with pytest.raises(HubError, match=message):
             Composition.build(*args)

@@ -62,6 +62,8 @@ class Composition:
         if not all(math.isfinite(w) and w > 0 for w in weights):
             raise HubError("composition weights must be finite numbers above 0")
         total = sum(weights)
+        if not math.isfinite(total):
+            raise HubError("composition weights must sum to a finite number")
         if layout is not None and layout not in tasks:
             raise HubError(f"the request's task {layout!r} is not one of the composed adapters "
                            f"({', '.join(tasks)}); name one of them, whose prompt layout applies")

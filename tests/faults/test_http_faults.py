@@ -169,12 +169,35 @@ def test_poison_requests_fail_alone(server, client, tally, tmp_path):
     assert p99(loaded) <= 2 * p99(unloaded) + NOISE_S
 
 
+def test_compositions_beside_plain_requests_all_succeed(server, client, tally):
+    """Averages and stacks of both adapters, with extreme but valid weights, decode in the batch beside plain
+    requests; every one answers 200 and the plain answers stay what they are alone."""
+    alone = client.post("/v1/generate", json=NORMAL).json()["text"]
+    compositions = [{"average": [{"task": "e2e", "weight": 1e-300}, {"task": "e2e-b", "weight": 1e300}]},
+                    {"stack": ["e2e-b", "e2e"]}, {"average": [{"task": "e2e"}, {"task": "e2e-b"}]}]
+    with ThreadPoolExecutor(8) as pool:
+        composed = [pool.submit(client.post, "/v1/generate", json={"input": MR, "max_new_tokens": 8, "compose": c})
+                    for c in compositions * 4]
+        plain = [pool.submit(client.post, "/v1/generate", json=NORMAL) for _ in range(12)]
+        answers = [f.result() for f in composed + plain]
+    for answer in answers:
+        tally.count(answer.status_code)
+    assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers if a.status_code != 200]
+    assert {a.json()["text"] for a in answers[len(composed):]} == {alone}
+    tally.row("12 composed requests (average with weights 1e-300/1e300, stack) amid 12 plain ones", "24 of 24 succeed",
+              "all 200; plain answers unchanged")
+
+
 MALFORMED = [
     b'{"task": "e2e", "input": "x", "temperature": NaN}', b'{"task": "e2e", "input": "x", "top_p": Infinity}',
     b'{"task": "e2e", "input": "x", "temperature": 1e999}', b'{"task": "e2e", "input": "\\ud800"}',
     b'{"task": "e2e", "input": "x", "max_new_tokens": "\\udfff"}', b'{"task": "e2e", "input": "x", "seed": 18446744073709551616, "temperature": 1}',
     b'{"task": "e2e", "input": {"persona": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}",
     b'{"task": "e2e", "input": "x", "stop": [""]}', b'{"task": "e2e", "input": "x", "stop": ' + json.dumps(["a"] * 200_000).encode() + b"}",
+    b'{"input": "x", "compose": {"average": [{"task": "e2e", "weight": 1e308}, {"task": "e2e-b", "weight": 1e308}]}}',
+    b'{"input": "x", "compose": {"stack": ' + json.dumps(["e2e"] * 100_000).encode() + b"}}",
+    b'{"input": "x", "compose": {"stack": [["e2e"], {"task": "e2e-b"}]}}', b'{"input": "x", "compose": []}',
+    b'{"task": "e2e", "input": "x", "compose": {"stack": ["e2e-b", "e2e-b"]}}',
     b'{"task": "e2e"', b"\xff\xfe\x00", b"[]", b"null", b'{"task": "e2e", "input": "' + b"word " * 3000 + b'"}',
 ]
 
