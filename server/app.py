@@ -160,8 +160,8 @@ def build_app(hub: ServingBackend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
     async def metrics_route():
-        held = hub.occupancy() if hasattr(hub, "occupancy") else None  # in-process only, not through Ray
-        return Response(metrics.render(hub.stats(), hub.resident_count(), hub.not_ready_reason() is None, held),
+        return Response(metrics.render(hub.stats(), hub.resident_count(), hub.not_ready_reason() is None,
+                                       hub.occupancy()),
                         media_type=metrics.content_type)
 
     @app.get("/v1/tasks", responses=error_responses(503))

@@ -145,10 +145,9 @@ class ServerMetrics:
                                registry=r)
 
     def watch_tiers(self, backend: Any) -> None:
-        """Export each adapter's residency tier, if the backend tells it (`HubService`; not under Ray)."""
-        tiers = getattr(backend, "adapter_tiers", None)
-        if tiers is not None:
-            self.registry.register(TierCollector(tiers, self.adapters))
+        """Export each adapter's residency tier, where the backend tells it (`HubService`; not under Ray)."""
+        if backend.adapter_tiers() is not None:
+            self.registry.register(TierCollector(backend.adapter_tiers, self.adapters))
 
     def observe_finished(self, result: RequestResult, reason: str) -> None:
         """Count a request that ended: `reason` is its finish reason, or cancelled/timeout when it was left."""

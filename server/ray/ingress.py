@@ -216,6 +216,13 @@ class RemoteService:
     def resident_count(self) -> int:
         return sum(len(seen["resident"]) for seen in self._live_replicas())
 
+    def occupancy(self) -> None:
+        """Held requests live in the replicas; only their stats come back (`stats`)."""
+        return None
+
+    def adapter_tiers(self) -> None:
+        return None
+
     async def reload(self):
         raise HubError("with --ray each replica loads tasks from the store when it first serves them, and checks "
                        "for new versions every --watch-interval: there is nothing to reload")
