@@ -248,12 +248,12 @@ class ScopedBackend:
         self._access.use(*(composition.tasks if composition else (task,)))
         return await self._backend.resolve(task, composition)
 
-    async def submit(self, task: TaskRef | None, source: Any, params: SamplingParams,
-                     prompt_text: str | None = None) -> Any:
+    def params(self, task: TaskRef | None, **fields) -> SamplingParams:
+        """The request's settings, tagged with the calling key: every route's rows (sentence-VAE decodes too) are
+        charged to it in fair admission and in its quotas."""
+        params = self._backend.params(task, **fields)
         spec = self._access.caller
-        if spec is not None:
-            params = dataclasses.replace(params, client=spec.name)
-        return await self._backend.submit(task, source, params, prompt_text)
+        return params if spec is None else dataclasses.replace(params, client=spec.name)
 
     def task_names(self) -> list[str]:
         return self._access.visible(self._backend.task_names())

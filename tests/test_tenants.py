@@ -229,3 +229,22 @@ def test_a_bad_keys_file_is_refused_with_the_reason(tmp_path, text, words):
     path.write_text(text)
     with pytest.raises(KeysFileError, match=words):
         read_keys(path)
+
+
+def test_every_routes_settings_carry_the_calling_key(keys_file):
+    """Generation and sentence-VAE routes alike build their settings through `params`: the rows are the key's
+    in fair admission and in its token quota."""
+    from hub.serving.protocol import request_params
+    from server.auth import Access, KeyRing, ScopedBackend, _caller
+    from server.prometheus import ServerMetrics
+
+    class Backend:
+        params = staticmethod(request_params)
+
+    scoped = ScopedBackend(Backend(), Access(KeyRing(keys_file), ServerMetrics().key_metrics))  # type: ignore[arg-type]
+    assert scoped.params(None, max_new_tokens=3).client == ""
+    token = _caller.set(spec("alice", ALICE_TASKS))
+    try:
+        assert scoped.params(None, max_new_tokens=3).client == "alice"
+    finally:
+        _caller.reset(token)
