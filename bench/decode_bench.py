@@ -40,6 +40,7 @@ from bench.common import machine, percentile, random_adapter, random_gpt2_small,
 from bench.load_test import free_port
 from hub.serving.manager import ManagerSettings
 from hub.model.backbone import load_backbone
+from hub.serving.composition import Composition, resolve_composition
 from hub.serving.engine import Engine
 from hub.serving.sampling import sampling_params
 from hub.serving.service import HubService, ServiceSettings
@@ -57,9 +58,14 @@ def prompt_sources(tokenizer, count: int) -> list[str]:
     return [tokenizer.decode(tokenizer.encode(" " + t)[: PROMPT_TOKENS - 3]) for t in texts]
 
 
-def run_engine(engine: Engine, tasks: list[str | None], sources: list[str]) -> dict:
+def run_engine(engine: Engine, tasks: list[str | None], sources: list[str], block: str | None = None) -> dict:
+    """Decode one row per source; with `block` ("average" or "stack"), row i composes tasks i and i + 1."""
     params = sampling_params(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    sequences = [engine.new_sequence(t, s, params, prompt_text=s) for t, s in zip(tasks, sources)]
+    composed = [None] * len(tasks) if block is None else [
+        resolve_composition(Composition.build(block, [tasks[i], tasks[(i + 1) % len(tasks)]]), engine.manager.resolve,
+                            None) for i in range(len(tasks))]
+    sequences = [engine.new_sequence(t, s, params, prompt_text=s, composed=c)
+                 for t, s, c in zip(tasks, sources, composed)]
     wall, latencies = timed_run(engine, sequences)
     tokens = sum(len(s.output_ids) for s in sequences)
     return {"tokens": tokens, "outputs": [s.output_ids for s in sequences], "seconds": wall, "tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50),
@@ -105,6 +111,8 @@ def engine_scenarios(folder: Path, rounds: int) -> dict:
                 engine.manager.add_adapter(adapter)
             for name in ("single+300", "distinct", "cycling", "base"):
                 keep(results, name, run_engine(engine, scenarios[name], sources))
+            for block in ("average", "stack"):  # every row composes two of the b=100 adapters
+                keep(results, f"distinct, {block} of 2", run_engine(engine, scenarios["distinct"], sources, block))
     with Engine(backbone, make_task, ManagerSettings(bank_dtype=torch.float16)) as engine:  # `hub serve --bank-dtype float16`
         for adapter in b100 + cycling:
             engine.manager.add_adapter(adapter)
@@ -414,10 +422,13 @@ LABELS = {"single": "single task, b=100", "distinct": "64 distinct tasks, b=100"
           "cycling": "64 distinct tasks, b cycling 10/100/300", "base": "frozen base, no adapter",
           "single+300": "single task b=100, b=300 adapters resident too",
           "distinct, float16 bank": "64 distinct tasks, b=100, `--bank-dtype float16`",
-          "cycling, float16 bank": "64 distinct tasks, b cycling 10/100/300, `--bank-dtype float16`"}
+          "cycling, float16 bank": "64 distinct tasks, b cycling 10/100/300, `--bank-dtype float16`",
+          "distinct, average of 2": "64 rows, each Average of 2 distinct b=100 adapters (compose)",
+          "distinct, stack of 2": "64 rows, each Stack of 2 distinct b=100 adapters (compose)"}
 TARGETS = [("distinct", "single", 0.95), ("cycling", "single", 0.95), ("single+300", "single", 0.97),
            ("distinct, float16 bank", "single", 0.95), ("cycling, float16 bank", "single", 0.95),
-           ("single", "base", None), ("distinct", "base", None), ("cycling", "base", None)]
+           ("single", "base", None), ("distinct", "base", None), ("cycling", "base", None),
+           ("distinct, average of 2", "distinct", None), ("distinct, stack of 2", "distinct", None)]
 
 
 def hooks_lines(hooks: dict) -> list[str]:
