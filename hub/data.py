@@ -14,7 +14,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from hub.errors import HubError, NotFoundError
 
@@ -121,8 +121,9 @@ def load_records(
         raise HubError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     path = Path(data).expanduser()
 
-    def check(records: list[dict], where: str) -> list[dict]:
-        return require_fields(records, fields, where) or records
+    def check(records: list[dict], where: str | Path) -> list[dict]:
+        require_fields(records, fields, where)
+        return records
 
     if path.is_file():
         if test_fraction is not None:
@@ -154,7 +155,7 @@ def _split_folder(folder: Path, split: str, group, check) -> list[dict]:
     return split_parts(parts, split, group, folder, [p.name for p in files.values()])
 
 
-def split_parts(parts: dict[str, Callable[[], list]], split: str, group, where, found: list[str]) -> list:
+def split_parts(parts: Mapping[str, Callable[[], list]], split: str, group, where, found: list[str]) -> list:
     """The folder rule over a folder's split parts (split name -> reader): a split's own part; with no training
     part, the validation part is trained on and a held-out part of it is the validation split."""
     if split in parts and not (split == "validation" and "train" not in parts):

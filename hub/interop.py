@@ -16,7 +16,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence, cast
 
 import torch
 from safetensors.torch import load_file
@@ -84,6 +84,25 @@ def _adapterhub_meta(path: Path) -> AdapterMeta:
     return meta
 
 
+class AdaptersModel(Protocol):
+    """The methods `adapters.init` mixes into a model (`adapters.ModelAdaptersMixin`), as this module calls them:
+    `adapters` ships no type information, and transformers' stubs type `load_adapter` as PEFT's."""
+
+    def load_adapter(self, adapter_name_or_path: str, *, load_as: str | None = None, set_active: bool = False,
+                     use_safetensors: bool = False) -> str: ...
+
+    def set_active_adapters(self, adapter_setup: Any) -> None: ...
+
+
+def _input_embeddings(model: GPT2LMHeadModel) -> torch.nn.Embedding:
+    """GPT-2's token embedding (`wte`), which transformers types as any module."""
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, torch.nn.Embedding):
+        raise HubError(f"expected a plain GPT-2 whose input embeddings are an nn.Embedding, got "
+                       f"{type(embeddings).__name__}")
+    return embeddings
+
+
 @dataclass
 class AdapterHubTask:
     """A hub task inside a plain `GPT2LMHeadModel` with `adapters`: encode its inputs and decode greedily."""
@@ -114,7 +133,8 @@ class AdapterHubTask:
         width = inputs["input_ids"].shape[1]
         self.model.eval()
         generated = self.model.generate(
-            **inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=max_new_tokens,
+            input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"],
+            attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=max_new_tokens,
             do_sample=False, eos_token_id=self.codec.eos_id, pad_token_id=self.codec.eos_id,
             logits_processor=LogitsProcessorList([TaskTokenMask(self.base_vocab, self.codec.eos_id, width)]),
         )
@@ -146,7 +166,9 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
     import adapters
 
     if make_task is None:  # a user outside the hub: the task types this install ships
-        from tasks import make_task
+        from tasks import make_task as shipped_tasks
+
+        make_task = shipped_tasks
 
     path = Path(path)
     meta = _adapterhub_meta(path)
@@ -154,12 +176,13 @@ def load_into_adapters(model: GPT2LMHeadModel, path: str | Path,
     if not hasattr(model, "adapters_config"):
         adapters.init(model)
     with quiet_adapter_activation():
-        name = model.load_adapter(str(path), set_active=True, use_safetensors=True)
+        name = cast(AdaptersModel, model).load_adapter(str(path), set_active=True, use_safetensors=True)
     rows = load_file(path / TASK_TOKENS)["rows"]
-    first_id = model.get_input_embeddings().num_embeddings
+    first_id = _input_embeddings(model).num_embeddings
     model.resize_token_embeddings(first_id + rows.shape[0], mean_resizing=False)
     with torch.no_grad():
-        model.get_input_embeddings().weight[first_id:] = rows.to(model.get_input_embeddings().weight)
+        embeddings = _input_embeddings(model)  # resizing replaced the module
+        embeddings.weight[first_id:] = rows.to(embeddings.weight)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -179,6 +202,7 @@ def load_composition(model: GPT2LMHeadModel, block: str, paths: Sequence[str | P
     from adapters.composition import Average, Stack
 
     task = load_into_adapters(model, paths[layout], tokenizer, make_task)
+    with_adapters = cast(AdaptersModel, model)  # `load_into_adapters` ran `adapters.init` on it
     names = []
     for i, path in enumerate(paths):
         if i == layout:
@@ -187,10 +211,10 @@ def load_composition(model: GPT2LMHeadModel, block: str, paths: Sequence[str | P
         meta = _adapterhub_meta(Path(path))
         _check_backbone(model, meta.backbone)
         with quiet_adapter_activation():
-            names.append(model.load_adapter(str(path), load_as=f"{meta.name}#{i}", use_safetensors=True))
+            names.append(with_adapters.load_adapter(str(path), load_as=f"{meta.name}#{i}", use_safetensors=True))
     setup = Average(*names, weights=list(weights)) if block == "average" else Stack(*names)
     with quiet_adapter_activation():
-        model.set_active_adapters(setup)
+        with_adapters.set_active_adapters(setup)
     return dataclasses.replace(task, adapter_name=str(setup))
 
 

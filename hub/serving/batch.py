@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 from hub.adapters.base import PREFIX_KEYS, PREFIX_VALUES
 from hub.serving.engine import Engine, bind_all_or_release
@@ -183,9 +184,10 @@ class DecodeBatch:
         def left(t: torch.Tensor, dim: int) -> torch.Tensor:
             return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
 
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([left(old.keys, 2), left(new.keys, 2)])
-            old.values = torch.cat([left(old.values, 2), left(new.values, 2)])
+        for old, new in zip(self._running_cache().layers, cache.layers):
+            (old_keys, old_values), (new_keys, new_values) = written(old), written(new)
+            old.keys = torch.cat([left(old_keys, 2), left(new_keys, 2)])
+            old.values = torch.cat([left(old_values, 2), left(new_values, 2)])
         self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
         self.sequences += sequences
 
@@ -209,7 +211,7 @@ class DecodeBatch:
         if not keep:
             self.cache, self.mask = None, self.mask[:0, :0]
             return
-        self.cache.batch_select_indices(index)
+        self._running_cache().batch_select_indices(index)
         self.mask = self.mask.index_select(0, index)
         self._trim_padding()
 
@@ -218,8 +220,19 @@ class DecodeBatch:
         lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())
         if lead:
             self.mask = self.mask[:, lead:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            for layer in self._running_cache().layers:
+                keys, values = written(layer)
+                layer.keys, layer.values = keys[:, :, lead:], values[:, :, lead:]
+
+    def _running_cache(self) -> DynamicCache:
+        assert self.cache is not None, "a batch with running sequences holds their cache"
+        return self.cache
+
+
+def written(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values [B, H, T, d_head], which every layer a forward has run through holds."""
+    assert layer.keys is not None and layer.values is not None, "a prefilled cache layer holds keys and values"
+    return layer.keys, layer.values
 
 
 @torch.inference_mode()

@@ -72,10 +72,11 @@ class Engine:
         if adapter is None and not isinstance(source, TokenPrompt):
             source = TokenPrompt(tuple(self.backbone.tokenizer.encode(prompt_text or "")))
         refusal = get_kind(adapter.kind).text_input_error if adapter is not None else None
-        if refusal:
+        if adapter is not None and refusal:
             raise HubError(f"task {adapter.name!r} takes no text input: {refusal}")
         if isinstance(source, TokenPrompt):
             return self._token_sequence(adapter, list(source.ids), params, composed)
+        assert adapter is not None, "text for the base model was tokenized into a TokenPrompt above"
         sequence = self._sequence(adapter, [], None, params, adapter.encoder.eos_id, composed)
         try:
             source = adapter.task.parse_input(source)
@@ -148,6 +149,7 @@ class Engine:
                 sequence.prompt_ids = shift(sequence.prompt_ids)
                 sequence.prompt_types = shift(sequence.prompt_types) if sequence.prompt_types else None
                 sequence.eos_id = shift([sequence.eos_id])[0]
+                assert adapter.slot is not None, "a resident adapter has a slot"
                 sequence.row.slot = adapter.slot  # keeps the row's kind-specific state (`RowState.extra`)
                 sequence.row.composition = row_composition(sequence.composed)
                 self.manager.activate(sequence.adapters)
@@ -176,6 +178,7 @@ class Engine:
         """`adapter` on every row of every forward within the block, whatever the batch size (`hub eval`)."""
         with self.manager.pinned(adapter):
             runtime = self.manager.runtimes[adapter.kind]
+            assert adapter.slot is not None, "a pinned adapter is resident, so it has a slot"
             with self.applying([(runtime, runtime.make_plan(None, adapter.slot))]):
                 yield
 
@@ -184,9 +187,9 @@ def row_composition(composed: ComposedAdapters | None) -> SlotComposition | None
     """A bound composition as its row carries it: the members' slots, in the block's order."""
     if composed is None:
         return None
-    slots = tuple(member.slot for member in composed.members)
-    assert all(slot is not None for slot in slots), "a composition's adapters are all resident when it binds"
-    return SlotComposition(composed.composition.block, slots, composed.composition.weights)  # type: ignore[arg-type]
+    slots = tuple(member.slot for member in composed.members if member.slot is not None)
+    assert len(slots) == len(composed.members), "a composition's adapters are all resident when it binds"
+    return SlotComposition(composed.composition.block, slots, composed.composition.weights)
 
 
 def bind_all_or_release(engine: Engine, sequences: list[Sequence]) -> None:

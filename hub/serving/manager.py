@@ -201,6 +201,7 @@ class AdapterManager:
                 if not self.make_resident(adapter):
                     raise CapacityError(f"all {self.settings.max_resident} resident adapters are busy; retry shortly")
                 adapter.active += 1
+            assert adapter.slot is not None, "a resident adapter has a slot"
             try:
                 yield self.runtimes[adapter.kind].slots[adapter.slot]
             finally:
@@ -243,8 +244,8 @@ class AdapterManager:
             with self.lock:
                 if state is LoadState.READY and adapter.bundle is not None:
                     return adapter.bundle
-                if state is LoadState.FAILED:
-                    raise adapter.load_error
+                if state is LoadState.FAILED:  # a retry another thread started since may have cleared the error
+                    raise adapter.load_error or AdapterLoadError(f"adapter {adapter.ref} could not be loaded")
                 if time.monotonic() > deadline:
                     raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded in time")
                 self.load_done.wait(0.1)
@@ -253,6 +254,8 @@ class AdapterManager:
         """Loader thread: read, verify and unpack outside the lock, then publish under it (if still wanted)."""
         started = time.monotonic()
         try:
+            if adapter.fetch is None:
+                raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded: it has no store to read it from")
             bundle, rows, count = self._unpack(adapter, adapter.fetch())
         except Exception as err:  # a file changed or went bad since listing, a network error, a wrong shape
             error = err if isinstance(err, AdapterLoadError) else \
@@ -345,6 +348,7 @@ class AdapterManager:
                 return True
             if adapter.bundle is None or adapter.retired or not self._room_for_one():
                 return False
+            assert adapter.rows is not None, "an adapter's task rows come and go with its bundle"
             runtime = self._runtime(adapter.kind)
             offset = self.token_rows.allocate(adapter.rows)
             try:
@@ -407,6 +411,7 @@ class AdapterManager:
 
     def _free_slot(self, adapter: ResidentAdapter) -> None:
         """Back to the CPU tier (the bundle stays; `_trim_cpu_tier` decides whether it is kept)."""
+        assert adapter.slot is not None, "only adapters in the device tier are freed, and they hold a slot"
         self.runtimes[adapter.kind].remove(adapter.slot)
         self.token_rows.free(adapter.row_offset)
         adapter.slot = None

@@ -88,11 +88,14 @@ class OutputProcessor:
         return mask_task_logits(logits, self.base_vocab, eos, allowed)
 
     def _append(self, seq: Sequence, token: int) -> None:
+        detokenizer = seq.detokenizer
+        if detokenizer is None:
+            raise ValueError("a sequence made outside the engine has no detokenizer")
         if token == seq.eos_id:
             seq.finish_reason = "stop"
         else:
             seq.output_ids.append(token)
-            seq.text = visible(seq, seq.detokenizer.extend(seq.output_ids))
+            seq.text = visible(seq, detokenizer.extend(seq.output_ids))
             if cut_at_stop(seq):
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_new_tokens:
@@ -102,7 +105,7 @@ class OutputProcessor:
         if seq.cancelled and not seq.finished:
             seq.finish_reason = "cancelled"
         if seq.finished:  # the exact text, with a last character the incremental text may hold back
-            seq.text = visible(seq, seq.detokenizer.final(seq.output_ids))
+            seq.text = visible(seq, detokenizer.final(seq.output_ids))
             cut_at_stop(seq)
         seq.notify()
 

@@ -273,7 +273,8 @@ class HubService:
                             "generation failed; the server log has the details")
                     return
         finally:  # every request is counted once, cancelled and timed-out ones included
-            reason = sequence.finish_reason if sequence.finished else outcome
+            finish_reason = sequence.finish_reason  # read once: the engine thread may set it meanwhile
+            reason = finish_reason if finish_reason is not None else outcome
             self.cancel(handle)
             if self.on_finished:
                 self.on_finished(handle.result(), reason)
@@ -325,16 +326,19 @@ async def store_events(store: Store, interval: float) -> AsyncIterator[None]:
     """Yield after each burst of file events in a local store (inotify) or every `interval` seconds; an object
     store, or a machine without an inotify binding, is polled."""
     root = getattr(store, "root", None)
+    watch: Callable[..., AsyncIterator[Any]] | None
     try:
         from watchfiles import awatch
-    except ImportError:
-        awatch = None
-    if awatch is None or not isinstance(root, Path):
+    except ImportError:  # no inotify binding
+        watch = None
+    else:
+        watch = awatch
+    if watch is None or not isinstance(root, Path):
         while True:
             await asyncio.sleep(interval)
             yield
-    async for _ in awatch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
-                          yield_on_timeout=True, watch_filter=None):
+    async for _ in watch(root, debounce=5, step=5, rust_timeout=int(interval * 1000),
+                         yield_on_timeout=True, watch_filter=None):
         yield
 
 
