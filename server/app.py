@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from hub.adapters.registry import kind_specs
 from hub.adapters.spec import load_hook
@@ -42,9 +42,10 @@ log = logging.getLogger("hub.server")
 
 # -- schemas ----------------------------------------------------------------------------------------------------
 class GenerateRequest(PenaltyFields):
-    task: str | None = Field(None, description="adapter name (with `compose`: the member whose prompt layout "
-                                                "applies, by default the first)")
-    compose: Compose | None = Field(None, description=COMPOSE_DESCRIPTION)
+    compose: Compose | None = Field(None, description=COMPOSE_DESCRIPTION)  # before `task`, which checks it
+    task: str | None = Field(None, validate_default=True,
+                             description="adapter name (with `compose`: the member whose prompt layout applies, by "
+                                         "default the first)")
     input: str | dict = Field(..., description="the task input (text, or an object for structured tasks)")
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 0.0
@@ -60,9 +61,14 @@ class GenerateRequest(PenaltyFields):
     def no_logprobs_in_streams(self) -> "GenerateRequest":
         if self.stream and (self.logprobs is not None or self.prompt_logprobs is not None):
             raise ValueError("'logprobs' and 'prompt_logprobs' are not available with stream: true")
-        if self.task is None and self.compose is None:
-            raise ValueError("name a 'task' (or several adapters in 'compose')")
         return self
+
+    @field_validator("task")
+    @classmethod
+    def task_or_composition(cls, task: str | None, info: ValidationInfo) -> str | None:
+        if task is None and info.data.get("compose") is None:
+            raise ValueError("name a 'task' (or several adapters in 'compose')")
+        return task
 
 
 class Usage(BaseModel):
