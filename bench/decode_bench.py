@@ -38,7 +38,7 @@ import torch
 
 from bench.common import machine, percentile, random_adapter, random_gpt2_small, timed_run, write_export
 from bench.load_test import free_port
-from hub.serving.manager import ManagerSettings
+from hub.serving.tiers import ManagerSettings
 from hub.model.backbone import load_backbone
 from hub.serving.composition import Composition, resolve_composition
 from hub.serving.engine import Engine

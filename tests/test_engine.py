@@ -15,7 +15,7 @@ from hub.model.backbone import load_backbone
 from hub.serving.batch import DecodeBatch
 from hub.serving.detokenize import IncrementalText
 from hub.serving.engine import Engine
-from hub.serving.manager import ManagerSettings
+from hub.serving.tiers import ManagerSettings
 from hub.serving.sampling import SamplingParams, sampling_params
 from hub.serving.scheduler import QueueFullError, Scheduler
 from hub.serving.service import ServiceSettings

@@ -17,7 +17,8 @@ from hub.errors import AdapterLoadError, CapacityError, IntegrityError, NotFound
 from hub.model.backbone import load_backbone
 from hub.serving.batch import DecodeBatch, decode_to_completion
 from hub.serving.engine import Engine
-from hub.serving.manager import LoadState, ManagerSettings
+from hub.serving.loading import LoadState
+from hub.serving.tiers import ManagerSettings
 from hub.serving.output import filtered_logits
 from hub.serving.sampling import SamplingParams
 from hub.serving.scheduler import EngineStoppedError, QueueFullError, Scheduler
@@ -172,7 +173,7 @@ def test_a_dying_engine_thread_is_reported_and_ends_every_held_request(tiny_base
 
 
 def test_a_failed_load_is_retried_after_its_backoff(tiny_base, weights, monkeypatch):
-    monkeypatch.setattr("hub.serving.manager.RETRY_BACKOFF", (0.3, 1.0))
+    monkeypatch.setattr("hub.serving.loading.RETRY_BACKOFF", (0.3, 1.0))
     engine = new_engine(tiny_base, max_cpu_adapters=0)
     calls = []
 

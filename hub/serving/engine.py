@@ -19,7 +19,8 @@ from hub.errors import CapacityError, HubError
 from hub.model.backbone import Backbone
 from hub.serving.composition import ComposedAdapters
 from hub.serving.detokenize import IncrementalText
-from hub.serving.manager import AdapterManager, ManagerSettings
+from hub.serving.manager import AdapterManager
+from hub.serving.tiers import ManagerSettings
 from hub.serving.sampling import SamplingParams, new_generator
 from hub.serving.sequence import ResidentAdapter, Sequence, TokenPrompt
 from hub.store.format import is_int

@@ -1,5 +1,6 @@
 """The adapter manager: which adapters the server knows, which have weights on the CPU, which hold a device
-slot — with loading from the store kept apart from slotting (vLLM's `worker_manager` / `model_manager` split).
+slot — with loading from the store (`hub.serving.loading`) kept apart from slotting (vLLM's `worker_manager` /
+`model_manager` split).
 
 Three tiers, as in vLLM: device slots (`max_resident`; least recently used idle adapter evicted first, an
 adapter pinned while sequences use it), CPU copies (`max_cpu_adapters`; least recently used dropped first, only
@@ -14,23 +15,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Callable, Iterator
 
-import torch
 
 from hub.adapters.base import KindRuntime
 from hub.adapters.registry import get_kind, task_for
-from hub.errors import AdapterLoadError, CapacityError, HubError, IntegrityError, NotFoundError
+from hub.errors import CapacityError, NotFoundError
 from hub.model.backbone import Backbone
 from hub.model.task_tokens import install_task_rows
+from hub.serving.loading import LoadCounters, WeightLoading
 from hub.serving.sequence import ResidentAdapter
-from hub.serving.tiers import LruTier
+from hub.serving.tiers import LruTier, ManagerSettings
 from hub.serving.token_rows import TokenRowTable
 from hub.store.format import AdapterMeta
 from hub.store.versions import LoadedAdapter
@@ -38,34 +36,8 @@ from hub.task import Task, TaskCodec
 
 log = logging.getLogger("hub.serving.manager")
 
-RETRY_BACKOFF = (0.5, 30.0)  # seconds before a failed load is tried again: first, and the cap (doubling)
 
-
-class LoadState(Enum):
-    READY = "ready"  # weights on the CPU
-    LOADING = "loading"  # a loader thread is reading them
-    FAILED = "failed"  # the last load failed and its backoff has not passed: `ResidentAdapter.load_error`
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
-    max_resident: int | None = None  # device slots; None: every adapter may hold one
-    max_cpu_adapters: int | None = None  # CPU copies of adapters without a slot; None: all stay
-    bank_dtype: torch.dtype = torch.float32  # what resident adapter weights are stored in
-    load_timeout: float = 30.0  # a store read taking longer fails its waiting requests (it may still finish)
-    loader_threads: int = 4
-
-
-@dataclass
-class LoadCounters:
-    """Store reads of adapter weights since start-up (what a cold adapter costs)."""
-
-    loads: int = 0
-    failures: int = 0
-    seconds: float = 0.0  # summed over loads, failed ones included
-
-
-class AdapterManager:
+class AdapterManager(WeightLoading):
     """Known adapters by name (least recently used first), their CPU and device tiers, and their loading."""
 
     def __init__(self, backbone: Backbone, make_task: Callable[[str, dict], Task],
@@ -208,134 +180,6 @@ class AdapterManager:
                 self.activate((adapter,), -1)
         finally:
             self.release(adapter)
-
-    # -- loading (off the lock) -------------------------------------------------------------------------------
-    def request_weights(self, adapter: ResidentAdapter) -> LoadState:
-        """Where `adapter`'s weights are, starting a load if none runs and there is room for one; never blocks on
-        the store. A load waits (LOADING, not started yet) while every loader thread is busy or while the CPU
-        copies loaded for waiting requests already fill the CPU tier, so a burst of cold requests cannot load
-        more than the tiers hold (each would be dropped again before it got a slot)."""
-        with self.lock:
-            if adapter.bundle is not None:
-                return LoadState.READY
-            now = time.monotonic()
-            if adapter.loading_since is not None:
-                if now - adapter.loading_since <= self.settings.load_timeout:
-                    return LoadState.LOADING
-                self._failed(adapter, AdapterLoadError(
-                    f"adapter {adapter.ref} could not be loaded: the store did not answer within "
-                    f"{self.settings.load_timeout:g}s"))
-            if adapter.load_error is not None and now < adapter.retry_at:
-                return LoadState.FAILED
-            if not self._room_to_load():
-                return self._wait_for_room(adapter, now)
-            adapter.load_error, adapter.queued_since = None, None
-            self.loads_running += 1
-            adapter.load_attempt += 1
-            adapter.loading_since = now
-            self.loader.submit(self._load, adapter, adapter.load_attempt)
-            return LoadState.LOADING
-
-    def weights(self, adapter: ResidentAdapter, timeout: float | None = None) -> Any:
-        """The adapter's CPU bundle, waiting for the store if it must (CLI, evaluation, a VAE's encoder)."""
-        deadline = time.monotonic() + (self.settings.load_timeout if timeout is None else timeout) + 1.0
-        while True:
-            state = self.request_weights(adapter)
-            with self.lock:
-                if state is LoadState.READY and adapter.bundle is not None:
-                    return adapter.bundle
-                if state is LoadState.FAILED:  # a retry another thread started since may have cleared the error
-                    raise adapter.load_error or AdapterLoadError(f"adapter {adapter.ref} could not be loaded")
-                if time.monotonic() > deadline:
-                    raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded in time")
-                self.load_done.wait(0.1)
-
-    def _load(self, adapter: ResidentAdapter, attempt: int) -> None:
-        """Loader thread: read, verify and unpack outside the lock, then publish under it (if still wanted)."""
-        started = time.monotonic()
-        try:
-            if adapter.fetch is None:
-                raise AdapterLoadError(f"adapter {adapter.ref} could not be loaded: it has no store to read it from")
-            bundle, rows, count = self._unpack(adapter, adapter.fetch())
-        except Exception as err:  # a file changed or went bad since listing, a network error, a wrong shape
-            error = err if isinstance(err, AdapterLoadError) else \
-                AdapterLoadError(f"adapter {adapter.ref} could not be loaded: {err}")
-            with self.lock:
-                self.counters.failures += 1
-                if adapter.load_attempt == attempt:
-                    self._failed(adapter, error)
-            log.warning("%s", error)
-        else:
-            with self.lock:
-                if adapter.load_attempt == attempt and not adapter.retired:
-                    self._take_weights(adapter, bundle, rows, count)
-                    adapter.loading_since, adapter.failures = None, 0
-                    self._trim_cpu_tier(keep=adapter)
-        finally:
-            with self.lock:
-                self.loads_running -= 1
-                self.counters.loads += 1
-                self.counters.seconds += time.monotonic() - started
-                self.load_done.notify_all()
-            self.on_change()
-
-    def _unpack(self, adapter: ResidentAdapter, loaded: LoadedAdapter) -> tuple[Any, torch.Tensor, int]:
-        """The kind's bundle, the task rows and the parameter count, checked against the backbone."""
-        config = self.backbone.model.config
-        rows = loaded.token_rows.float()
-        if rows.ndim != 2 or rows.shape[1] != config.n_embd:
-            raise IntegrityError(f"adapter {adapter.ref} has task-token rows of shape {list(rows.shape)}; the "
-                                 f"backbone's hidden size is {config.n_embd}")
-        kind = get_kind(adapter.kind)
-        bundle = kind.load(loaded, config)
-        return bundle, rows, kind.parameter_count(bundle)
-
-    def _wait_for_room(self, adapter: ResidentAdapter, now: float) -> LoadState:
-        """LOADING while the load waits for a loader; FAILED once it has waited past the load timeout (every
-        loader stuck on a store that does not answer)."""
-        adapter.queued_since = adapter.queued_since or now
-        if now - adapter.queued_since <= self.settings.load_timeout:
-            return LoadState.LOADING
-        adapter.queued_since = None
-        self._failed(adapter, AdapterLoadError(
-            f"adapter {adapter.ref} could not be loaded: no loader was free for {self.settings.load_timeout:g}s "
-            "(the store is not answering)"))
-        return LoadState.FAILED
-
-    def _room_to_load(self) -> bool:
-        if self.loads_running >= self.settings.loader_threads:
-            return False
-        if self.cpu.capacity is None:
-            return True
-        staged = sum(1 for a in self.cpu.lru_first() if a.in_use > 0)  # loaded for requests still waiting
-        return staged + self.loads_running < max(self.cpu.capacity, self.settings.loader_threads)
-
-    def _take_weights(self, adapter: ResidentAdapter, bundle: Any, rows: torch.Tensor, count: int) -> None:
-        adapter.bundle, adapter.rows, adapter.parameter_count = bundle, rows, count
-        if adapter.slot is None:
-            self.cpu.add(adapter)
-
-    @staticmethod
-    def _failed(adapter: ResidentAdapter, error: HubError) -> None:
-        adapter.load_error, adapter.loading_since = error, None
-        adapter.failures += 1
-        first, cap = RETRY_BACKOFF
-        adapter.retry_at = time.monotonic() + min(cap, first * 2 ** (adapter.failures - 1))
-
-    def _trim_cpu_tier(self, keep: ResidentAdapter | None = None) -> None:
-        """Drop the CPU weights of the least recently used adapters without a slot beyond `max_cpu_adapters`:
-        only those the store can give back, and none that a waiting request is about to use."""
-        excess = self.cpu.excess()
-        for adapter in self.cpu.lru_first():
-            if excess <= 0:
-                return
-            if adapter is not keep and adapter.in_use == 0 and adapter.fetch:
-                self._drop_weights(adapter)
-                excess -= 1
-
-    def _drop_weights(self, adapter: ResidentAdapter) -> None:
-        adapter.bundle = adapter.rows = None
-        self.cpu.discard(adapter)
 
     # -- device slots (memory only, under the lock) -----------------------------------------------------------
     def make_resident(self, adapter: ResidentAdapter) -> bool:

@@ -25,7 +25,7 @@ from hub.serving.batch import DecodeBatch
 from hub.serving.engine import Engine
 from hub.serving.fairness import FairAdmission, FirstComeFirstServed
 from hub.serving.isolation import isolate_failed_step
-from hub.serving.manager import LoadState
+from hub.serving.loading import LoadState
 from hub.serving.occupancy import Occupancy, occupancy
 from hub.serving.sequence import Sequence
 

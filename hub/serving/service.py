@@ -25,7 +25,7 @@ from hub.model.dtypes import DTYPE_NAMES
 from hub.serving.composition import Composition, resolve_composition
 from hub.serving.engine import Engine
 from hub.serving.logprobs import rendered_logprobs
-from hub.serving.manager import ManagerSettings
+from hub.serving.tiers import ManagerSettings
 from hub.serving.occupancy import Occupancy
 from hub.serving.protocol import parse_chat, request_params, Disconnected, RequestResult, TaskRef
 from hub.serving.sampling import SamplingParams

@@ -1,4 +1,5 @@
-"""An LRU tier of adapters (device slots, or CPU copies) as an object: membership, recency and capacity.
+"""An LRU tier of adapters (device slots, or CPU copies) as an object: membership, recency and capacity; and the
+tiers' settings (`ManagerSettings`).
 
 Members are kept by identity, not by name: while an older version of a name finishes its requests, it and its
 replacement may both be in a tier. What may be evicted is the manager's decision (`AdapterManager`): a tier only
@@ -8,9 +9,21 @@ answers who is least recently used.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Generic, Iterator, TypeVar
 
+import torch
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    max_resident: int | None = None  # device slots; None: every adapter may hold one
+    max_cpu_adapters: int | None = None  # CPU copies of adapters without a slot; None: all stay
+    bank_dtype: torch.dtype = torch.float32  # what resident adapter weights are stored in
+    load_timeout: float = 30.0  # a store read taking longer fails its waiting requests (it may still finish)
+    loader_threads: int = 4
 
 
 class LruTier(Generic[T]):
