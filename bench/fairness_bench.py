@@ -99,7 +99,7 @@ def run(engine: Engine, policy: str, args: argparse.Namespace, flood: int, light
     finally:
         scheduler.stop(60)
     return {"policy": policy, "light_latencies_s": lone.latencies, "flood_requests": len(heavy.latencies),
-            "seconds": wall, "tokens": heavy.tokens + lone.tokens}
+            "seconds": wall, "tokens": heavy.tokens + lone.tokens, "steps": scheduler.steps}
 
 
 def pooled(policy: str, runs: list[dict]) -> dict:
@@ -109,10 +109,12 @@ def pooled(policy: str, runs: list[dict]) -> dict:
     seconds = sum(r["seconds"] for r in mine)
     return {"policy": policy, "runs": len(mine), "light_requests": len(latencies),
             "light_p50_s": percentile(latencies, 50), "light_p99_s": percentile(latencies, 99),
-            "seconds": seconds / len(mine), "tokens_per_s": sum(r["tokens"] for r in mine) / seconds}
+            "seconds": seconds / len(mine), "tokens_per_s": sum(r["tokens"] for r in mine) / seconds,
+            "step_ms": 1000 * seconds / sum(r["steps"] for r in mine)}
 
 
-def unloaded(engine: Engine, args: argparse.Namespace) -> list[float]:
+def unloaded(engine: Engine, args: argparse.Namespace) -> tuple[list[float], float]:
+    """The light client alone: its latencies, and the time of one step (a one-row batch)."""
     scheduler = Scheduler(engine, max_batch=args.max_batch)
     scheduler.start()
     try:
@@ -122,25 +124,29 @@ def unloaded(engine: Engine, args: argparse.Namespace) -> list[float]:
             lone.wait()
     finally:
         scheduler.stop(60)
-    return lone.latencies
+    return lone.latencies, sum(lone.latencies) / max(1, scheduler.steps)
 
 
 def table(report: dict) -> str:
-    rows = ["| policy | light p50 (s) | light p99 (s) | p99 / unloaded p99 | mean makespan (s) | tokens/s | "
-            "throughput / FCFS |", "|---|---|---|---|---|---|---|"]
-    base = report["unloaded_p99_s"]
+    """The policies side by side; "in steps" divides a latency by its run's mean step time (the unloaded one by
+    a one-row step), which tells waiting for a row apart from decoding in a bigger batch."""
+    rows = ["| policy | light p50 (s) | light p99 (s) | p99 / unloaded p99 | step (ms) | light p99 in steps | "
+            "mean makespan (s) | tokens/s | throughput / FCFS |", "|---|---|---|---|---|---|---|---|---|"]
+    base, step = report["unloaded_p99_s"], report["unloaded_step_ms"]
     fcfs = next(r for r in report["runs"] if r["policy"] == "fcfs")["tokens_per_s"]
+    rows.append(f"| alone | {report['unloaded_p50_s']:.3f} | {base:.3f} | 1x | {step:.1f} | "
+                f"{1000 * base / step:.1f} | | | |")
     for r in report["runs"]:
         rows.append(f"| {r['policy']} | {r['light_p50_s']:.3f} | {r['light_p99_s']:.3f} | "
-                    f"{r['light_p99_s'] / base:.2f}x | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-                    f"{r['tokens_per_s'] / fcfs:.3f} |")
+                    f"{r['light_p99_s'] / base:.2f}x | {r['step_ms']:.1f} | {1000 * r['light_p99_s'] / r['step_ms']:.1f} | "
+                    f"{r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / fcfs:.3f} |")
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=STANDIN)
-    parser.add_argument("--flood", type=int, default=500)
+    parser.add_argument("--flood", type=int, default=1000, help="enough to outlast the light client's requests")
     parser.add_argument("--light", type=int, default=20, help="the light client's requests (one per --interval)")
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -152,12 +158,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = new_engine(args.base)
-    alone = unloaded(engine, args)
+    alone, step_before = unloaded(engine, args)
     order = [p for i in range(args.rounds) for p in (list(POLICIES) if i % 2 == 0 else list(POLICIES)[::-1])]
     runs = [run(engine, policy, args, args.flood, args.light) for policy in order]
-    alone += unloaded(engine, args)  # before and after: the machine's load drifts
+    after, step_after = unloaded(engine, args)  # before and after: the machine's load drifts
+    alone += after
     report = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
               "unloaded_p50_s": percentile(alone, 50), "unloaded_p99_s": percentile(alone, 99),
+              "unloaded_step_ms": 1000 * (step_before + step_after) / 2,
               "runs": [pooled(policy, runs) for policy in POLICIES], "each_run": runs}
     print(json.dumps(report, indent=2))
     print(table(report))

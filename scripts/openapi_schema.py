@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def schema() -> dict:
     from server.app import build_app
 
-    backend = SimpleNamespace(vae=object(), store=None, on_finished=None)  # vae set: the VAE routes are documented
+    # vae set: the VAE routes are documented; no tiers to export
+    backend = SimpleNamespace(vae=object(), store=None, on_finished=None, adapter_tiers=lambda: None)
     return build_app(backend).openapi()  # type: ignore[arg-type]
 
 
