@@ -87,6 +87,7 @@ def test_composed_rows_equal_the_adapters_library_in_one_batch(library_model, le
     try:
         with torch.no_grad(), runtime.active(runtime.make_plan(rows)):
             fused = base(ids).logits
+        assert not any(block.mlp._forward_hooks for block in base.transformer.h), "FFN hooks only while averaging"
     finally:
         runtime.close()
     for i, (setup, _) in enumerate(ROWS):

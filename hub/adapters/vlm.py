@@ -13,7 +13,9 @@ adapters. Tests prove the library, the formula and the grouped path give the sam
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from hub.adapters.vlm_compose import ComposedPlan, apply_composed, compose_plan
 from hub.adapters.vlm_format import VLM, adapter_layers
 from hub.adapters.vlm_plan import VlmPlan, add_deltas, group_rows
 from hub.errors import HubError
+from hub.model.hooks import HookSet
 
 
 def vlm_adapter_config(hidden_size: int, bottleneck: int) -> SeqBnConfig:
@@ -128,8 +131,8 @@ class VlmRuntime(KindRuntime):
     Per step and layer the batch is normalised once; in a decode step each rank bucket applies all its rows'
     adapters in one `F.embedding_bag` pair (each adapter's weights read once per row), and an adapter with many
     rows (or any adapter during prefill) runs as two `F.linear` calls over its own rows; rows without a VLM
-    adapter pass unchanged. Rows may compose several adapters (`hub.adapters.vlm_compose`); for averaged rows
-    a hook on each block's FFN keeps its output for the block's hook.
+    adapter pass unchanged. Rows may compose several adapters (`hub.adapters.vlm_compose`); while a plan with
+    averaged rows is active, a hook on each block's FFN keeps its output for the block's hook.
     """
 
     def __init__(self, model: nn.Module, bank_dtype: torch.dtype = torch.float32):
@@ -140,8 +143,6 @@ class VlmRuntime(KindRuntime):
         self.buckets: dict[int, RankBucket] = {}
         self.ffn_output: dict[int, torch.Tensor] = {}  # layer -> its FFN output in this forward (averaged rows)
         for layer, block in enumerate(self.model.transformer.h):
-            if hasattr(block, "mlp"):  # GPT-2's FFN (a test's stand-in block may have none)
-                self.hooks.add(block.mlp, self._keep_ffn(layer))
             self.hooks.add(block, self._hook(layer))
 
     def add(self, bundle: AdapterWeights) -> int:
@@ -170,10 +171,27 @@ class VlmRuntime(KindRuntime):
             return compose_plan(rows, self.device, self.slots, self.buckets)
         return group_rows(rows, slot, self.device, self.slots, self.buckets)
 
+    @contextmanager
+    def active(self, plan: VlmPlan | ComposedPlan) -> Iterator[None]:
+        """The plan for the forwards within the block; a plan with averaged rows also keeps each block's FFN
+        output meanwhile (hooks on the FFNs, there only while such a plan is active)."""
+        if not (isinstance(plan, ComposedPlan) and plan.averaged is not None):
+            with super().active(plan):
+                yield
+            return
+        ffn_hooks = HookSet()
+        try:
+            for layer, block in enumerate(self.model.transformer.h):
+                ffn_hooks.add(block.mlp, self._keep_ffn(layer))
+            with super().active(plan):
+                yield
+        finally:
+            ffn_hooks.remove()
+            self.ffn_output.clear()
+
     def _keep_ffn(self, layer: int):
         def keep(module, args, output):
-            if isinstance(self.plan, ComposedPlan) and self.plan.averaged is not None:
-                self.ffn_output[layer] = output
+            self.ffn_output[layer] = output
 
         return keep
 
