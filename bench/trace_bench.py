@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     trace = make_trace(args.rate, args.duration, args.seed, max(args.sizes))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HUB_CACHE": str(work / "hub-cache")}
     options = ["--max-batch", str(args.max_batch), "--max-resident", str(args.max_resident),
-               "--max-cpu-adapters", str(args.max_cpu), "--threads", str(args.threads)]
+               "--max-cpu-adapters", str(args.max_cpu), "--threads", str(args.threads), "--admission", args.admission]
     settings = [Setting(f"N={n} local", n, "local") for n in args.sizes]
     settings += [Setting(f"N={n} s3", n, "s3") for n in args.s3_sizes]
     results: dict = {"machine": machine(), "trace": {"requests": len(trace), "rate": args.rate,
@@ -314,6 +314,7 @@ def main() -> None:
     parser.add_argument("--max-resident", type=int, default=10)
     parser.add_argument("--max-cpu", type=int, default=40, help="--max-cpu-adapters (the hot set)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--admission", default="fair", help="the server's --admission (fair or fcfs)")
     parser.add_argument("--no-probe", action="store_true", help="skip the cold-load probe")
     parser.add_argument("--work", default="/tmp/hub-trace-bench", help="kept between runs (stores, the model)")
     parser.add_argument("--out", type=Path, default=None, help="write trace_bench.json and .md here")

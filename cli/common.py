@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 
 from hub.model.dtypes import BACKBONE_DTYPES, DTYPE_NAMES
+from hub.serving.fairness import ADMISSION
 from hub.store.refs import SEPARATOR
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ ThreadsOption = typer.Option(None, "--threads", min=1,
 # stored in (their arithmetic stays float32): choices from `hub.model.dtypes`.
 DType = Enum("DType", {name: name for name in BACKBONE_DTYPES}, type=str)  # type: ignore[misc]
 BankDType = Enum("BankDType", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
+Admission = Enum("Admission", {name: name for name in ADMISSION}, type=str)  # type: ignore[misc]
 DTypeOption = typer.Option(BACKBONE_DTYPES[0], "--dtype", help="backbone dtype: auto = float32 on CPU, bfloat16 on GPU")
 
 

@@ -13,8 +13,8 @@ from typing import Optional
 import typer
 
 from cli.common import (
-    BankDType, BaseOption, DeviceOption, DType, DTypeOption, StoreOption, ThreadsOption, open_store, print_json,
-    set_threads, settings,
+    Admission, BankDType, BaseOption, DeviceOption, DType, DTypeOption, StoreOption, ThreadsOption, open_store,
+    print_json, set_threads, settings,
 )
 
 DEFAULT = "(default: the library's)"
@@ -33,6 +33,10 @@ def generate(
     seed: Optional[int] = typer.Option(None),
     min_tokens: int = typer.Option(0, "--min-tokens", min=0, help="no end token before this many tokens"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="decode to --max-new-tokens"),
+    admission: Optional[Admission] = typer.Option(None, "--admission", help="the order waiting requests join "
+                                                  "the batch in: fair (default; virtual token counters over API keys, "
+                                                  "then adapters) or fcfs (arrival order, for a single tenant's "
+                                                  "throughput)"),
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
     as_json: bool = typer.Option(False, "--json"),
@@ -83,6 +87,10 @@ def serve(
                                                 f"over several steps {DEFAULT}"),
     store_timeout: Optional[float] = typer.Option(None, "--store-timeout", min=0.1, help="seconds a store call or "
                                                   f"an adapter's load may take before 503 {DEFAULT}"),
+    admission: Optional[Admission] = typer.Option(None, "--admission", help="the order waiting requests join "
+                                                  "the batch in: fair (default; virtual token counters over API keys, "
+                                                  "then adapters) or fcfs (arrival order, for a single tenant's "
+                                                  "throughput)"),
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
     max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", min=1, help=f"larger request bodies get "
@@ -108,7 +116,8 @@ def serve(
 
     service = settings(ServiceSettings, max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
                        max_cpu_adapters=max_cpu_adapters, bank_dtype=bank_dtype, request_timeout=request_timeout,
-                       watch_interval=watch_interval, prefill_chunk=prefill_chunk, store_timeout=store_timeout)
+                       watch_interval=watch_interval, prefill_chunk=prefill_chunk, store_timeout=store_timeout,
+                       admission=admission)
     if ray:
         from server.ray import RayServeOptions, serve_on_ray
 

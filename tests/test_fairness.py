@@ -12,6 +12,7 @@ from hub.serving.fairness import FairAdmission, VirtualCounters
 from hub.serving.sampling import SamplingParams
 from hub.serving.scheduler import Scheduler
 from hub.serving.sequence import Sequence
+from tasks import make_task
 from tests.test_serving_core import MR, new_engine
 from tests.test_serving_core import weights  # noqa: F401  (fixture)
 
@@ -112,3 +113,21 @@ def test_every_request_is_served_whatever_the_mix(tiny_base, weights, clients): 
     finally:
         scheduler.stop(10)
     assert all(s.finish_reason in ("stop", "length") for s in sequences)
+
+
+def test_the_admission_order_is_a_server_setting(tiny_base, tmp_path):
+    from hub.errors import HubError
+    from hub.serving.fairness import FirstComeFirstServed
+    from hub.serving.service import HubService, ServiceSettings
+    from hub.store.local import AdapterStore
+
+    with pytest.raises(HubError, match="admission must be one of fair, fcfs"):
+        ServiceSettings(admission="lottery")
+    engine = new_engine(tiny_base)
+    service = HubService(engine.backbone, AdapterStore(tmp_path / "store"), make_task,
+                         ServiceSettings(admission="fcfs"))
+    try:
+        assert isinstance(service.scheduler.fairness, FirstComeFirstServed)
+        assert isinstance(HubService(engine.backbone, service.store, make_task).scheduler.fairness, FairAdmission)
+    finally:
+        engine.close()

@@ -21,9 +21,10 @@ same; only the order changes.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Callable, Generic, Hashable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Hashable, Iterable, TypeVar
 
-from hub.serving.sequence import Sequence
+if TYPE_CHECKING:  # the module stays free of torch: the CLI reads `ADMISSION` from it
+    from hub.serving.sequence import Sequence
 
 OUTPUT_WEIGHT = 2.0  # an output token's cost in prompt tokens (the paper's w_q / w_p)
 MAX_IDLE_REMEMBERED = 4096  # idle members whose counters are kept (beyond: the lowest are forgotten)
@@ -170,3 +171,6 @@ class FirstComeFirstServed:
             if try_admit(sequence):
                 taken.append(sequence)
         return taken
+
+
+ADMISSION = {"fair": FairAdmission, "fcfs": FirstComeFirstServed}  # `hub serve --admission`

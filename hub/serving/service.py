@@ -24,6 +24,7 @@ from hub.model.backbone import Backbone
 from hub.model.dtypes import DTYPE_NAMES
 from hub.serving.composition import Composition, resolve_composition
 from hub.serving.engine import Engine
+from hub.serving.fairness import ADMISSION
 from hub.serving.logprobs import rendered_logprobs
 from hub.serving.tiers import ManagerSettings
 from hub.serving.occupancy import Occupancy
@@ -62,10 +63,13 @@ class ServiceSettings:
     watch_interval: float = 0.5
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     store_timeout: float = 30.0  # a store call (listing, or an adapter's load) that takes longer answers 503
+    admission: str = "fair"  # the order waiting requests join in: fair (VTC over keys and adapters) or fcfs
 
     def __post_init__(self) -> None:
         if self.bank_dtype not in BANK_DTYPES:
             raise HubError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, not {self.bank_dtype!r}")
+        if self.admission not in ADMISSION:
+            raise HubError(f"admission must be one of {', '.join(ADMISSION)}, not {self.admission!r}")
 
     def manager_settings(self) -> ManagerSettings:
         return ManagerSettings(self.max_resident, self.max_cpu_adapters, getattr(torch, self.bank_dtype),
@@ -164,6 +168,7 @@ class HubService:
         self.manager = self.engine.manager
         self.scheduler = Scheduler(self.engine, self.settings.max_batch, self.settings.max_queue,
                                    self.settings.prefill_chunk)
+        self.scheduler.fairness = ADMISSION[self.settings.admission]()
         self.sync = StoreSync(store, self.manager)
         self.store_calls = StoreCalls(self.settings.store_timeout)
         self.vae = VaeService(self)
