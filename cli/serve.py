@@ -33,10 +33,6 @@ def generate(
     seed: Optional[int] = typer.Option(None),
     min_tokens: int = typer.Option(0, "--min-tokens", min=0, help="no end token before this many tokens"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="decode to --max-new-tokens"),
-    admission: Optional[Admission] = typer.Option(None, "--admission", help="the order waiting requests join "
-                                                  "the batch in: fair (default; virtual token counters over API keys, "
-                                                  "then adapters) or fcfs (arrival order, for a single tenant's "
-                                                  "throughput)"),
     threads: Optional[int] = ThreadsOption,
     dtype: DType = DTypeOption,
     as_json: bool = typer.Option(False, "--json"),

@@ -8,11 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hub.serving.composition import MAX_ADAPTERS, Composition
 from hub.serving.protocol import ServingBackend, TaskRef
 
+
 class AverageMember(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(..., description="adapter name")
     weight: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="normalised over the members (sum 1)")
+
 
 class Compose(BaseModel):
     """Exactly one block: `{"average": [{"task": "a", "weight": 0.7}, {"task": "b", "weight": 0.3}]}` (each layer's
@@ -39,6 +41,7 @@ class Compose(BaseModel):
             return Composition.build("average", [m.task for m in self.average], [m.weight for m in self.average],
                                      layout)
         return Composition.build("stack", self.stack or [], layout=layout)
+
 
 COMPOSE_DESCRIPTION = ("compose several adapters for this request, as AdapterHub's Average or Stack; "
                        "the request's task names the member whose prompt layout applies")

@@ -55,7 +55,7 @@ class RowState:
 
     slot: int = NO_SLOT
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    composition: SlotComposition | None = None  # with it, `slot` is the composition's first slot
+    composition: SlotComposition | None = None  # with it, `slot` is the layout adapter's; the kind reads these slots
 
 
 class AdapterKind(ABC):

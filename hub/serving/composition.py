@@ -70,11 +70,6 @@ class Composition:
         return cls(block, tasks, tuple(w / total for w in weights) if block == AVERAGE else weights,
                    layout or tasks[0])
 
-    def describe(self) -> str:
-        if self.block == STACK:
-            return f"Stack({', '.join(self.tasks)})"
-        return f"Average({', '.join(f'{t}×{w:.3g}' for t, w in zip(self.tasks, self.weights))})"
-
 
 @dataclass(frozen=True)
 class ComposedAdapters:

@@ -72,8 +72,7 @@ class Engine:
             raise HubError(f"max_new_tokens must be below the model's context of {limit} tokens")
         if adapter is None and not isinstance(source, TokenPrompt):
             source = TokenPrompt(tuple(self.backbone.tokenizer.encode(prompt_text or "")))
-        refusal = get_kind(adapter.kind).text_input_error if adapter is not None else None
-        if adapter is not None and refusal:
+        if adapter is not None and (refusal := get_kind(adapter.kind).text_input_error):
             raise HubError(f"task {adapter.name!r} takes no text input: {refusal}")
         if isinstance(source, TokenPrompt):
             return self._token_sequence(adapter, list(source.ids), params, composed)

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-
 from hub.adapters.base import KindRuntime
 from hub.adapters.registry import get_kind, task_for
 from hub.errors import CapacityError, NotFoundError
@@ -172,7 +171,7 @@ class AdapterManager(WeightLoading):
             with self.lock:
                 if not self.make_resident(adapter):
                     raise CapacityError(f"all {self.settings.max_resident} resident adapters are busy; retry shortly")
-                adapter.active += 1
+                self.activate((adapter,))
             assert adapter.slot is not None, "a resident adapter has a slot"
             try:
                 yield self.runtimes[adapter.kind].slots[adapter.slot]
@@ -190,7 +189,7 @@ class AdapterManager(WeightLoading):
             if adapter.slot is not None:
                 self.device.touch(adapter)
                 return True
-            if adapter.bundle is None or adapter.retired or not self._room_for_one():
+            if adapter.bundle is None or adapter.retired or not self._room_for(1):
                 return False
             assert adapter.rows is not None, "an adapter's task rows come and go with its bundle"
             runtime = self._runtime(adapter.kind)
@@ -216,21 +215,24 @@ class AdapterManager(WeightLoading):
             missing = [a for a in adapters if a.slot is None]
             if any(a.bundle is None or a.retired for a in missing):
                 return False
-            if missing and not self._room_for(len(missing), keep=adapters):
+            if missing and not self._room_for(len(missing), keep=adapters, waiting_too=True):
                 return False
             for adapter in adapters:
                 if not self.make_resident(adapter):  # room was made: only a failed copy raises here
                     return False
             return True
 
-    def _room_for(self, count: int, keep: tuple[ResidentAdapter, ...]) -> bool:
-        """Whether `count` slots are free after evicting idle adapters, then adapters no bound user holds."""
+    def _room_for(self, count: int, keep: tuple[ResidentAdapter, ...] = (), waiting_too: bool = False) -> bool:
+        """Whether `count` slots are free after evicting least recently used idle adapters, and with `waiting_too`
+        then adapters that only waiting requests hold (none bound, none in `keep`); nothing is evicted when the
+        room cannot be made."""
         capacity = self.device.capacity
         if capacity is None:
             return True
         kept = {id(a) for a in keep}
         idle = [a for a in self.device.lru_first() if a.in_use == 0]
-        waiting_only = [a for a in self.device.lru_first() if a.in_use > 0 and a.active == 0 and id(a) not in kept]
+        waiting_only = [a for a in self.device.lru_first() if a.in_use > 0 and a.active == 0 and id(a) not in kept
+                        ] if waiting_too else []
         if capacity - len(self.device) + len(idle) + len(waiting_only) < count:
             return False
         for adapter in idle + waiting_only:
@@ -243,15 +245,6 @@ class AdapterManager(WeightLoading):
         if kind not in self.runtimes:
             self.runtimes[kind] = get_kind(kind).runtime(self.backbone.model, self.settings.bank_dtype)
         return self.runtimes[kind]
-
-    def _room_for_one(self) -> bool:
-        """Whether a slot is free, after evicting least recently used idle adapters to the CPU tier."""
-        for adapter in self.device.lru_first():
-            if not self.device.full():
-                break
-            if adapter.in_use == 0:
-                self._free_slot(adapter)
-        return not self.device.full()
 
     def _free_slot(self, adapter: ResidentAdapter) -> None:
         """Back to the CPU tier (the bundle stays; `_trim_cpu_tier` decides whether it is kept)."""
